@@ -1,0 +1,1 @@
+"""mcp-authz: a policy-enforcing Envoy ext_authz service for MCP servers."""

@@ -1,0 +1,128 @@
+"""Envoy's ext_authz v3 wire types in and out: the only module that knows them.
+
+``http_request`` turns a CheckRequest into the plain :class:`authz.mcp.HttpRequest`;
+``check_response`` turns a :class:`authz.engine.Decision` into a CheckResponse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from google.protobuf import struct_pb2
+from google.rpc import status_pb2
+
+from authz.engine import Decision, Reason
+from authz.mcp import HttpRequest
+from authz.pb import core_pb2, external_auth_pb2, http_status_pb2
+
+HEADER_PREFIX = "x-mcp-authz-"
+GRANT_HEADER = "x-mcp-authz-grant"
+REASON_HEADER = "x-mcp-authz-reason"
+FAIL_OPEN_HEADER = "x-mcp-authz-fail-open"
+METADATA_NAMESPACE = "mcp_authz"
+
+# gRPC status codes (google.rpc.Code) carried in CheckResponse.status; any non-OK code
+# denies, the HTTP status Envoy sends comes from denied_response.
+_GRPC_OK = 0
+_GRPC_CODE = {
+    400: 3,  # INVALID_ARGUMENT
+    405: 3,
+    413: 3,
+    415: 3,
+    403: 7,  # PERMISSION_DENIED
+    429: 8,  # RESOURCE_EXHAUSTED
+    503: 14,  # UNAVAILABLE
+}
+
+_OVERWRITE = core_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_MAX_HEADER_TEXT = 256
+
+
+def http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
+    """The HTTP request inside a CheckRequest, with the body from ``raw_body``."""
+    attrs = check.attributes
+    http = attrs.request.http
+    headers: Mapping[str, str]
+    if http.header_map.headers:  # Envoy's encode_raw_headers mode
+        joined: dict[str, str] = {}
+        for h in http.header_map.headers:
+            value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+            name = h.key.lower()
+            joined[name] = f"{joined[name]},{value}" if name in joined else value
+        headers = joined
+    else:
+        headers = dict(http.headers)
+    return HttpRequest(
+        method=http.method,
+        path=http.path,
+        headers=headers,
+        body=http.raw_body or http.body.encode(),
+        request_id=headers.get("x-request-id", http.id),
+        peer_principal=attrs.source.principal,
+    )
+
+
+def header_text(text: str) -> str:
+    """Printable ASCII only, bounded: header values must not carry controls or raw UTF-8."""
+    safe = "".join(ch if " " <= ch <= "~" else "?" for ch in text)
+    return safe[:_MAX_HEADER_TEXT]
+
+
+def _header(key: str, value: str) -> core_pb2.HeaderValueOption:
+    return core_pb2.HeaderValueOption(
+        header=core_pb2.HeaderValue(key=key, value=value), append_action=_OVERWRITE
+    )
+
+
+def _metadata(decision: Decision) -> struct_pb2.Struct:
+    meta = struct_pb2.Struct()
+    meta.update(
+        {
+            "decision": "allow" if decision.allowed else "deny",
+            "reason": decision.reason.code,
+            "grant": decision.grant or "",
+            "tool": decision.tool or "",
+        }
+    )
+    return meta
+
+
+def check_response(
+    decision: Decision, request_headers: Mapping[str, str]
+) -> external_auth_pb2.CheckResponse:
+    """Allow with the grant header for the upstream, or deny with a JSON-RPC error body."""
+    if decision.allowed:
+        ok = external_auth_pb2.OkHttpResponse()
+        if decision.grant:
+            ok.headers.append(_header(GRANT_HEADER, decision.grant))
+        if decision.fail_open:
+            ok.headers.append(_header(FAIL_OPEN_HEADER, "store unavailable"))
+            ok.response_headers_to_add.append(_header(FAIL_OPEN_HEADER, "store unavailable"))
+        # Client-supplied x-mcp-authz-* headers must never reach the upstream as ours.
+        ok.headers_to_remove.extend(
+            name
+            for name in request_headers
+            if name.startswith(HEADER_PREFIX) and not (name == GRANT_HEADER and decision.grant)
+        )
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=_GRPC_OK),
+            ok_response=ok,
+            dynamic_metadata=_metadata(decision),
+        )
+    status = decision.reason.status
+    headers = [
+        _header("content-type", "application/json"),
+        _header(REASON_HEADER, header_text(decision.message)),
+    ]
+    if decision.reason is Reason.RATE_LIMITED and decision.retry_after_s is not None:
+        headers.append(_header("retry-after", str(decision.retry_after_s)))
+    denied = external_auth_pb2.DeniedHttpResponse(
+        status=http_status_pb2.HttpStatus(code=status),
+        headers=headers,
+        body=decision.reply_body().decode(),
+    )
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=_GRPC_CODE.get(status, 7), message=decision.reason.code),
+        denied_response=denied,
+        dynamic_metadata=_metadata(decision),
+    )

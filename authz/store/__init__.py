@@ -1,0 +1,90 @@
+"""Counter stores: where the sliding-window limits keep their counts.
+
+One small interface, two backends chosen by URL (as the `limits` library does):
+
+- ``memory://``: in this process only; exact for a single replica and local runs.
+- ``redis://``, ``rediss://``, ``unix://``: shared by every replica, one Lua script per check.
+
+Both implement the same algorithm (a sliding log, see ``window.lua``), so one contract test
+suite runs against both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urlsplit
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One limit a request wants to spend against.
+
+    ``key`` is the full counter key (the engine builds it from scope and counter name, and
+    the keys of one charge list never repeat: the engine merges equal keys by adding costs).
+    """
+
+    key: str
+    window_ms: int
+    max: int
+    cost: int = 1
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of :meth:`CounterStore.acquire`.
+
+    When ``allowed``, every charge was recorded and ``remaining[i]`` is what is left of
+    charge ``i``'s budget. When not, nothing was recorded, ``refused`` is the index of the
+    first charge that did not fit, ``retry_after_ms`` is how long until enough of its window
+    frees up for the charge's cost, and ``remaining`` holds the budget left before the
+    request (for the charges checked so far).
+    """
+
+    allowed: bool
+    remaining: tuple[int, ...]
+    refused: int | None = None
+    retry_after_ms: int = 0
+
+
+class StoreUnavailable(Exception):
+    """The store could not answer in time (connection refused, timeout, protocol error).
+
+    The engine turns this into a 503 denial (fail closed) unless the operator opted into
+    ``--fail-open``.
+    """
+
+
+class CounterStore(Protocol):
+    """What the engine needs from a store: an all-or-nothing acquire, a ping, a close."""
+
+    async def acquire(self, charges: Sequence[Charge], now_ms: int | None = None) -> Outcome:
+        """Record every charge if all fit in their windows, otherwise record none.
+
+        ``now_ms`` (Unix milliseconds) lets tests drive the clock; ``None`` means the
+        store's own clock (Redis: the server's ``TIME``, so replicas agree).
+        """
+        ...
+
+    async def ping(self) -> None:
+        """Raise :class:`StoreUnavailable` when the store cannot be reached."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def open_store(url: str, timeout_s: float = 0.05) -> CounterStore:
+    """Build the store a URL names; ``timeout_s`` bounds every store call."""
+    scheme = urlsplit(url).scheme
+    if scheme == "memory":
+        from authz.store.memory import MemoryStore
+
+        return MemoryStore()
+    if scheme in ("redis", "rediss", "unix"):
+        from authz.store.redis import RedisStore
+
+        return RedisStore(url, timeout_s=timeout_s)
+    raise ValueError(
+        f"unsupported store URL scheme {scheme!r} (use memory://, redis://, rediss://)"
+    )

@@ -1,0 +1,208 @@
+"""The strict MCP/JSON-RPC parser: every refusal the core issue lists, and what passes."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from authz import mcp
+from authz.mcp import Kind, Malformed, Problem
+
+JSON = {"content-type": "application/json"}
+
+
+def body(doc: object) -> bytes:
+    return json.dumps(doc).encode()
+
+
+def call(name: object = "containerize_app", id_: object = 1, **params: object) -> dict[str, object]:
+    return {
+        "jsonrpc": "2.0",
+        "id": id_,
+        "method": "tools/call",
+        "params": {"name": name, "arguments": {"app_path": "/srv"}, **params},
+    }
+
+
+def refused(raw: bytes) -> Malformed:
+    with pytest.raises(Malformed) as info:
+        mcp.parse_body(raw)
+    return info.value
+
+
+def test_single_tools_call() -> None:
+    parsed = mcp.parse_body(body(call()))
+    assert not parsed.batch
+    (msg,) = parsed.messages
+    assert (msg.kind, msg.method, msg.id, msg.name) == (
+        Kind.REQUEST,
+        "tools/call",
+        1,
+        "containerize_app",
+    )
+    assert msg.arguments == {"app_path": "/srv"}
+    assert parsed.ids == (1,)
+
+
+def test_notification_and_response_kinds() -> None:
+    parsed = mcp.parse_body(
+        body(
+            [
+                {"jsonrpc": "2.0", "method": "notifications/initialized"},
+                {"jsonrpc": "2.0", "id": "s-1", "result": {}},
+                {"jsonrpc": "2.0", "id": 7, "error": {"code": -1, "message": "no"}},
+            ]
+        )
+    )
+    assert [m.kind for m in parsed.messages] == [Kind.NOTIFICATION, Kind.RESPONSE, Kind.RESPONSE]
+    assert parsed.batch and parsed.ids == ()
+
+
+def test_unicode_escapes_are_decoded_before_matching() -> None:
+    raw = b'{"jsonrpc":"2.0","id":1,"method":"tools\\/call","params":{"name":"delete\\u005fapp"}}'
+    (msg,) = mcp.parse_body(raw).messages
+    assert msg.method == "tools/call" and msg.name == "delete_app"
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        (b"{not json", "invalid JSON"),
+        (b"\xff\xfe{}", "UTF-8"),
+        (b"\xef\xbb\xbf" + body(call()), "byte order mark"),
+        (b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":NaN}}', "constant"),
+        (b"[]", "empty batch"),
+        (b"[[]]", "must be an object"),
+        (b'"tools/call"', "must be an object"),
+        (body({"id": 1, "method": "ping"}), '"jsonrpc" must be "2.0"'),
+        (body({"jsonrpc": "1.0", "id": 1, "method": "ping"}), '"jsonrpc" must be "2.0"'),
+        (body({"jsonrpc": 2.0, "id": 1, "method": "ping"}), '"jsonrpc" must be "2.0"'),
+        (body(call(name=None)), "params.name must be a string"),
+        (body(call(name=["delete_app"])), "params.name must be a string"),
+        (body(call(name={"x": 1})), "params.name must be a string"),
+        (body(call(name=7)), "params.name must be a string"),
+        (body(call(name=True)), "params.name must be a string"),
+        (body({"jsonrpc": "2.0", "id": 1, "method": "tools/call"}), "params.name must be a string"),
+        (body({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": []}), "params must be"),
+        (body(call(id_=1.5)), "id must be a string or an integer"),
+        (body(call(id_=None)), "id must be a string or an integer"),
+        (body(call(id_=True)), "id must be a string or an integer"),
+        (body(call(id_=[1])), "id must be a string or an integer"),
+        (body({**call(), "extra": 1}), "unexpected member"),
+        (body({**call(), "result": {}}), "unexpected member"),
+        (body({"jsonrpc": "2.0", "id": 1}), "not a JSON-RPC request"),
+        (body({"jsonrpc": "2.0", "id": 1, "result": 1, "error": {}}), "not a JSON-RPC request"),
+        (body({"jsonrpc": "2.0", "id": 1, "method": 5}), "method must be a string"),
+        (
+            body({"jsonrpc": "2.0", "id": 1, "method": "Tools/Call", "params": {"name": "x"}}),
+            "exact",
+        ),
+        (
+            body({"jsonrpc": "2.0", "id": 1, "method": "tools/call ", "params": {"name": "x"}}),
+            "exact",
+        ),
+        (body({"jsonrpc": "2.0", "id": 1, "method": "tools/call\u200b"}), "exact"),
+        (body(call(arguments=[1, 2])), "arguments must be an object"),
+        (body(call(name="delete_app\u200b")), "invisible"),
+        (body(call(name=" delete_app")), "invisible"),
+        (body(call(name="delete_app\u0000")), "invisible"),
+        (body(call(name="\uff44\uff45\uff4c\uff45\uff54\uff45_app")), "non-normalized"),
+        (body(call(name="")), "invisible"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (
+            b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"n":' + b"9" * 5000 + b"}}",
+            "invalid",
+        ),
+    ],
+)
+def test_refusals(raw: bytes, fragment: str) -> None:
+    err = refused(raw)
+    assert err.problem is Problem.MALFORMED
+    assert fragment in err.detail
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"jsonrpc":"2.0","jsonrpc":"2.0","id":1,"method":"ping"}',
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","name":"b"}}',
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":{"x":{"y":1,"y":2}}}}',
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","n\\u0061me":"b"}}',
+        b'[{"jsonrpc":"2.0","id":1,"method":"ping","id":2}]',
+    ],
+)
+def test_duplicate_keys_anywhere_are_refused(raw: bytes) -> None:
+    assert "duplicate key" in refused(raw).detail
+
+
+def test_refusal_keeps_known_ids_for_the_reply() -> None:
+    assert refused(body({**call(id_="abc"), "extra": 1})).ids == ("abc",)
+
+
+def test_refusal_text_never_quotes_argument_values() -> None:
+    secret = "patient-0042-MRN"
+    err = refused(body(call(name=f"x\u200b{secret}")))
+    assert secret not in err.detail
+
+
+def test_media_checks() -> None:
+    mcp.check_media({"content-type": "application/json; charset=utf-8"})
+    mcp.check_media({"content-type": "Application/JSON", "content-encoding": "identity"})
+    for headers in (
+        {},
+        {"content-type": "text/plain"},
+        {"content-type": "application/json", "content-encoding": "gzip"},
+        {"content-type": "application/json", "content-encoding": "br"},
+    ):
+        with pytest.raises(Malformed) as info:
+            mcp.check_media(headers)
+        assert info.value.problem is Problem.UNSUPPORTED_MEDIA
+
+
+def b64(text: str) -> str:
+    return "=?base64?" + base64.b64encode(text.encode()).decode() + "?="
+
+
+def test_mcp_headers_must_agree_with_body() -> None:
+    parsed = mcp.parse_body(body(call(name="tööl")))
+    mcp.check_headers({"mcp-method": "tools/call", "mcp-name": b64("tööl")}, parsed)
+    mcp.check_headers({"mcp-method": "tools/call"}, parsed)
+    mcp.check_headers({}, parsed)
+    bad = [
+        {"mcp-method": "tools/list"},
+        {"mcp-method": "tools/call", "mcp-name": "other"},
+        {"mcp-name": "=?base64?!!notbase64?="},
+        # Markers are case-sensitive: this is the literal string, which differs from the name.
+        {"mcp-name": "=?BASE64?" + base64.b64encode(b"t\xc3\xb6\xc3\xb6l").decode() + "?="},
+    ]
+    for headers in bad:
+        with pytest.raises(Malformed) as info:
+            mcp.check_headers(headers, parsed)
+        assert info.value.problem is Problem.HEADER_MISMATCH
+
+
+def test_mcp_headers_cannot_describe_a_batch_or_a_nameless_method() -> None:
+    batch = mcp.parse_body(body([call()]))
+    with pytest.raises(Malformed):
+        mcp.check_headers({"mcp-method": "tools/call"}, batch)
+    ping = mcp.parse_body(body({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
+    mcp.check_headers({"mcp-method": "ping"}, ping)
+    with pytest.raises(Malformed):
+        mcp.check_headers({"mcp-method": "ping", "mcp-name": "x"}, ping)
+
+
+def test_error_reply_echoes_ids() -> None:
+    single = json.loads(
+        mcp.error_reply(("a",), False, -32051, "policy violation: x", {"reason": "r"})
+    )
+    assert single == {
+        "jsonrpc": "2.0",
+        "id": "a",
+        "error": {"code": -32051, "message": "policy violation: x", "data": {"reason": "r"}},
+    }
+    batch = json.loads(mcp.error_reply((1, 2), True, -32051, "m", {}))
+    assert [r["id"] for r in batch] == [1, 2]
+    notification = json.loads(mcp.error_reply((), True, -32051, "m", {}))
+    assert notification["id"] is None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from authz import mcp
@@ -75,6 +75,15 @@ _PROBLEM_REASON = {
 
 
 @dataclass(frozen=True)
+class CounterState:
+    """A counter a decision touched, and the budget left in its window afterwards."""
+
+    counter: str
+    remaining: int
+    max: int
+
+
+@dataclass(frozen=True)
 class Decision:
     """Allow, or deny with everything the reply and the audit line need.
 
@@ -85,9 +94,12 @@ class Decision:
     reason: Reason
     message: str = ""
     grant: str | None = None
+    method: str | None = None
     tool: str | None = None
+    arguments_sha256: str | None = None
     rule: str | None = None
     counter: str | None = None
+    counters: tuple[CounterState, ...] = ()
     retry_after_s: int | None = None
     element: int | None = None
     ids: tuple[str | int | None, ...] = ()
@@ -185,21 +197,19 @@ class Engine:
             if denial is not None:
                 reason, text, rule = denial
                 where = f"batch element {msg.index}: " if body.batch else ""
-                return Decision(
+                return replace(
+                    _about(msg, body, grant),
                     reason=reason,
                     message=f"policy violation: {where}{text}",
-                    grant=grant,
-                    tool=msg.name if msg.method == "tools/call" else None,
                     rule=rule,
                     element=msg.index if body.batch else None,
-                    ids=body.ids,
-                    batch=body.batch,
                 )
+        allowed = _about(_first_governed(body), body, grant)
         if not spends:
-            return Decision(reason=Reason.ALLOWED, grant=grant, ids=body.ids, batch=body.batch)
-        return await self._spend(spends, body, grant)
+            return allowed
+        return await self._spend(spends, body, allowed)
 
-    async def _spend(self, spends: list[_Spend], body: mcp.Body, grant: str | None) -> Decision:
+    async def _spend(self, spends: list[_Spend], body: mcp.Body, allowed: Decision) -> Decision:
         # One charge per key: a batch calling a tool twice spends 2 against its counter.
         costs: dict[str, int] = {}
         first: dict[str, _Spend] = {}
@@ -210,32 +220,33 @@ class Engine:
             Charge(key=k, window_ms=first[k].limit.window_ms, max=first[k].limit.max, cost=c)
             for k, c in costs.items()
         ]
-        tool = spends[0].msg.name
         try:
             outcome = await self.store.acquire(charges, self.clock())
         except StoreUnavailable:
             if self.fail_open:
-                return Decision(
-                    reason=Reason.ALLOWED, grant=grant, tool=tool, ids=body.ids, fail_open=True
-                )
-            return Decision(
+                return replace(allowed, fail_open=True)
+            return replace(
+                allowed,
                 reason=Reason.STORE_UNAVAILABLE,
                 message=(
                     f"policy violation: {_subject(spends[0].msg)}: rate-limit store unavailable"
                 ),
-                grant=grant,
-                tool=tool,
-                ids=body.ids,
-                batch=body.batch,
             )
         if outcome.allowed:
-            return Decision(reason=Reason.ALLOWED, grant=grant, tool=tool, ids=body.ids)
+            return replace(
+                allowed,
+                counters=tuple(
+                    CounterState(first[c.key].limit.counter, left, c.max)
+                    for c, left in zip(charges, outcome.remaining, strict=True)
+                ),
+            )
         assert outcome.refused is not None
         refused = first[charges[outcome.refused].key]
         lim = refused.limit
         retry = max(1, math.ceil(outcome.retry_after_ms / 1000))
         where = f"batch element {refused.msg.index}: " if body.batch else ""
-        return Decision(
+        return replace(
+            _about(refused.msg, body, allowed.grant),
             reason=Reason.RATE_LIMITED,
             message=(
                 f"policy violation: {where}{_subject(refused.msg)}: rate limit exceeded "
@@ -243,15 +254,34 @@ class Engine:
                 f"{' for all callers' if lim.scope is Scope.GLOBAL else ''}); "
                 f"retry after {retry} s"
             ),
-            grant=grant,
-            tool=refused.msg.name if refused.msg.method == "tools/call" else None,
             rule=refused.rule,
             counter=lim.counter,
+            counters=(CounterState(lim.counter, outcome.remaining[outcome.refused], lim.max),),
             retry_after_s=retry,
             element=refused.msg.index if body.batch else None,
-            ids=body.ids,
-            batch=body.batch,
         )
+
+
+def _first_governed(body: mcp.Body) -> mcp.Message:
+    """The message a request is logged under: its first call, else its first message."""
+    for msg in body.messages:
+        if msg.kind is not mcp.Kind.RESPONSE and msg.method == "tools/call":
+            return msg
+    return body.messages[0]
+
+
+def _about(msg: mcp.Message, body: mcp.Body, grant: str | None) -> Decision:
+    """An allow decision describing ``msg``; denials are derived from it with ``replace``."""
+    is_call = msg.method == "tools/call"
+    return Decision(
+        reason=Reason.ALLOWED,
+        grant=grant,
+        method=msg.method,
+        tool=msg.name if is_call else None,
+        arguments_sha256=mcp.arguments_digest(msg.arguments) if is_call else None,
+        ids=body.ids,
+        batch=body.batch,
+    )
 
 
 def _parse(request: mcp.HttpRequest) -> mcp.Body | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import hashlib
 import json
 import unicodedata
 from collections.abc import Mapping
@@ -330,6 +331,15 @@ def check_media(headers: Mapping[str, str]) -> None:
     media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type != "application/json":
         raise Malformed(Problem.UNSUPPORTED_MEDIA, "content-type must be application/json")
+
+
+def arguments_digest(arguments: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of a call's arguments (sorted keys, no spaces, UTF-8).
+
+    Lets logs and approvals refer to "this exact call" without ever holding the values.
+    """
+    canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def error_reply(

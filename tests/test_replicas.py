@@ -1,0 +1,89 @@
+"""Several mcp-authz processes sharing one Redis count as one: exact under concurrency."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from contextlib import ExitStack
+from pathlib import Path
+
+import grpc
+import pytest
+
+from authz.pb import external_auth_pb2, external_auth_pb2_grpc
+from tests.support.redis_server import running_redis
+from tests.support.stack import authz_proc, free_port, running
+
+pytestmark = pytest.mark.e2e
+
+POLICY = {
+    "version": "1",
+    "default": "deny",
+    "tools": {
+        "start_dicom_export_job": {
+            "limits": [
+                {"counter": "exports_all", "window": "minute", "max": 50, "scope": "global"},
+                {"counter": "exports", "window": "minute", "max": 8, "scope": "grant"},
+            ]
+        }
+    },
+}
+
+
+def check_request(token: str, id_: int) -> external_auth_pb2.CheckRequest:
+    body = {
+        "jsonrpc": "2.0",
+        "id": id_,
+        "method": "tools/call",
+        "params": {"name": "start_dicom_export_job", "arguments": {"datastoreId": "d"}},
+    }
+    req = external_auth_pb2.CheckRequest()
+    http = req.attributes.request.http
+    http.method = "POST"
+    http.path = "/mcp"
+    http.headers["content-type"] = "application/json"
+    http.headers["authorization"] = f"Bearer {token}"
+    http.raw_body = json.dumps(body).encode()
+    return req
+
+
+async def test_two_processes_on_one_redis_count_exactly(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(POLICY))
+    ports = [free_port() for _ in range(2)]
+    with ExitStack() as stack:
+        redis = stack.enter_context(running_redis(tmp_path))
+        for port in ports:
+            proc = authz_proc(
+                tmp_path,
+                policy,
+                port,
+                free_port(),
+                ["--redis", redis.url],
+                "--store-timeout-ms",
+                "2000",
+            )
+            stack.enter_context(running(proc, port))
+        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{p}") for p in ports]
+        stubs = [external_auth_pb2_grpc.AuthorizationStub(c) for c in channels]
+        try:
+            # 10 grants x 20 calls = 200 concurrent checks, alternating between replicas.
+            # Per grant at most 8 fit; globally at most 50: 10 x 8 = 80 > 50, so exactly 50.
+            calls = [
+                stubs[i % 2].Check(check_request(f"grant-{i % 10}", i), timeout=30)
+                for i in range(200)
+            ]
+            replies = await asyncio.gather(*calls)
+        finally:
+            for c in channels:
+                await c.close()
+    allowed = [r for r in replies if r.WhichOneof("http_response") == "ok_response"]
+    denied = [r for r in replies if r.WhichOneof("http_response") == "denied_response"]
+    assert len(allowed) == 50
+    assert len(denied) == 150
+    assert {r.denied_response.status.code for r in denied} == {429}
+    per_grant: dict[str, int] = {}
+    for r in allowed:
+        grant = r.ok_response.headers[0].header.value
+        per_grant[grant] = per_grant.get(grant, 0) + 1
+    assert max(per_grant.values()) <= 8

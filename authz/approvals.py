@@ -66,6 +66,7 @@ class Approval:
     created_at: float
     expires_at: float
     uses_left: int
+    ttl_s: float
     notify: str = ""
     operator: str = ""
     reason: str = ""
@@ -105,9 +106,11 @@ class ApprovalBook(Protocol):
         ...
 
     async def decide(
-        self, approval_id: str, approve: bool, operator: str, reason: str, ttl_s: float
+        self, approval_id: str, approve: bool, operator: str, reason: str
     ) -> Approval | None:
-        """Approve or reject a pending request; ``None`` when it is unknown or expired.
+        """Approve (for the rule's ``ttl`` from now) or reject a pending request.
+
+        ``None`` when the request is unknown or expired.
 
         Raises :class:`NotPending` when it was already decided.
         """
@@ -148,6 +151,7 @@ def _record(approval: Approval) -> dict[str, str]:
         "created_at": repr(approval.created_at),
         "expires_at": repr(approval.expires_at),
         "uses_left": str(approval.uses_left),
+        "ttl_s": repr(approval.ttl_s),
         "notify": approval.notify,
         "operator": approval.operator,
         "reason": approval.reason,
@@ -166,6 +170,7 @@ def _from_record(raw: Mapping[str, str]) -> Approval:
         created_at=float(raw["created_at"]),
         expires_at=float(raw["expires_at"]),
         uses_left=int(raw["uses_left"]),
+        ttl_s=float(raw["ttl_s"]),
         notify=raw.get("notify", ""),
         operator=raw.get("operator", ""),
         reason=raw.get("reason", ""),
@@ -184,6 +189,7 @@ def _pending(binding: Binding, ttl_s: float, uses: int, notify: str, now: float)
         created_at=now,
         expires_at=now + ttl_s,
         uses_left=uses,
+        ttl_s=ttl_s,
         notify=notify,
     )
 
@@ -244,7 +250,7 @@ class MemoryApprovals:
             )
 
     async def decide(
-        self, approval_id: str, approve: bool, operator: str, reason: str, ttl_s: float
+        self, approval_id: str, approve: bool, operator: str, reason: str
     ) -> Approval | None:
         found = self._current(approval_id)
         if found is None:
@@ -254,7 +260,10 @@ class MemoryApprovals:
             raise NotPending(current.state)
         if approve:
             decided = replace(
-                current, state=State.APPROVED, operator=operator, expires_at=time.time() + ttl_s
+                current,
+                state=State.APPROVED,
+                operator=operator,
+                expires_at=time.time() + current.ttl_s,
             )
         else:
             decided = replace(current, state=State.REJECTED, operator=operator, reason=reason)
@@ -334,12 +343,12 @@ class RedisApprovals:
             await self._call(
                 self._decide(
                     keys=[_PREFIX + "b:" + binding, _PREFIX + "i:" + approval.id, _INDEX],
-                    args=["refund", approval.id, int(time.time() * 1000), 0, "", ""],
+                    args=["refund", approval.id, int(time.time() * 1000), "", ""],
                 )
             )
 
     async def decide(
-        self, approval_id: str, approve: bool, operator: str, reason: str, ttl_s: float
+        self, approval_id: str, approve: bool, operator: str, reason: str
     ) -> Approval | None:
         binding = await self._call(self._client.get(_PREFIX + "i:" + approval_id))
         if not binding:
@@ -351,7 +360,6 @@ class RedisApprovals:
                     "approve" if approve else "reject",
                     approval_id,
                     int(time.time() * 1000),
-                    int(ttl_s * 1000),
                     operator,
                     reason,
                 ],

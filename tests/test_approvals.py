@@ -50,7 +50,7 @@ async def test_pending_is_not_duplicated(book: ApprovalBook) -> None:
 
 async def test_approved_once_then_pending_again(book: ApprovalBook) -> None:
     opened = (await book.gate(binding(), 60, 1, "")).approval
-    decided = await book.decide(opened.id, True, "alice", "", 60)
+    decided = await book.decide(opened.id, True, "alice", "")
     assert decided is not None and decided.state is State.APPROVED and decided.operator == "alice"
     used = await book.gate(binding(), 60, 1, "")
     assert used.verdict is Verdict.APPROVED and used.approval.uses_left == 0
@@ -60,7 +60,7 @@ async def test_approved_once_then_pending_again(book: ApprovalBook) -> None:
 
 async def test_uses_and_refund(book: ApprovalBook) -> None:
     opened = (await book.gate(binding(), 60, 2, "")).approval
-    await book.decide(opened.id, True, "alice", "", 60)
+    await book.decide(opened.id, True, "alice", "")
     first = await book.gate(binding(), 60, 2, "")
     assert first.verdict is Verdict.APPROVED and first.approval.uses_left == 1
     second = await book.gate(binding(), 60, 2, "")
@@ -72,7 +72,7 @@ async def test_uses_and_refund(book: ApprovalBook) -> None:
 
 async def test_changed_arguments_need_their_own_approval(book: ApprovalBook) -> None:
     opened = (await book.gate(binding("a" * 64), 60, 1, "")).approval
-    await book.decide(opened.id, True, "alice", "", 60)
+    await book.decide(opened.id, True, "alice", "")
     other = await book.gate(binding("b" * 64), 60, 1, "")
     assert other.verdict is Verdict.CREATED
     other_grant = await book.gate(binding("a" * 64, grant="b-2"), 60, 1, "")
@@ -81,17 +81,17 @@ async def test_changed_arguments_need_their_own_approval(book: ApprovalBook) -> 
 
 async def test_reject_carries_the_reason(book: ApprovalBook) -> None:
     opened = (await book.gate(binding(), 60, 1, "")).approval
-    rejected = await book.decide(opened.id, False, "bob", "not this datastore", 60)
+    rejected = await book.decide(opened.id, False, "bob", "not this datastore")
     assert rejected is not None and rejected.state is State.REJECTED
     gate = await book.gate(binding(), 60, 1, "")
     assert gate.verdict is Verdict.REJECTED
     assert (gate.approval.reason, gate.approval.operator) == ("not this datastore", "bob")
     with pytest.raises(NotPending):
-        await book.decide(opened.id, True, "alice", "", 60)
+        await book.decide(opened.id, True, "alice", "")
 
 
 async def test_unknown_ids(book: ApprovalBook) -> None:
-    assert await book.decide("apr_nope", True, "alice", "", 60) is None
+    assert await book.decide("apr_nope", True, "alice", "") is None
     assert await book.get("apr_nope") is None
 
 
@@ -100,7 +100,7 @@ async def test_expiry_is_reported_once(book: ApprovalBook) -> None:
     assert (await book.get(opened.id)) is not None
     await asyncio.sleep(0.45)
     assert await book.get(opened.id) is None
-    assert await book.decide(opened.id, True, "alice", "", 60) is None
+    assert await book.decide(opened.id, True, "alice", "") is None
     assert await book.expired() == [opened.id]
     assert await book.expired() == []
     assert (await book.gate(binding(), 60, 1, "")).verdict is Verdict.CREATED
@@ -111,7 +111,7 @@ async def test_replicas_share_state(redis_server: RedisServer) -> None:
     try:
         opened = (await one.gate(binding(), 60, 1, "")).approval
         assert (await two.gate(binding(), 60, 1, "")).verdict is Verdict.PENDING
-        await two.decide(opened.id, True, "alice", "", 60)
+        await two.decide(opened.id, True, "alice", "")
         results = await asyncio.gather(*(b.gate(binding(), 60, 1, "") for b in (one, two) * 5))
         # Exactly one of ten concurrent identical calls consumes the single use.
         assert [g.verdict for g in results].count(Verdict.APPROVED) == 1

@@ -1,7 +1,7 @@
 -- An operator's decision on a pending request, or the refund of a consumed use.
 --
 -- KEYS[1]  b:<binding>   KEYS[2]  i:<id>   KEYS[3]  index (see approval_gate.lua)
--- ARGV: op (approve | reject | refund), id, now (ms), ttl (ms), operator, reason
+-- ARGV: op (approve | reject | refund), id, now (ms), operator, reason
 -- Returns {'missing'} when no live request has this id, else {status, field, value, ...}
 -- with status 'ok', or 'conflict' when the request was already decided.
 
@@ -36,14 +36,15 @@ if state ~= 'pending' then
   return reply('conflict')
 end
 if op == 'approve' then
-  -- An approved call may be made `uses` times within a fresh ttl from now.
-  local expires_ms = now + tonumber(ARGV[4])
-  redis.call('HSET', h, 'state', 'approved', 'operator', ARGV[5],
+  -- An approved call may be made `uses` times within a fresh ttl (the rule's) from now.
+  local ttl_ms = math.floor(tonumber(redis.call('HGET', h, 'ttl_s')) * 1000)
+  local expires_ms = now + ttl_ms
+  redis.call('HSET', h, 'state', 'approved', 'operator', ARGV[4],
     'expires_at', string.format('%.3f', expires_ms / 1000))
-  redis.call('PEXPIRE', h, ARGV[4])
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+  redis.call('PEXPIRE', h, ttl_ms)
+  redis.call('PEXPIRE', KEYS[2], ttl_ms)
   redis.call('ZADD', KEYS[3], expires_ms, id)
 else
-  redis.call('HSET', h, 'state', 'rejected', 'operator', ARGV[5], 'reason', ARGV[6])
+  redis.call('HSET', h, 'state', 'rejected', 'operator', ARGV[4], 'reason', ARGV[5])
 end
 return reply('ok')

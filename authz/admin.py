@@ -13,6 +13,8 @@ import hmac
 import json
 import logging
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -178,3 +180,28 @@ def admin_app(book: ApprovalBook, tokens: Mapping[str, str]) -> web.Application:
     app.router.add_post("/approvals/{id}/approve", approve)
     app.router.add_post("/approvals/{id}/reject", reject)
     return app
+
+
+def admin_request(
+    base_url: str, token: str, method: str, path: str, body: Mapping[str, Any] | None = None
+) -> tuple[int, Any]:
+    """Call the admin API (used by ``mcp-authz approvals``); returns (status, JSON body).
+
+    The standard library's urllib is enough for a handful of synchronous CLI calls.
+    """
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(  # noqa: S310 (the operator's own admin URL)
+        base_url.rstrip("/") + "/admin/v1" + path,
+        data=data,
+        method=method,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        payload = exc.read()
+        try:
+            return exc.code, json.loads(payload or b"null")
+        except json.JSONDecodeError:
+            return exc.code, {"error": payload.decode(errors="replace")[:200]}

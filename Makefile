@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SITE = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 STAMP := $(VENV)/.installed
 
-.PHONY: install proto lint test run bench clean
+.PHONY: install proto lint test run bench bench-tools profile fuzz soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,15 +23,45 @@ proto: $(STAMP)
 	  --grpc_python_out=. proto/authz/pb/external_auth.proto
 
 lint: $(STAMP)
-	$(BIN)/ruff check authz tests examples
-	$(BIN)/ruff format --check authz tests examples
+	$(BIN)/ruff check authz tests examples bench
+	$(BIN)/ruff format --check authz tests examples bench
 	$(BIN)/mypy authz
 
 test: lint
 	$(BIN)/pytest -q
 
+# Coverage-guided fuzzing of the decision path for FUZZ_SECONDS (the corpus stays in .fuzz/).
+FUZZ_SECONDS ?= 600
+fuzz: $(STAMP)
+	mkdir -p .fuzz/corpus
+	$(BIN)/python fuzz/fuzz_check.py -max_total_time=$(FUZZ_SECONDS) -dict=fuzz/mcp.dict \
+	  -artifact_prefix=.fuzz/ .fuzz/corpus
+
+# 5 minutes of steady load through Envoy with Redis; figures go to RELIABILITY.md.
+soak: $(STAMP)
+	SOAK_SECONDS=300 $(BIN)/pytest -q tests/test_soak.py -p no:cacheprovider
+
 run: $(STAMP)
 	$(BIN)/python examples/run_stack.py
+
+# The benchmark of issue #8 (about 7 minutes; writes bench/results.md). The load generator
+# is wrk from Debian's package: installed here when missing (needs root), as is taskset.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench-tools:
+	@command -v wrk >/dev/null && command -v taskset >/dev/null || { \
+	  test "$$(id -u)" = 0 || { echo "bench: install wrk and util-linux (root needed)"; exit 1; }; \
+	  apt-get update -qq && apt-get install -y -qq wrk util-linux; }
+
+bench: $(BENCH_STAMP) bench-tools
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# py-spy on mcp-authz (Redis store) at saturation: the hottest functions, and a flame graph.
+profile: $(BENCH_STAMP) bench-tools
+	$(BIN)/python -m bench.run --profile $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

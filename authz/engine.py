@@ -1,25 +1,31 @@
 """The decision for one HTTP request under the current policy, with counters from a store.
 
 The order of the steps is the order of trust: transport checks, strict parsing, header and
-body agreement, identity, the rule of every message, and only when every message passes,
-one all-or-nothing spend against the counters (a denied call consumes no budget).
+body agreement, identity, the rule of every message (action, arguments, costs), and only
+when every message passes, one all-or-nothing spend against the counters (a denied call
+consumes no budget).
+
+:func:`plan` does everything but the spend and is pure, so ``mcp-authz explain`` shows
+what a request would touch without consuming anything; :meth:`Engine.check` spends.
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from authz import mcp
-from authz.grants import grant_of
-from authz.policy import Action, Limit, Policy, Rule, Scope
-from authz.store import Charge, CounterStore, StoreUnavailable
+from authz.grants import BEARER, GrantSource, Source, grant_of
+from authz.policy import Action, Limit, Policy, PolicyError, Rule, Scope
+from authz.store import Charge, CounterStore, Outcome, StoreUnavailable
 
 # Lifecycle and listing methods pass under any policy: an agent must be able to connect
-# and discover what exists; the calls that act are what the policy governs.
+# and discover what exists; the calls that act are what the policy governs. Unsubscribing
+# only stops notifications.
 UNGOVERNED = frozenset(
     {
         "initialize",
@@ -27,6 +33,7 @@ UNGOVERNED = frozenset(
         "tools/list",
         "resources/list",
         "resources/templates/list",
+        "resources/unsubscribe",
         "prompts/list",
         "server/discover",
     }
@@ -49,6 +56,8 @@ class Reason(enum.Enum):
     ALLOWED = ("allowed", 200, 0)
     DENIED_BY_RULE = ("denied_by_rule", 403, -32051)
     DENIED_BY_DEFAULT = ("denied_by_default", 403, -32051)
+    ARGUMENTS_INVALID = ("invalid_arguments", 403, -32051)
+    APPROVAL_REQUIRED = ("approval_required", 403, -32051)
     NO_GRANT = ("no_grant_identity", 403, -32051)
     RATE_LIMITED = ("rate_limited", 429, -32052)
     STORE_UNAVAILABLE = ("store_unavailable", 503, -32053)
@@ -64,6 +73,19 @@ class Reason(enum.Enum):
         self.status = status
         self.rpc_code = rpc_code
 
+
+# Denials a rule in dry-run mode turns into "would deny". Identity and protocol refusals
+# stay enforced: they say nothing about the policy being tried out.
+DRY_RUNNABLE = frozenset(
+    {
+        Reason.DENIED_BY_RULE,
+        Reason.DENIED_BY_DEFAULT,
+        Reason.ARGUMENTS_INVALID,
+        Reason.APPROVAL_REQUIRED,
+        Reason.RATE_LIMITED,
+        Reason.STORE_UNAVAILABLE,
+    }
+)
 
 _PROBLEM_REASON = {
     mcp.Problem.MALFORMED: Reason.MALFORMED,
@@ -89,6 +111,10 @@ class Decision:
 
     ``message`` is the agent-readable text; on a denial it starts with "policy violation:".
     ``fail_open`` marks a call allowed only because the store failed under ``--fail-open``.
+    ``log_arguments``: the matched rule lets the audit line carry the call's arguments.
+    ``dry_run``: a rule in dry-run mode governed the request. ``would_deny``: such a rule
+    would have denied it (``message``, ``rule`` and ``counter`` then describe that denial),
+    and it was allowed.
     """
 
     reason: Reason
@@ -105,6 +131,9 @@ class Decision:
     ids: tuple[str | int | None, ...] = ()
     batch: bool = False
     fail_open: bool = False
+    log_arguments: bool = False
+    dry_run: bool = False
+    would_deny: Reason | None = None
 
     @property
     def allowed(self) -> bool:
@@ -129,37 +158,147 @@ class Decision:
         )
 
 
-def counter_key(limit: Limit, grant: str) -> str:
-    """The store key of a limit. Every key of one grant shares the ``{g:...}`` hash tag, so
-    a request's grant-scoped counters live in one Redis Cluster slot."""
-    tag = "global" if limit.scope is Scope.GLOBAL else f"g:{grant}"
+def counter_key(limit: Limit, grant: str, session: str | None = None) -> str:
+    """The store key of a limit.
+
+    Every key of one grant shares the ``{g:...}`` hash tag, so a request's grant-scoped
+    counters live in one Redis Cluster slot. A session key hashes the grant and the
+    client-supplied session id together (bounded, and no session can touch another
+    grant's); a request without a session spends its grant's counter instead.
+    """
+    if limit.scope is Scope.GLOBAL:
+        tag = "global"
+    elif limit.scope is Scope.SESSION and session is not None:
+        digest = hashlib.sha256(f"{grant}\n{session}".encode()).hexdigest()[:32]
+        tag = f"s:{digest}"
+    else:
+        tag = f"g:{grant}"
     return f"mcpauthz:{{{tag}}}:{limit.counter}"
 
 
-def _window_text(window_ms: int) -> str:
-    names = {1_000: "second", 60_000: "minute", 3_600_000: "hour", 86_400_000: "day"}
-    return names.get(window_ms, f"{window_ms // 1000} s")
-
-
 def _subject(msg: mcp.Message) -> str:
+    """How a denial names its target. Resource URIs are not echoed: they may identify a
+    patient; the rule that matched is in the audit line."""
     if msg.method == "tools/call":
         return f"tool '{msg.name}'"
+    if msg.method == "prompts/get":
+        return f"prompt '{msg.name}'"
     return f"method '{msg.method}'"
 
 
 @dataclass(frozen=True)
-class _Spend:
-    """A limit to charge, with the message that asked for it (for the denial text)."""
+class Spend:
+    """A limit a message spends against: ``cost`` units under store key ``key``."""
 
     msg: mcp.Message
-    rule: str
+    rule: Rule
     limit: Limit
     key: str
+    cost: int
+
+
+@dataclass(frozen=True)
+class Step:
+    """What the policy says about one message: the rule that governs it (``None`` for
+    lifecycle, listing, notifications and responses), why it is denied if it is, and
+    otherwise the limits it spends against."""
+
+    msg: mcp.Message
+    rule: Rule | None
+    denial: Reason | None = None
+    text: str = ""
+    spends: tuple[Spend, ...] = ()
+
+    @property
+    def dry_run(self) -> bool:
+        """The denial is only a "would deny": the rule is in dry-run mode."""
+        return self.rule is not None and self.rule.dry_run and self.denial in DRY_RUNNABLE
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A request's decision up to the spend. ``refusal`` is set when it was refused before
+    any rule (transport, parsing); ``body`` is ``None`` for a bodyless stream request."""
+
+    grant: str | None
+    refusal: Decision | None = None
+    body: mcp.Body | None = None
+    steps: tuple[Step, ...] = ()
+
+
+def rule_for(policy: Policy, msg: mcp.Message) -> Rule:
+    """The rule governing a governed message (see :data:`UNGOVERNED`)."""
+    if msg.method == "tools/call":
+        return policy.rule_for_tool(msg.name or "")
+    if msg.method in ("resources/read", "resources/subscribe"):
+        return policy.rule_for_resource(msg.name or "")
+    if msg.method == "prompts/get":
+        return policy.rule_for_prompt(msg.name or "")
+    return policy.default
+
+
+def plan(policy: Policy, request: mcp.HttpRequest, grant: str | None) -> Plan:
+    """Everything about a request's decision except spending: pure, consumes nothing."""
+    try:
+        body = _parse(request)
+    except mcp.Malformed as exc:
+        refusal = Decision(
+            reason=_PROBLEM_REASON[exc.problem],
+            message=f"policy violation: malformed request: {exc.detail}",
+            grant=grant,
+            ids=exc.ids,
+        )
+        return Plan(grant=grant, refusal=refusal)
+    if body is None:
+        return Plan(grant=grant)
+    steps = tuple(_step(policy, msg, grant, request.headers) for msg in body.messages)
+    return Plan(grant=grant, body=body, steps=steps)
+
+
+def _step(policy: Policy, msg: mcp.Message, grant: str | None, headers: Mapping[str, str]) -> Step:
+    if msg.kind is mcp.Kind.RESPONSE or msg.method is None:
+        return Step(msg, None)
+    if msg.method in UNGOVERNED or msg.method.startswith("notifications/"):
+        return Step(msg, None)
+    rule = rule_for(policy, msg)
+    subject = _subject(msg)
+    if msg.method == "tools/call" and grant is None:
+        return Step(msg, rule, Reason.NO_GRANT, f"{subject}: no grant identity")
+    if rule.action is Action.DENY:
+        if rule.where == "default":
+            text = f"{subject} is not allowed by this policy (default deny)"
+            return Step(msg, rule, Reason.DENIED_BY_DEFAULT, text)
+        text = f"{subject} denied: {rule.reason or 'denied by policy'}"
+        return Step(msg, rule, Reason.DENIED_BY_RULE, text)
+    problems = rule.argument_problems(msg.arguments) if rule.arguments is not None else None
+    costs = [limit.cost_of(msg.arguments) for limit in rule.limits]
+    if problems is None and rule.limits:
+        problems = next((c for c in costs if isinstance(c, str)), None)
+    if problems is not None:
+        text = f"{subject}: invalid arguments: {problems}"
+        return Step(msg, rule, Reason.ARGUMENTS_INVALID, text)
+    if rule.action is Action.REQUIRE_APPROVAL:
+        text = f"{subject}: approval required" + (f" ({rule.reason})" if rule.reason else "")
+        return Step(msg, rule, Reason.APPROVAL_REQUIRED, text)
+    spends = []
+    for limit, cost in zip(rule.limits, costs, strict=True):
+        assert isinstance(cost, int)  # problems above returned otherwise
+        if limit.scope is not Scope.GLOBAL and grant is None:
+            return Step(msg, rule, Reason.NO_GRANT, f"{subject}: no grant identity")
+        session = None
+        if limit.scope is Scope.SESSION:
+            try:
+                session = mcp.session_id(headers)
+            except mcp.Malformed as exc:
+                return Step(msg, rule, Reason.MALFORMED, f"{subject}: {exc.detail}")
+        key = counter_key(limit, grant or "", session)
+        spends.append(Spend(msg=msg, rule=rule, limit=limit, key=key, cost=cost))
+    return Step(msg, rule, spends=tuple(spends))
 
 
 class Engine:
-    """Decides requests. ``policy`` may be replaced at any time (hot reload): a check reads
-    it once at its start and finishes on that policy."""
+    """Decides requests. ``policy`` may be replaced at any time (hot reload, through
+    :meth:`swap`): a check reads it once at its start and finishes on that policy."""
 
     def __init__(
         self,
@@ -170,107 +309,200 @@ class Engine:
         fail_open: bool = False,
         clock: Callable[[], int | None] = lambda: None,
     ) -> None:
-        self.policy = policy
         self.store = store
         self.grant_header = grant_header
         self.fail_open = fail_open
         self.clock = clock
+        self._flag_source = (
+            GrantSource(Source.HEADER, header=grant_header.lower()) if grant_header else BEARER
+        )
+        self.policy = policy
+        self.swap(policy)
+
+    def swap(self, policy: Policy) -> None:
+        """Put ``policy`` in force, or raise :class:`PolicyError` if this engine cannot run
+        it (it names an identity source while ``--grant-header`` names another)."""
+        if policy.grants is not None and self.grant_header:
+            raise PolicyError(
+                [
+                    "grants: the policy chooses the grant identity source, and so does "
+                    "--grant-header (MCP_AUTHZ_GRANT_HEADER); remove one of them"
+                ]
+            )
+        self.policy = policy
+
+    def grant_source(self, policy: Policy) -> GrantSource:
+        return policy.grants or self._flag_source
 
     async def check(self, request: mcp.HttpRequest) -> Decision:
         policy = self.policy
-        grant = grant_of(request.headers, self.grant_header)
-        try:
-            body = _parse(request)
-        except mcp.Malformed as exc:
-            return Decision(
-                reason=_PROBLEM_REASON[exc.problem],
-                message=f"policy violation: malformed request: {exc.detail}",
-                grant=grant,
-                ids=exc.ids,
-            )
+        grant = grant_of(request, self.grant_source(policy))
+        return await self.decide(plan(policy, request, grant))
+
+    async def decide(self, planned: Plan) -> Decision:
+        """Deny on the first enforced denial; otherwise spend, all or nothing."""
+        if planned.refusal is not None:
+            return planned.refusal
+        body, grant = planned.body, planned.grant
         if body is None:
             return Decision(reason=Reason.ALLOWED, grant=grant)
-
-        spends: list[_Spend] = []
-        for msg in body.messages:
-            denial = _deny_message(policy, msg, grant, spends)
-            if denial is not None:
-                reason, text, rule = denial
-                where = f"batch element {msg.index}: " if body.batch else ""
-                return replace(
-                    _about(msg, body, grant),
-                    reason=reason,
-                    message=f"policy violation: {where}{text}",
-                    rule=rule,
-                    element=msg.index if body.batch else None,
-                )
-        allowed = _about(_first_governed(body), body, grant)
-        if not spends:
-            return allowed
-        return await self._spend(spends, body, allowed)
-
-    async def _spend(self, spends: list[_Spend], body: mcp.Body, allowed: Decision) -> Decision:
-        # One charge per key: a batch calling a tool twice spends 2 against its counter.
-        costs: dict[str, int] = {}
-        first: dict[str, _Spend] = {}
-        for spend in spends:
-            costs[spend.key] = costs.get(spend.key, 0) + 1
-            first.setdefault(spend.key, spend)
-        charges = [
-            Charge(key=k, window_ms=first[k].limit.window_ms, max=first[k].limit.max, cost=c)
-            for k, c in costs.items()
-        ]
-        try:
-            outcome = await self.store.acquire(charges, self.clock())
-        except StoreUnavailable:
-            if self.fail_open:
-                return replace(allowed, fail_open=True)
-            return replace(
-                allowed,
-                reason=Reason.STORE_UNAVAILABLE,
-                message=(
-                    f"policy violation: {_subject(spends[0].msg)}: rate-limit store unavailable"
-                ),
-            )
-        if outcome.allowed:
-            return replace(
-                allowed,
-                counters=tuple(
-                    CounterState(first[c.key].limit.counter, left, c.max)
-                    for c, left in zip(charges, outcome.remaining, strict=True)
-                ),
-            )
-        assert outcome.refused is not None
-        refused = first[charges[outcome.refused].key]
-        lim = refused.limit
-        retry = max(1, math.ceil(outcome.retry_after_ms / 1000))
-        where = f"batch element {refused.msg.index}: " if body.batch else ""
+        would: Decision | None = None
+        spends: list[Spend] = []
+        for step in planned.steps:
+            if step.denial is None:
+                spends.extend(step.spends)
+                continue
+            denial = _denial(step, body, grant)
+            if not step.dry_run:
+                return denial
+            would = would or denial
+        first = _first_governed(planned.steps)
+        spent = _Spent()
+        if spends:
+            spent = await self._spend(spends, body, grant)
+            if spent.refusal is not None:
+                return spent.refusal
+            would = would or spent.would
+        decision = _about(
+            first.msg,
+            first.rule,
+            body,
+            grant,
+            dry_run=any(s.rule is not None and s.rule.dry_run for s in planned.steps),
+            counters=spent.counters,
+            fail_open=spent.fail_open,
+        )
+        if would is None:
+            return decision
         return replace(
-            _about(refused.msg, body, allowed.grant),
-            reason=Reason.RATE_LIMITED,
-            message=(
-                f"policy violation: {where}{_subject(refused.msg)}: rate limit exceeded "
-                f"(counter '{lim.counter}' allows {lim.max} per {_window_text(lim.window_ms)}"
-                f"{' for all callers' if lim.scope is Scope.GLOBAL else ''}); "
-                f"retry after {retry} s"
-            ),
-            rule=refused.rule,
-            counter=lim.counter,
-            counters=(CounterState(lim.counter, outcome.remaining[outcome.refused], lim.max),),
-            retry_after_s=retry,
-            element=refused.msg.index if body.batch else None,
+            decision,
+            would_deny=would.reason,
+            message=would.message,
+            rule=would.rule,
+            counter=would.counter,
+            element=would.element,
         )
 
+    async def _spend(self, spends: list[Spend], body: mcp.Body, grant: str | None) -> _Spent:
+        """Charge every spend at once.
 
-def _first_governed(body: mcp.Body) -> mcp.Message:
+        A dry-run limit that is spent leaves out the spends of its message (under
+        enforcement that message would be denied and spend nothing) and the rest is
+        charged again, so dry-run counts follow what enforcement would count.
+        """
+        would: Decision | None = None
+        while spends:
+            charges, first = _charges(spends)
+            try:
+                outcome = await self.store.acquire(charges, self.clock())
+            except StoreUnavailable:
+                denial = replace(
+                    _about(spends[0].msg, spends[0].rule, body, grant),
+                    reason=Reason.STORE_UNAVAILABLE,
+                    message=(
+                        f"policy violation: {_subject(spends[0].msg)}: rate-limit store unavailable"
+                    ),
+                )
+                if all(s.rule.dry_run for s in spends):
+                    return _Spent(would=would or denial)
+                if self.fail_open:
+                    return _Spent(fail_open=True, would=would)
+                return _Spent(refusal=denial)
+            if outcome.allowed:
+                counters = tuple(
+                    CounterState(first[c.key].limit.counter, left, c.max)
+                    for c, left in zip(charges, outcome.remaining, strict=True)
+                )
+                return _Spent(counters=counters, would=would)
+            assert outcome.refused is not None
+            refused = first[charges[outcome.refused].key]
+            denial = _rate_limited(refused, outcome, body, grant)
+            if not refused.rule.dry_run:
+                return _Spent(refusal=denial)
+            would = would or denial
+            spends = [s for s in spends if s.msg.index != refused.msg.index]
+        return _Spent(would=would)
+
+
+@dataclass(frozen=True)
+class _Spent:
+    """What a spend came to: an enforced ``refusal``, or the ``counters`` it left (and
+    whether it was let through by ``fail_open``), with a dry-run ``would`` deny."""
+
+    refusal: Decision | None = None
+    counters: tuple[CounterState, ...] = ()
+    fail_open: bool = False
+    would: Decision | None = None
+
+
+def _charges(spends: list[Spend]) -> tuple[list[Charge], dict[str, Spend]]:
+    """One charge per key, costs added up: a batch calling a tool twice spends twice.
+    Keys whose cost adds up to 0 are left out."""
+    costs: dict[str, int] = {}
+    first: dict[str, Spend] = {}
+    for spend in spends:
+        costs[spend.key] = costs.get(spend.key, 0) + spend.cost
+        first.setdefault(spend.key, spend)
+    charges = [
+        Charge(key=k, window_ms=first[k].limit.window_ms, max=first[k].limit.max, cost=c)
+        for k, c in costs.items()
+        if c > 0
+    ]
+    return charges, first
+
+
+def _rate_limited(spend: Spend, outcome: Outcome, body: mcp.Body, grant: str | None) -> Decision:
+    assert outcome.refused is not None
+    lim = spend.limit
+    retry = max(1, math.ceil(outcome.retry_after_ms / 1000))
+    where = f"batch element {spend.msg.index}: " if body.batch else ""
+    unit = "units " if lim.cost_pointer is not None or lim.cost != 1 else ""
+    allows = f"{lim.max} {unit}per {lim.window_text}"
+    scope = {Scope.GLOBAL: " for all callers", Scope.SESSION: " per session"}.get(lim.scope, "")
+    return replace(
+        _about(spend.msg, spend.rule, body, grant),
+        reason=Reason.RATE_LIMITED,
+        message=(
+            f"policy violation: {where}{_subject(spend.msg)}: rate limit exceeded "
+            f"(counter '{lim.counter}' allows {allows}{scope}); retry after {retry} s"
+        ),
+        rule=spend.rule.where,
+        counter=lim.counter,
+        counters=(CounterState(lim.counter, outcome.remaining[outcome.refused], lim.max),),
+        retry_after_s=retry,
+        element=spend.msg.index if body.batch else None,
+    )
+
+
+def _denial(step: Step, body: mcp.Body, grant: str | None) -> Decision:
+    assert step.denial is not None
+    where = f"batch element {step.msg.index}: " if body.batch else ""
+    return replace(
+        _about(step.msg, step.rule, body, grant),
+        reason=step.denial,
+        message=f"policy violation: {where}{step.text}",
+        element=step.msg.index if body.batch else None,
+    )
+
+
+def _first_governed(steps: tuple[Step, ...]) -> Step:
     """The message a request is logged under: its first call, else its first message."""
-    for msg in body.messages:
-        if msg.kind is not mcp.Kind.RESPONSE and msg.method == "tools/call":
-            return msg
-    return body.messages[0]
+    for step in steps:
+        if step.msg.kind is not mcp.Kind.RESPONSE and step.msg.method == "tools/call":
+            return step
+    return steps[0]
 
 
-def _about(msg: mcp.Message, body: mcp.Body, grant: str | None) -> Decision:
+def _about(
+    msg: mcp.Message,
+    rule: Rule | None,
+    body: mcp.Body,
+    grant: str | None,
+    *,
+    dry_run: bool = False,
+    counters: tuple[CounterState, ...] = (),
+    fail_open: bool = False,
+) -> Decision:
     """An allow decision describing ``msg``; denials are derived from it with ``replace``."""
     is_call = msg.method == "tools/call"
     return Decision(
@@ -279,8 +511,13 @@ def _about(msg: mcp.Message, body: mcp.Body, grant: str | None) -> Decision:
         method=msg.method,
         tool=msg.name if is_call else None,
         arguments_sha256=mcp.arguments_digest(msg.arguments) if is_call else None,
+        rule=rule.where if rule is not None else None,
         ids=body.ids,
         batch=body.batch,
+        log_arguments=is_call and rule is not None and rule.log_arguments,
+        counters=counters,
+        fail_open=fail_open,
+        dry_run=dry_run,
     )
 
 
@@ -299,33 +536,3 @@ def _parse(request: mcp.HttpRequest) -> mcp.Body | None:
     body = mcp.parse_body(request.body)
     mcp.check_headers(request.headers, body)
     return body
-
-
-def _deny_message(
-    policy: Policy, msg: mcp.Message, grant: str | None, spends: list[_Spend]
-) -> tuple[Reason, str, str] | None:
-    """Why ``msg`` is denied (reason, text, rule), or ``None`` after queueing its limits."""
-    if msg.kind is mcp.Kind.RESPONSE or msg.method is None:
-        return None
-    if msg.method in UNGOVERNED or msg.method.startswith("notifications/"):
-        return None
-    rule: Rule = (
-        policy.rule_for_tool(msg.name or "") if msg.method == "tools/call" else policy.default
-    )
-    subject = _subject(msg)
-    if msg.method == "tools/call" and grant is None:
-        return Reason.NO_GRANT, f"{subject}: no grant identity", rule.where
-    if rule.action is Action.DENY:
-        if rule.where == "default":
-            text = f"{subject} is not allowed by this policy (default deny)"
-            return Reason.DENIED_BY_DEFAULT, text, rule.where
-        return (
-            Reason.DENIED_BY_RULE,
-            f"{subject} denied: {rule.reason or 'denied by policy'}",
-            rule.where,
-        )
-    for limit in rule.limits:
-        spends.append(
-            _Spend(msg=msg, rule=rule.where, limit=limit, key=counter_key(limit, grant or ""))
-        )
-    return None

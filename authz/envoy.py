@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 from google.rpc import status_pb2
 
 from authz.engine import Decision, Reason
@@ -19,6 +19,9 @@ HEADER_PREFIX = "x-mcp-authz-"
 GRANT_HEADER = "x-mcp-authz-grant"
 REASON_HEADER = "x-mcp-authz-reason"
 FAIL_OPEN_HEADER = "x-mcp-authz-fail-open"
+# On a call a dry-run rule would have denied: "deny:<reason code>", to the upstream (for
+# its logs) and in the response.
+DRY_RUN_HEADER = "x-mcp-authz-dry-run"
 METADATA_NAMESPACE = "mcp_authz"
 
 # gRPC status codes (google.rpc.Code) carried in CheckResponse.status; any non-OK code
@@ -59,6 +62,11 @@ def http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
         body=http.raw_body or http.body.encode(),
         request_id=headers.get("x-request-id", http.id),
         peer_principal=attrs.source.principal,
+        # Only what filters before ext_authz put there (jwt_authn's verified payload).
+        metadata={
+            namespace: json_format.MessageToDict(struct)
+            for namespace, struct in attrs.metadata_context.filter_metadata.items()
+        },
     )
 
 
@@ -82,6 +90,7 @@ def _metadata(decision: Decision) -> struct_pb2.Struct:
             "reason": decision.reason.code,
             "grant": decision.grant or "",
             "tool": decision.tool or "",
+            "would_deny": decision.would_deny.code if decision.would_deny else "",
         }
     )
     return meta
@@ -98,6 +107,10 @@ def check_response(
         if decision.fail_open:
             ok.headers.append(_header(FAIL_OPEN_HEADER, "store unavailable"))
             ok.response_headers_to_add.append(_header(FAIL_OPEN_HEADER, "store unavailable"))
+        if decision.would_deny is not None:
+            would = f"deny:{decision.would_deny.code}"
+            ok.headers.append(_header(DRY_RUN_HEADER, would))
+            ok.response_headers_to_add.append(_header(DRY_RUN_HEADER, would))
         # Client-supplied x-mcp-authz-* headers must never reach the upstream as ours.
         ok.headers_to_remove.extend(
             name

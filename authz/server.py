@@ -1,13 +1,13 @@
 """Wiring and lifecycle: the gRPC ext_authz service, health, and the HTTP side port.
 
 A check never raises out of here: anything unexpected becomes a 503 denial (fail closed),
-logged without the request's body, arguments or credentials.
+logged without the request's body, arguments or credentials. Every answered check is
+counted in the metrics and written to the audit log.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
 import time
@@ -17,15 +17,18 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from authz import envoy
+from authz import audit, envoy
 from authz.engine import Decision, Engine, Reason
+from authz.metrics import Metrics
 from authz.pb import external_auth_pb2, external_auth_pb2_grpc
+from authz.reload import watch_policy
 from authz.store import StoreUnavailable
 
 log = logging.getLogger("mcp_authz")
-audit = logging.getLogger("mcp_authz.audit")
 
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
+# After the drain, checks still in flight get this long to finish before the server stops.
+STOP_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -33,18 +36,30 @@ class Settings:
     grpc_address: str = "127.0.0.1:9001"
     http_address: str = "127.0.0.1:9002"
     drain_seconds: float = 0.0
+    # The policy file to watch for hot reload ("" = none); re-read every reload_interval_s
+    # seconds (<= 0: only on SIGHUP).
+    policy_path: str = ""
+    reload_interval_s: float = 1.0
+    # Share the gRPC and HTTP ports with the other workers of ``--workers N``
+    # (SO_REUSEPORT). Off for a single process, which then refuses a port another process
+    # holds instead of silently splitting the traffic with it (gRPC's default on Linux).
+    reuse_port: bool = False
 
 
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
-    """envoy.service.auth.v3.Authorization/Check."""
+    """envoy.service.auth.v3.Authorization/Check: decide, count, audit, answer."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, metrics: Metrics) -> None:
         self.engine = engine
+        self.metrics = metrics
 
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
     ) -> external_auth_pb2.CheckResponse:
         started = time.perf_counter()
+        # The engine reads the policy once at its start, synchronously, so this is the
+        # policy the decision was made under even if a reload swaps it meanwhile.
+        policy = self.engine.policy
         http = envoy.http_request(request)
         try:
             decision = await self.engine.check(http)
@@ -54,24 +69,11 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
                 reason=Reason.INTERNAL_ERROR,
                 message="policy violation: internal error in the authorization service",
             )
-        audit.info(
-            "%s",
-            json.dumps(
-                {
-                    "request_id": http.request_id,
-                    "grant": decision.grant,
-                    "tool": decision.tool,
-                    "decision": "allow" if decision.allowed else "deny",
-                    "reason": decision.reason.code,
-                    "rule": decision.rule,
-                    "counter": decision.counter,
-                    "fail_open": decision.fail_open or None,
-                    "latency_ms": round((time.perf_counter() - started) * 1000, 3),
-                },
-                separators=(",", ":"),
-            ),
-        )
-        return envoy.check_response(decision, http.headers)
+        response = envoy.check_response(decision, http.headers)
+        latency = time.perf_counter() - started
+        self.metrics.record_check(decision, latency, policy)
+        audit.record(decision, http.request_id, http.body, latency, policy)
+        return response
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -79,27 +81,50 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 (operator's choice)
 
 
-async def _http_app(engine: Engine) -> web.Application:
+def _http_app(engine: Engine, metrics: Metrics, draining: asyncio.Event) -> web.Application:
+    """/healthz: the process answers. /readyz: it should get traffic (a policy is loaded,
+    which holds from start on; the store answers; not draining). /metrics: Prometheus."""
+
+    async def not_ready() -> str | None:
+        if draining.is_set():
+            return "draining"
+        try:
+            await engine.store.ping()
+        except StoreUnavailable:
+            return "store unavailable"
+        return None
+
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
     async def readyz(_: web.Request) -> web.Response:
-        try:
-            await engine.store.ping()
-        except StoreUnavailable:
-            return web.Response(status=503, text="store unavailable\n")
+        problem = await not_ready()
+        if problem is not None:
+            return web.Response(status=503, text=f"{problem}\n")
         return web.Response(text="ready\n")
+
+    async def scrape(request: web.Request) -> web.Response:
+        metrics.ready.set(0 if await not_ready() else 1)
+        body, content_type = metrics.exposition(request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", scrape)
     return app
 
 
-async def serve(engine: Engine, settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then report NOT_SERVING, drain and stop."""
-    server = grpc.aio.server()
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(engine), server)
+async def serve(engine: Engine, settings: Settings, metrics: Metrics) -> None:
+    """Run until SIGTERM or SIGINT, then drain: report NOT_SERVING (gRPC health) and not
+    ready (/readyz) while still answering every check for ``drain_seconds``, so Envoy and
+    Kubernetes move traffic away first; then stop, letting checks in flight finish."""
+    metrics.policy_loaded(engine.policy)
+    draining = asyncio.Event()
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(settings.reuse_port))])
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+        AuthorizationService(engine, metrics), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = server.add_insecure_port(settings.grpc_address)
@@ -109,13 +134,13 @@ async def serve(engine: Engine, settings: Settings) -> None:
     for service in ("", AUTHZ_SERVICE):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
 
-    runner = web.AppRunner(await _http_app(engine), access_log=None)
+    runner = web.AppRunner(_http_app(engine, metrics, draining), access_log=None)
     await runner.setup()
     host, port = _split(settings.http_address)
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, reuse_port=settings.reuse_port)
     await site.start()
     log.info(
-        "serving ext_authz on %s, health on http://%s/healthz (policy %s)",
+        "serving ext_authz on %s, health and metrics on http://%s (policy %s)",
         settings.grpc_address,
         settings.http_address,
         engine.policy.digest[:12],
@@ -125,13 +150,26 @@ async def serve(engine: Engine, settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watcher = None
+    if settings.policy_path:
+        watcher = asyncio.create_task(
+            watch_policy(
+                settings.policy_path,
+                engine,
+                metrics.policy_reloaded,
+                interval=settings.reload_interval_s,
+                sighup=True,
+            )
+        )
     await stop.wait()
+    if watcher is not None:
+        watcher.cancel()
 
     log.info("stopping: draining for %.1f s", settings.drain_seconds)
-    for service in ("", AUTHZ_SERVICE):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    draining.set()
+    await health_servicer.enter_graceful_shutdown()
     await asyncio.sleep(settings.drain_seconds)
-    await server.stop(grace=5.0)
+    await server.stop(grace=STOP_GRACE_S)
     await runner.cleanup()
     await engine.store.close()
     log.info("stopped")

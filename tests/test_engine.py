@@ -6,14 +6,18 @@ The end-to-end tests repeat the important ones through the real Envoy and Redis.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from authz.engine import Engine, Reason
+from authz import envoy
+from authz.engine import Decision, Engine, Reason, counter_key
 from authz.mcp import HttpRequest
-from authz.policy import compile_policy
+from authz.pb import external_auth_pb2
+from authz.policy import PolicyError, compile_policy
 from authz.store import Charge, Outcome, StoreUnavailable, open_store
 
 POLICY = compile_policy(
@@ -235,3 +239,337 @@ async def test_fail_open_is_explicit_and_marked() -> None:
     engine = Engine(POLICY, DownStore(), fail_open=True)
     decision = await engine.check(post(call("start_dicom_export_job")))
     assert decision.allowed and decision.fail_open
+
+
+# --- the policy language of issue #3 -------------------------------------------------------
+
+EXPORT_ARGS = {"datastoreId": "ds-0001", "outputS3Uri": "s3://approved-exports/a", "studyCount": 2}
+
+LANGUAGE = {
+    "version": "1",
+    "default": "deny",
+    "tools": {
+        "start_dicom_export_job": {
+            "arguments": {
+                "type": "object",
+                "required": ["datastoreId", "outputS3Uri", "studyCount"],
+                "properties": {
+                    "datastoreId": {"enum": ["ds-0001", "ds-0002"]},
+                    "outputS3Uri": {"type": "string", "pattern": "^s3://approved-exports/"},
+                    "studyCount": {"type": "integer", "minimum": 0},
+                },
+            },
+            "limits": [
+                {"counter": "exports_minute", "window": "minute", "max": 2},
+                {"counter": "exports_day", "window": "day", "max": 3},
+                {"counter": "studies_day", "window": "day", "max": 5, "cost": "/studyCount"},
+            ],
+        },
+        "list_*": {"limits": [{"counter": "lists", "window": "minute", "max": 2}]},
+        "delete_app": {"action": "require_approval", "reason": "a human decides"},
+        "session_tool": {
+            "limits": [{"counter": "per_session", "window": "minute", "max": 1, "scope": "session"}]
+        },
+        "rehearsed": {
+            "mode": "dry-run",
+            "limits": [{"counter": "rehearsed", "window": "minute", "max": 1}],
+        },
+        "rehearsed_deny": {"mode": "dry-run", "action": "deny", "reason": "not yet"},
+    },
+    "resources": {
+        "ecs://clusters/*": {},
+        "patient://*": {"action": "deny", "reason": "no patient records"},
+    },
+    "prompts": {"deploy_*": {"action": "allow"}},
+}
+
+
+@pytest.fixture
+def language(clock: Clock) -> Engine:
+    return Engine(compile_policy(LANGUAGE), open_store("memory://"), clock=clock)
+
+
+def export(**overrides: Any) -> dict[str, Any]:
+    return call("start_dicom_export_job", **{**EXPORT_ARGS, **overrides})
+
+
+def rpc(method: str, id_: int = 1, **params: Any) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": id_, "method": method, "params": params}
+
+
+async def test_invalid_arguments_are_denied_naming_path_not_value(language: Engine) -> None:
+    decision = await language.check(post(export(outputS3Uri="s3://patient-jane-doe/x")))
+    assert decision.reason is Reason.ARGUMENTS_INVALID and decision.reason.status == 403
+    assert decision.message == (
+        "policy violation: tool 'start_dicom_export_job': invalid arguments: "
+        "arguments.outputS3Uri: does not match the required pattern '^s3://approved-exports/'"
+    )
+    assert "jane" not in decision.reply_body().decode()
+    assert json.loads(decision.reply_body())["error"]["data"]["reason"] == "invalid_arguments"
+    # Nothing was spent: the whole budget of 2 a minute is still there.
+    for _ in range(2):
+        assert (await language.check(post(export()))).allowed
+
+
+async def test_several_limits_are_enforced_together(language: Engine, clock: Clock) -> None:
+    for _ in range(2):
+        assert (await language.check(post(export(studyCount=1)))).allowed
+    minute = await language.check(post(export(studyCount=1)))
+    assert minute.reason is Reason.RATE_LIMITED and minute.counter == "exports_minute"
+    clock.now += 61_000
+    day = await language.check(post(export(studyCount=1)))
+    assert day.allowed and [c.counter for c in day.counters] == [
+        "exports_minute",
+        "exports_day",
+        "studies_day",
+    ]
+    assert [c.remaining for c in day.counters] == [1, 0, 2]
+    clock.now += 61_000
+    over = await language.check(post(export(studyCount=1)))
+    assert over.reason is Reason.RATE_LIMITED and over.counter == "exports_day"
+
+
+async def test_cost_from_an_argument(language: Engine, clock: Clock) -> None:
+    assert (await language.check(post(export(studyCount=4)))).allowed
+    over = await language.check(post(export(studyCount=2)))
+    assert over.reason is Reason.RATE_LIMITED and over.counter == "studies_day"
+    assert "allows 5 units per day" in over.message
+    # A call that exports no study spends none of the study budget.
+    free = await language.check(post(export(studyCount=0)))
+    assert free.allowed and {c.counter for c in free.counters} == {
+        "exports_minute",
+        "exports_day",
+    }
+    missing = await language.check(post(call("list_x")))
+    assert missing.allowed
+    no_count = {k: v for k, v in EXPORT_ARGS.items() if k != "studyCount"}
+    refused = await language.check(post(call("start_dicom_export_job", **no_count)))
+    assert refused.reason is Reason.ARGUMENTS_INVALID
+    assert "missing required argument(s) 'studyCount'" in refused.message
+
+
+async def test_cost_pointer_without_schema_denies_missing_or_non_numeric(clock: Clock) -> None:
+    doc = {
+        "version": "1",
+        "default": "deny",
+        "tools": {"t": {"limits": [{"counter": "c", "window": "day", "max": 9, "cost": "/n"}]}},
+    }
+    engine = Engine(compile_policy(doc), open_store("memory://"), clock=clock)
+    for args, text in (
+        ({}, "arguments.n: missing"),
+        ({"n": "3"}, "arguments.n: must be a whole number"),
+        ({"n": -2}, "arguments.n: must not be negative"),
+        ({"n": 10}, "arguments.n: more than the whole budget"),
+    ):
+        decision = await engine.check(post(call("t", **args)))
+        assert decision.reason is Reason.ARGUMENTS_INVALID, args
+        assert text in decision.message
+    assert (await engine.check(post(call("t", n=9)))).allowed
+    assert (await engine.check(post(call("t", n=1)))).reason is Reason.RATE_LIMITED
+
+
+async def test_patterns_in_decisions(language: Engine) -> None:
+    first = await language.check(post(call("list_clusters")))
+    assert first.allowed and first.rule == "tools.list_*"
+    await language.check(post(call("list_services")))
+    shared = await language.check(post(call("list_tasks")))
+    assert shared.reason is Reason.RATE_LIMITED and shared.counter == "lists"
+
+
+async def test_require_approval_denies_until_approvals_exist(language: Engine) -> None:
+    decision = await language.check(post(call("delete_app", app_name="web")))
+    assert decision.reason is Reason.APPROVAL_REQUIRED and decision.reason.status == 403
+    assert decision.message == (
+        "policy violation: tool 'delete_app': approval required (a human decides)"
+    )
+
+
+async def test_session_scope(language: Engine) -> None:
+    s1 = post(call("session_tool"), **{"mcp-session-id": "session-1"})
+    s2 = post(call("session_tool"), **{"mcp-session-id": "session-2"})
+    assert (await language.check(s1)).allowed
+    assert (await language.check(s1)).reason is Reason.RATE_LIMITED
+    assert (await language.check(s2)).allowed, "another session has its own budget"
+    other_grant = post(call("session_tool"), token="tok-B", **{"mcp-session-id": "session-1"})
+    assert (await language.check(other_grant)).allowed, "a session id is only a grant's own"
+    # A stateless request (no session) counts against its grant.
+    assert (await language.check(post(call("session_tool")))).allowed
+    assert (await language.check(post(call("session_tool")))).reason is Reason.RATE_LIMITED
+    for bad in ("x" * 257, "has space", "caf\u00e9"):
+        refused = await language.check(post(call("session_tool"), **{"mcp-session-id": bad}))
+        assert refused.reason is Reason.MALFORMED and refused.reason.status == 400
+
+
+def test_session_keys_are_hashed_and_bounded() -> None:
+    (limit,) = compile_policy(LANGUAGE).tools["session_tool"].limits
+    key = counter_key(limit, "b-abc", "s" * 256)
+    assert re.fullmatch(r"mcpauthz:\{s:[0-9a-f]{32}\}:per_session", key)
+    assert counter_key(limit, "b-abc", None) == "mcpauthz:{g:b-abc}:per_session"
+    assert counter_key(limit, "b-abc", "x") != counter_key(limit, "b-def", "x")
+
+
+async def test_resources_and_prompts(language: Engine) -> None:
+    read = await language.check(post(rpc("resources/read", uri="ecs://clusters/default")))
+    assert read.allowed and read.rule == "resources.ecs://clusters/*"
+    subscribe = rpc("resources/subscribe", uri="patient://jane-doe/record")
+    denied = await language.check(post(subscribe))
+    assert denied.reason is Reason.DENIED_BY_RULE
+    assert "jane" not in denied.message and "no patient records" in denied.message
+    other = await language.check(post(rpc("resources/read", uri="file:///etc/passwd")))
+    assert other.reason is Reason.DENIED_BY_DEFAULT
+    unsubscribe = rpc("resources/unsubscribe", uri="patient://jane-doe/record")
+    assert (await language.check(post(unsubscribe, token=None))).allowed
+    prompt = await language.check(post(rpc("prompts/get", name="deploy_checklist")))
+    assert prompt.allowed and prompt.rule == "prompts.deploy_*"
+    refused = await language.check(post(rpc("prompts/get", name="other")))
+    assert refused.reason is Reason.DENIED_BY_DEFAULT and "prompt 'other'" in refused.message
+
+
+async def test_dry_run_rule_allows_and_says_what_it_would_deny(language: Engine) -> None:
+    decision = await language.check(post(call("rehearsed_deny")))
+    assert decision.allowed and decision.dry_run
+    assert decision.would_deny is Reason.DENIED_BY_RULE
+    assert decision.message == "policy violation: tool 'rehearsed_deny' denied: not yet"
+    assert decision.rule == "tools.rehearsed_deny"
+    plain = await language.check(post(call("list_x")))
+    assert plain.allowed and not plain.dry_run and plain.would_deny is None
+
+
+async def test_dry_run_counts_like_enforcement(language: Engine) -> None:
+    first = await language.check(post(call("rehearsed")))
+    assert first.allowed and first.would_deny is None and first.counters[0].remaining == 0
+    for _ in range(3):
+        over = await language.check(post(call("rehearsed")))
+        assert over.allowed and over.would_deny is Reason.RATE_LIMITED
+        assert over.counter == "rehearsed" and "rate limit exceeded" in over.message
+    # Would-be denials spent nothing: under the same counters, enforcement sees 1 spent.
+    enforced = {**LANGUAGE, "tools": {"rehearsed": {**LANGUAGE["tools"]["rehearsed"]}}}
+    del enforced["tools"]["rehearsed"]["mode"]
+    language.swap(compile_policy(enforced))
+    limited = await language.check(post(call("rehearsed")))
+    assert limited.reason is Reason.RATE_LIMITED and limited.retry_after_s == 60
+
+
+async def test_whole_policy_dry_run_and_rule_level_enforce(clock: Clock) -> None:
+    doc = {
+        "version": "1",
+        "default": "deny",
+        "mode": "dry-run",
+        "tools": {
+            "strict": {"mode": "enforce", "action": "deny"},
+            "export": {"arguments": {"properties": {"n": {"type": "integer"}}}},
+        },
+    }
+    engine = Engine(compile_policy(doc), open_store("memory://"), clock=clock)
+    unnamed = await engine.check(post(call("anything")))
+    assert unnamed.allowed and unnamed.would_deny is Reason.DENIED_BY_DEFAULT
+    bad_args = await engine.check(post(call("export", n="x")))
+    assert bad_args.allowed and bad_args.would_deny is Reason.ARGUMENTS_INVALID
+    assert (await engine.check(post(call("strict")))).reason is Reason.DENIED_BY_RULE
+    # Identity and protocol refusals are never dry-run.
+    assert (await engine.check(post(call("anything"), token=None))).reason is Reason.NO_GRANT
+
+
+async def test_dry_run_batch_keeps_enforced_spends(language: Engine) -> None:
+    assert (await language.check(post(call("rehearsed")))).allowed
+    batch = [call("rehearsed", 1), call("list_a", 2)]
+    decision = await language.check(post(batch))
+    assert decision.allowed and decision.would_deny is Reason.RATE_LIMITED
+    assert decision.element == 0
+    # The enforced call in the batch did spend: one of the two list calls is gone.
+    assert (await language.check(post(call("list_b")))).allowed
+    assert (await language.check(post(call("list_c")))).reason is Reason.RATE_LIMITED
+    enforced_denial = [call("rehearsed_deny", 1), call("delete_app", 2)]
+    denied = await language.check(post(enforced_denial))
+    assert denied.reason is Reason.APPROVAL_REQUIRED and denied.element == 1
+
+
+async def test_store_down_under_dry_run_only_allows(clock: Clock) -> None:
+    engine = Engine(compile_policy(LANGUAGE), DownStore(), clock=clock)
+    rehearsed = await engine.check(post(call("rehearsed")))
+    assert rehearsed.allowed and rehearsed.would_deny is Reason.STORE_UNAVAILABLE
+    enforced = await engine.check(post(call("list_x")))
+    assert enforced.reason is Reason.STORE_UNAVAILABLE
+
+
+def test_dry_run_header_goes_upstream_and_into_the_response() -> None:
+    decision = Decision(reason=Reason.ALLOWED, grant="g", would_deny=Reason.RATE_LIMITED)
+    response = envoy.check_response(decision, {})
+    upstream = {h.header.key: h.header.value for h in response.ok_response.headers}
+    downstream = {
+        h.header.key: h.header.value for h in response.ok_response.response_headers_to_add
+    }
+    assert upstream["x-mcp-authz-dry-run"] == downstream["x-mcp-authz-dry-run"]
+    assert upstream["x-mcp-authz-dry-run"] == "deny:rate_limited"
+    assert response.dynamic_metadata["would_deny"] == "rate_limited"
+    plain = envoy.check_response(Decision(reason=Reason.ALLOWED, grant="g"), {})
+    assert "x-mcp-authz-dry-run" not in {h.header.key for h in plain.ok_response.headers}
+
+
+# --- grants from the policy -----------------------------------------------------------------
+
+
+def with_grants(grants: dict[str, str]) -> Any:
+    return compile_policy({**POLICY_DOC, "grants": grants})
+
+
+POLICY_DOC = {"version": "1", "default": "deny", "tools": {"containerize_app": {}}}
+
+
+async def test_grant_from_a_trusted_header(clock: Clock) -> None:
+    engine = Engine(
+        with_grants({"source": "header", "header": "x-mcp-grant"}), open_store("memory://")
+    )
+    ok = await engine.check(post(call("containerize_app"), token=None, **{"x-mcp-grant": "alice"}))
+    assert ok.allowed and ok.grant == "alice"
+    assert (await engine.check(post(call("containerize_app")))).reason is Reason.NO_GRANT
+
+
+async def test_grant_from_a_jwt_claim_in_envoy_metadata() -> None:
+    engine = Engine(with_grants({"source": "jwt", "claim": "sub"}), open_store("memory://"))
+
+    def request(payload: object) -> HttpRequest:
+        meta = {"envoy.filters.http.jwt_authn": {"jwt_payload": payload}}
+        return replace(post(call("containerize_app"), token=None), metadata=meta)
+
+    assert (await engine.check(request({"sub": "alice@example.com"}))).grant == "alice@example.com"
+    hashed = (await engine.check(request({"sub": "auth0|12345"}))).grant
+    assert hashed is not None and re.fullmatch(r"h-[0-9a-f]{24}", hashed)
+    assert (await engine.check(request({"sub": 42.0}))).grant == "42"
+    for payload in ({}, {"sub": ""}, {"sub": True}, {"sub": ["a"]}, "x"):
+        assert (await engine.check(request(payload))).reason is Reason.NO_GRANT, payload
+    # A bearer token alone is no identity under this source.
+    assert (await engine.check(post(call("containerize_app")))).reason is Reason.NO_GRANT
+
+
+async def test_grant_from_the_mtls_peer() -> None:
+    engine = Engine(with_grants({"source": "mtls"}), open_store("memory://"))
+    spiffe = "spiffe://cluster.local/ns/agents/sa/export-bot"
+    peer = replace(post(call("containerize_app"), token=None), peer_principal=spiffe)
+    assert (await engine.check(peer)).grant == spiffe
+    no_peer = post(call("containerize_app"))
+    assert (await engine.check(no_peer)).reason is Reason.NO_GRANT
+
+
+def test_policy_grants_and_grant_header_flag_conflict() -> None:
+    grants = with_grants({"source": "mtls"})
+    with pytest.raises(PolicyError, match="--grant-header"):
+        Engine(grants, open_store("memory://"), grant_header="x-mcp-grant")
+    engine = Engine(POLICY, open_store("memory://"), grant_header="x-mcp-grant")
+    with pytest.raises(PolicyError):
+        engine.swap(grants)
+    assert engine.policy is POLICY
+
+
+def test_jwt_metadata_is_read_from_the_check_request() -> None:
+    check = external_auth_pb2.CheckRequest()
+    check.attributes.request.http.method = "POST"
+    check.attributes.metadata_context.filter_metadata["envoy.filters.http.jwt_authn"].update(
+        {"jwt_payload": {"sub": "alice", "aud": ["mcp"]}}
+    )
+    check.attributes.source.principal = "spiffe://x/y"
+    request = envoy.http_request(check)
+    assert request.metadata == {
+        "envoy.filters.http.jwt_authn": {"jwt_payload": {"sub": "alice", "aud": ["mcp"]}}
+    }
+    assert request.peer_principal == "spiffe://x/y"

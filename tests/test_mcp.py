@@ -206,3 +206,13 @@ def test_error_reply_echoes_ids() -> None:
     assert [r["id"] for r in batch] == [1, 2]
     notification = json.loads(mcp.error_reply((), True, -32051, "m", {}))
     assert notification["id"] is None
+
+
+def test_session_id() -> None:
+    assert mcp.session_id({}) is None
+    assert mcp.session_id({"mcp-session-id": "0f8a-Z~!"}) == "0f8a-Z~!"
+    assert mcp.session_id({"mcp-session-id": "s" * mcp.MAX_SESSION_ID}) is not None
+    for bad in ("", " x", "a b", "s" * (mcp.MAX_SESSION_ID + 1), "\u00e9", "x\ty"):
+        with pytest.raises(Malformed) as info:
+            mcp.session_id({"mcp-session-id": bad})
+        assert info.value.problem is Problem.MALFORMED

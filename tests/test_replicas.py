@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections import Counter
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 
 from authz.pb import external_auth_pb2, external_auth_pb2_grpc
 from tests.support.redis_server import running_redis
+from tests.support.reliability import record
 from tests.support.stack import authz_proc, free_port, running
 
 pytestmark = pytest.mark.e2e
@@ -87,3 +90,68 @@ async def test_two_processes_on_one_redis_count_exactly(tmp_path: Path) -> None:
         grant = r.ok_response.headers[0].header.value
         per_grant[grant] = per_grant.get(grant, 0) + 1
     assert max(per_grant.values()) <= 8
+
+
+async def test_four_processes_thousand_concurrent_calls_exactly_250(tmp_path: Path) -> None:
+    """Four replicas on one Redis, 1,000 concurrent calls over 10 grants with max 25 each:
+    exactly 250 allowed, 25 per grant, whichever replica each call reached."""
+    policy = tmp_path / "policy.json"
+    policy.write_text(
+        json.dumps(
+            {
+                "version": "1",
+                "default": "deny",
+                "tools": {
+                    "start_dicom_export_job": {
+                        "limits": [{"counter": "exports", "window": "minute", "max": 25}]
+                    }
+                },
+            }
+        )
+    )
+    ports = [free_port() for _ in range(4)]
+    with ExitStack() as stack:
+        redis = stack.enter_context(running_redis(tmp_path))
+        for port in ports:
+            proc = authz_proc(
+                tmp_path,
+                policy,
+                port,
+                free_port(),
+                ["--redis", redis.url],
+                "--store-timeout-ms",
+                "5000",
+            )
+            stack.enter_context(running(proc, port))
+        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{p}") for p in ports]
+        stubs = [external_auth_pb2_grpc.AuthorizationStub(c) for c in channels]
+        started = time.monotonic()
+        try:
+            replies = await asyncio.gather(
+                *(
+                    stubs[i % 4].Check(check_request(f"grant-{i % 10}", i), timeout=60)
+                    for i in range(1_000)
+                )
+            )
+        finally:
+            for c in channels:
+                await c.close()
+        elapsed = time.monotonic() - started
+    allowed = [r for r in replies if r.WhichOneof("http_response") == "ok_response"]
+    denied = [r for r in replies if r.WhichOneof("http_response") == "denied_response"]
+    per_grant = Counter(r.ok_response.headers[0].header.value for r in allowed)
+    assert len(allowed) == 250
+    assert sorted(per_grant.values()) == [25] * 10
+    assert {r.denied_response.status.code for r in denied} == {429}
+    record(
+        "Replicas: four mcp-authz processes on one Redis",
+        "1,000 concurrent gRPC checks spread round-robin over four mcp-authz processes "
+        "sharing one Redis; 10 grants with a limit of 25 each.",
+        {
+            "checks": len(replies),
+            "allowed (exactly 250 expected)": len(allowed),
+            "per grant": f"{min(per_grant.values())}..{max(per_grant.values())} (max 25)",
+            "refused 429": len(denied),
+            "checks per second": round(len(replies) / elapsed),
+        },
+    )

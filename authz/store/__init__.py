@@ -1,12 +1,17 @@
 """Counter stores: where the sliding-window limits keep their counts.
 
-One small interface, two backends chosen by URL (as the `limits` library does):
+One small interface, backends chosen by URL (as the `limits` library does):
 
 - ``memory://``: in this process only; exact for a single replica and local runs.
-- ``redis://``, ``rediss://``, ``unix://``: shared by every replica, one Lua script per check.
+- ``redis://``, ``rediss://``, ``unix://``: one Redis shared by every replica, one Lua
+  script per check.
+- ``redis+sentinel://``, ``rediss+sentinel://``: the master a set of sentinels names
+  (``authz.store.redis.open_sentinel``).
+- ``redis+cluster://``, ``rediss+cluster://``: a Redis Cluster, exact across hash slots
+  (``authz.store.cluster``).
 
-Both implement the same algorithm (a sliding log, see ``window.lua``), so one contract test
-suite runs against both.
+All implement the same algorithm (a sliding log, see ``window.lua``), so one contract test
+suite runs against each.
 """
 
 from __future__ import annotations
@@ -39,7 +44,9 @@ class Outcome:
     charge ``i``'s budget. When not, nothing was recorded, ``refused`` is the index of the
     first charge that did not fit, ``retry_after_ms`` is how long until enough of its window
     frees up for the charge's cost, and ``remaining`` holds the budget left before the
-    request (for the charges checked so far).
+    request, up to and including the refused charge. A store that checks in another order
+    than the list's (Redis Cluster goes slot by slot) gives a charge it never reached as
+    its ``max``.
     """
 
     allowed: bool
@@ -82,9 +89,18 @@ def open_store(url: str, timeout_s: float = 0.05) -> CounterStore:
 
         return MemoryStore()
     if scheme in ("redis", "rediss", "unix"):
-        from authz.store.redis import RedisStore
+        from authz.store.redis import open_redis
 
-        return RedisStore(url, timeout_s=timeout_s)
+        return open_redis(url, timeout_s)
+    if scheme in ("redis+sentinel", "rediss+sentinel"):
+        from authz.store.redis import open_sentinel
+
+        return open_sentinel(url, timeout_s)
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        from authz.store.cluster import open_cluster
+
+        return open_cluster(url, timeout_s)
     raise ValueError(
-        f"unsupported store URL scheme {scheme!r} (use memory://, redis://, rediss://)"
+        f"unsupported store URL scheme {scheme!r} (use memory://, redis://, rediss://, "
+        "unix://, redis+sentinel://, redis+cluster://)"
     )

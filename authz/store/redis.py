@@ -3,105 +3,311 @@
 The whole check-and-record runs inside ``window.lua`` so an acquire is atomic across
 replicas and costs exactly one round trip (an ``EVALSHA``; redis-py reloads the script by
 itself after a ``NOSCRIPT``, e.g. when Redis restarted).
+
+This module also reads the store URLs that name several hosts (Sentinel and Cluster), which
+redis-py has no ``from_url`` for; see :func:`parse_multi_host_url`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib.resources import files
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio
+from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from authz.store import Charge, Outcome, StoreUnavailable
 
-_SCRIPT = files("authz.store").joinpath("window.lua").read_text(encoding="utf-8")
+log = logging.getLogger("mcp_authz.store")
+
+WINDOW_SCRIPT = files("authz.store").joinpath("window.lua").read_text(encoding="utf-8")
 
 # Enough connections for a burst of concurrent checks; beyond it callers queue for a free
 # connection (within the call's timeout) instead of failing outright.
-_MAX_CONNECTIONS = 64
+MAX_CONNECTIONS = 64
 
 # Suffix of the companion key holding a counter's running total. It follows the key, so a
 # `{hash-tag}` in the key also places the total in the same Redis Cluster slot.
-_TOTAL_SUFFIX = ":t"
+TOTAL_SUFFIX = ":t"
+
+# Errors that mean "the store did not answer": all become StoreUnavailable (fail closed).
+STORE_ERRORS = (RedisError, OSError, TimeoutError)
+
+# Query options of our own, taken out of the URL before redis-py reads the rest.
+_OWN_OPTIONS = ("wait_replicas", "sentinel_username", "sentinel_password")
+
+DEFAULT_PORT = 6379
+DEFAULT_SENTINEL_PORT = 26379
 
 
 class RedisStore:
-    """Counter store shared by every replica through one Redis (or Redis Cluster slot).
+    """Counter store shared by every replica through one Redis, or one behind Sentinel.
 
     Every call is bounded by ``timeout_s``, both on the socket and around the whole call,
     and any failure surfaces as :class:`StoreUnavailable`. Nothing is retried: an
     ``EVALSHA`` that timed out may still have run, so a retry could charge twice. A broken
     connection is dropped and the next call opens a new one, so the store recovers by itself
     once Redis is back.
+
+    With ``wait_replicas`` N > 0, an allowed check is only reported allowed once N replicas
+    hold its record (``WAIT`` on the same connection, in the same round trip). Redis
+    replicates asynchronously, so without it a failover can drop the last few records and
+    let a later call through over its limit; with it, a record the master could not
+    replicate (e.g. an old master that Sentinel has already replaced) is a 503, and the pool
+    reconnects so the next call asks Sentinel where the master is now.
     """
 
-    def __init__(self, url: str, timeout_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        timeout_s: float = 0.05,
+        wait_replicas: int = 0,
+        sentinel: Sentinel | None = None,
+    ) -> None:
+        self._client = client
+        self._sentinel = sentinel
         self._timeout_s = timeout_s
-        pool = redis.asyncio.BlockingConnectionPool.from_url(
-            url,
-            max_connections=_MAX_CONNECTIONS,
-            timeout=timeout_s,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            health_check_interval=0,
-            retry=Retry(NoBackoff(), 0),
-        )
-        self._client = redis.asyncio.Redis.from_pool(pool)
-        self._script = self._client.register_script(_SCRIPT)
-        # Random per store, counted per call: two replicas recording in the same millisecond
-        # never write the same sorted-set member (which would merge their entries).
-        self._nonce_prefix = os.urandom(8).hex()
-        self._calls = itertools.count()
+        self._wait_replicas = wait_replicas
+        # WAIT must give up before the call's own timeout, to report why it failed.
+        self._wait_ms = max(1, int(timeout_s * 500))
+        self._script = client.register_script(WINDOW_SCRIPT)
+        self._nonces = Nonces()
 
     async def acquire(self, charges: Sequence[Charge], now_ms: int | None = None) -> Outcome:
         """Check and record ``charges`` atomically in one ``EVALSHA`` (none when empty)."""
         if not charges:
             return Outcome(allowed=True, remaining=())
-        keys: list[str] = []
-        args: list[str | int] = ["" if now_ms is None else now_ms, self._nonce()]
-        for charge in charges:
-            keys += (charge.key, charge.key + _TOTAL_SUFFIX)
-            args += (charge.window_ms, charge.max, charge.cost)
+        keys, args = script_call(charges, now_ms, self._nonces.next())
         try:
             async with asyncio.timeout(self._timeout_s):
-                reply = await self._script(keys=keys, args=args)
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise _unavailable("acquire", exc) from exc
-        allowed, refused, retry_after_ms, *remaining = (int(value) for value in reply)
-        if allowed:
-            return Outcome(allowed=True, remaining=tuple(remaining))
-        return Outcome(
-            allowed=False,
-            remaining=tuple(remaining),
-            refused=refused,
-            retry_after_ms=retry_after_ms,
-        )
+                if self._wait_replicas:
+                    reply = await self._run_replicated(keys, args)
+                else:
+                    reply = await self._script(keys=keys, args=args)
+        except StoreUnavailable:
+            raise
+        except STORE_ERRORS as exc:
+            raise unavailable("acquire", exc) from exc
+        return outcome_of(reply)
+
+    async def _run_replicated(self, keys: list[str], args: list[str | int]) -> Any:
+        """The script, then ``WAIT`` on the same connection, in one pipelined round trip."""
+        for attempt in (1, 2):
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+                pipe.execute_command("WAIT", self._wait_replicas, self._wait_ms)
+                reply, acked = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError) and attempt == 1:
+                # Nothing ran (e.g. Redis restarted or failed over): load the script, redo.
+                await self._client.script_load(WINDOW_SCRIPT)
+                continue
+            for result in (reply, acked):
+                if isinstance(result, Exception):
+                    raise result
+            if int(reply[0]) == 1 and int(acked) < self._wait_replicas:
+                # Reconnect: the next call asks Sentinel again where the master is.
+                await self._client.connection_pool.disconnect()
+                raise StoreUnavailable(
+                    f"redis acquire: recorded on {int(acked)} of {self._wait_replicas} "
+                    "replicas in time"
+                )
+            return reply
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def ping(self) -> None:
         """Raise :class:`StoreUnavailable` unless Redis answers ``PING`` in time."""
         try:
             async with asyncio.timeout(self._timeout_s):
                 await self._client.ping()
-        except (RedisError, OSError, TimeoutError) as exc:
-            raise _unavailable("ping", exc) from exc
+        except STORE_ERRORS as exc:
+            raise unavailable("ping", exc) from exc
 
     async def close(self) -> None:
-        """Close the client and every pooled connection."""
+        """Close the client and every pooled connection (and those to the sentinels)."""
         await self._client.aclose()
+        if self._sentinel is not None:
+            await self._sentinel.aclose()
 
-    def _nonce(self) -> str:
-        return f"{self._nonce_prefix}{next(self._calls):x}"
+
+class Nonces:
+    """Unique sorted-set members across calls and replicas.
+
+    Random per store, counted per call: two replicas recording in the same millisecond never
+    write the same member (which would merge their entries).
+    """
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._calls = itertools.count()
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._calls):x}"
 
 
-def _unavailable(operation: str, exc: BaseException) -> StoreUnavailable:
+def script_call(
+    charges: Sequence[Charge], now_ms: int | None, nonce: str
+) -> tuple[list[str], list[str | int]]:
+    """KEYS and ARGV of ``window.lua`` (and ``rollback.lua``) for ``charges``."""
+    keys: list[str] = []
+    args: list[str | int] = ["" if now_ms is None else now_ms, nonce]
+    for charge in charges:
+        keys += (charge.key, charge.key + TOTAL_SUFFIX)
+        args += (charge.window_ms, charge.max, charge.cost)
+    return keys, args
+
+
+def outcome_of(reply: Sequence[Any]) -> Outcome:
+    """Read ``window.lua``'s flat reply."""
+    allowed, refused, retry_after_ms, *remaining = (int(value) for value in reply)
+    if allowed:
+        return Outcome(allowed=True, remaining=tuple(remaining))
+    return Outcome(
+        allowed=False,
+        remaining=tuple(remaining),
+        refused=refused,
+        retry_after_ms=retry_after_ms,
+    )
+
+
+def unavailable(operation: str, exc: BaseException) -> StoreUnavailable:
     """Name the failure without echoing the call's arguments."""
     if isinstance(exc, TimeoutError):
         return StoreUnavailable(f"redis {operation}: timed out")
     detail = next(iter(str(exc).splitlines()), "")[:200]
     return StoreUnavailable(f"redis {operation}: {type(exc).__name__} {detail}".rstrip())
+
+
+@dataclass(frozen=True)
+class MultiHostUrl:
+    """A ``redis+sentinel://`` or ``redis+cluster://`` URL, read.
+
+    ``hosts`` are the sentinels (Sentinel) or the startup nodes (Cluster); ``path`` the
+    non-empty path segments (Sentinel: the service name, then optionally the db number);
+    ``connection`` the keyword arguments redis-py's own URL parser makes of the credentials
+    and query options (``ssl=True`` for the ``rediss+`` schemes); ``own`` our options.
+    """
+
+    hosts: tuple[tuple[str, int], ...]
+    path: tuple[str, ...]
+    connection: dict[str, Any]
+    own: dict[str, str]
+
+
+def parse_multi_host_url(url: str, default_port: int) -> MultiHostUrl:
+    """Read ``scheme://[user:password@]host[:port][,host[:port]...][/path][?options]``."""
+    bare, own = _take_own_options(url)
+    parts = urlsplit(bare)
+    userinfo, _, host_list = parts.netloc.rpartition("@")
+    hosts = tuple(_host_port(item, default_port) for item in host_list.split(","))
+    tls = parts.scheme.startswith("rediss")
+    # redis-py's parser turns the credentials and query options into connection arguments
+    # (typed as its from_url would); the host it sees is a placeholder.
+    netloc = f"{userinfo}@localhost" if userinfo else "localhost"
+    connection: dict[str, Any] = dict(
+        parse_url(urlunsplit(("rediss" if tls else "redis", netloc, "", parts.query, "")))
+    )
+    for placeholder in ("host", "port", "connection_class"):
+        connection.pop(placeholder, None)
+    if tls:
+        connection["ssl"] = True
+    path = tuple(unquote(segment) for segment in parts.path.split("/") if segment)
+    return MultiHostUrl(hosts=hosts, path=path, connection=connection, own=own)
+
+
+def _take_own_options(url: str) -> tuple[str, dict[str, str]]:
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    own = {name: value for name, value in query if name in _OWN_OPTIONS}
+    rest = urlencode([(name, value) for name, value in query if name not in _OWN_OPTIONS])
+    return urlunsplit(parts._replace(query=rest)), own
+
+
+def _host_port(item: str, default_port: int) -> tuple[str, int]:
+    if not item:
+        raise ValueError("store URL: empty host")
+    if item.startswith("["):  # [IPv6]:port
+        host, _, rest = item[1:].partition("]")
+        port = rest.removeprefix(":")
+    else:
+        host, _, port = item.partition(":")
+    if not host:
+        raise ValueError(f"store URL: no host in {item!r}")
+    try:
+        return host, int(port) if port else default_port
+    except ValueError:
+        raise ValueError(f"store URL: bad port in {item!r}") from None
+
+
+def _wait_replicas(own: dict[str, str]) -> int:
+    value = own.get("wait_replicas", "0")
+    if not value.isdigit():
+        raise ValueError(f"store URL: wait_replicas must be a whole number, not {value!r}")
+    return int(value)
+
+
+def open_redis(url: str, timeout_s: float) -> RedisStore:
+    """A store on one Redis: ``redis://``, ``rediss://`` or ``unix://``."""
+    bare, own = _take_own_options(url)
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        bare,
+        max_connections=MAX_CONNECTIONS,
+        timeout=timeout_s,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        health_check_interval=0,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return RedisStore(
+        redis.asyncio.Redis.from_pool(pool), timeout_s, wait_replicas=_wait_replicas(own)
+    )
+
+
+def open_sentinel(url: str, timeout_s: float) -> RedisStore:
+    """A store on the master that Sentinel names.
+
+    ``redis+sentinel://[user:password@]host:port[,host:port...]/service_name[/db][?options]``
+    (``rediss+sentinel://`` for TLS to the sentinels and the Redis servers alike). The
+    credentials are the Redis servers'; ``sentinel_username`` / ``sentinel_password`` are the
+    sentinels' own, if they need any. The master's address is asked of the sentinels each
+    time a connection opens, so after a failover new connections reach the new master.
+    """
+    parsed = parse_multi_host_url(url, DEFAULT_SENTINEL_PORT)
+    if not parsed.path or len(parsed.path) > 2:
+        raise ValueError("redis+sentinel:// URL needs /service_name[/db] after the hosts")
+    connection = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 0,
+        **parsed.connection,
+    }
+    if len(parsed.path) == 2:
+        connection["db"] = int(parsed.path[1])
+    sentinel_kwargs = {
+        name: value
+        for name, value in connection.items()
+        if name.startswith(("socket_", "ssl")) or name == "retry"
+    }
+    if sentinel_kwargs.pop("ssl", False):
+        sentinel_kwargs["connection_class"] = SSLConnection
+    for option in ("username", "password"):
+        if f"sentinel_{option}" in parsed.own:
+            sentinel_kwargs[option] = parsed.own[f"sentinel_{option}"]
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(parsed.hosts), sentinel_kwargs=sentinel_kwargs, **connection
+    )
+    client = sentinel.master_for(parsed.path[0])
+    return RedisStore(
+        client, timeout_s, wait_replicas=_wait_replicas(parsed.own), sentinel=sentinel
+    )

@@ -1,0 +1,146 @@
+"""The audit trail: one JSON line per decision on stdout, and the service's own logs.
+
+An audit line says who (grant), what (MCP method, tool, SHA-256 of the arguments), what
+was decided and why (decision, reason code and text, the policy entry), what it cost
+(counters touched and the budget left) and how long it took; ``request_id`` is Envoy's
+``x-request-id``, which Envoy's access log prints too, so a denial can be followed from
+one log to the other. It never carries argument values, bodies, headers or tokens: the
+traffic carries PHI (DICOM exports). The one exception is a policy rule with
+``"log_arguments": true``, an operator's explicit choice for a tool whose arguments are
+known to be harmless.
+
+The decision is ``allow``, ``deny`` or ``dry_run_deny`` (allowed, but a rule in dry-run
+mode would have denied, with that reason). Allowed calls are audited at INFO, the others at
+WARNING, so ``--audit-level warning`` keeps only the (would-be) denials.
+
+Decision lines are written to stdout directly rather than through ``logging``, whose
+per-record machinery (caller lookup, record object, handler lock) would double their cost
+on every check. Rarer audit events (approvals) go through the ``mcp_authz.audit`` logger,
+which writes its messages verbatim to the same stdout at the same level. The service's
+operational logs go to stderr through ``logging``, as JSON or text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any, TextIO
+
+from authz import mcp
+from authz.engine import Decision
+from authz.metrics import decision_labels
+from authz.policy import Policy
+
+AUDIT_LOGGER = "mcp_authz.audit"
+LOG_FORMATS = ("json", "text")
+AUDIT_LEVELS = {"info": logging.INFO, "warning": logging.WARNING}
+
+log = logging.getLogger("mcp_authz")
+
+
+class _Sink:
+    """Where audit lines go and from which level; nowhere until logging is configured."""
+
+    stream: TextIO | None = None
+    level = logging.INFO
+
+
+_sink = _Sink()
+
+
+class JsonFormatter(logging.Formatter):
+    """Operational log records as one JSON object per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": _iso_time(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        return json.dumps(entry, separators=(",", ":"))
+
+
+def _iso_time(seconds: float) -> str:
+    millis = int(seconds * 1000) % 1000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+
+
+def configure_logging(level: str, fmt: str, audit_level: str) -> None:
+    """Operational logs to stderr at ``level`` in ``fmt``; audit lines to stdout."""
+    errors = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        errors.setFormatter(JsonFormatter())
+    else:
+        errors.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [errors]
+    root.setLevel(level.upper())
+    _sink.stream = sys.stdout
+    _sink.level = AUDIT_LEVELS[audit_level]
+    events = logging.StreamHandler(sys.stdout)
+    events.setFormatter(logging.Formatter("%(message)s"))
+    audit_logger = logging.getLogger(AUDIT_LOGGER)
+    audit_logger.handlers[:] = [events]
+    audit_logger.propagate = False
+    audit_logger.setLevel(_sink.level)
+
+
+def _logged_arguments(decision: Decision, body: bytes) -> Any:
+    """The arguments of the call a decision is about, re-read from the body (only for
+    rules that opted in with ``log_arguments``)."""
+    try:
+        parsed = mcp.parse_body(body)
+    except mcp.Malformed:
+        return None
+    calls = [m for m in parsed.messages if m.method == "tools/call" and m.name == decision.tool]
+    if decision.element is not None:
+        calls = [m for m in calls if m.index == decision.element]
+    return calls[0].arguments if calls else None
+
+
+def record(
+    decision: Decision, request_id: str, body: bytes, latency_s: float, policy: Policy
+) -> None:
+    """Write the audit line of one decision under ``policy``, the one it was decided by
+    (nothing, cheaply, when its level is off)."""
+    verdict, reason = decision_labels(decision)
+    level = logging.INFO if verdict == "allow" else logging.WARNING
+    if _sink.stream is None or level < _sink.level:
+        return
+    rule = decision.rule
+    if rule is None and decision.tool is not None:  # an allowed call: the rule that let it
+        rule = policy.rule_for_tool(decision.tool).where
+    line: dict[str, Any] = {
+        "time": _iso_time(time.time()),
+        "request_id": request_id,
+        "grant": decision.grant,
+        "method": decision.method,
+        "tool": decision.tool,
+        "decision": verdict,
+        "reason": reason,
+        "reason_text": decision.message or None,
+        "rule": rule,
+        "counters": [
+            {"counter": c.counter, "remaining": c.remaining, "max": c.max}
+            for c in decision.counters
+        ],
+        "arguments_sha256": decision.arguments_sha256,
+        "latency_ms": round(latency_s * 1000, 3),
+        "policy": policy.digest[:12],
+    }
+    if decision.retry_after_s is not None:
+        line["retry_after_s"] = decision.retry_after_s
+    if decision.element is not None:
+        line["batch_element"] = decision.element
+    if decision.fail_open:
+        line["fail_open"] = True
+    if decision.log_arguments:
+        line["arguments"] = _logged_arguments(decision, body)
+    try:
+        _sink.stream.write(json.dumps(line, separators=(",", ":")) + "\n")
+        _sink.stream.flush()
+    except (OSError, ValueError) as exc:  # a closed or broken stdout must not fail checks
+        log.error("audit line not written: %s", type(exc).__name__)

@@ -1,0 +1,242 @@
+"""Prometheus metrics of the authorization service, served at ``/metrics`` on the HTTP port.
+
+Every label value comes from a small, fixed set so a scrape stays small however much
+traffic passes: ``decision`` and ``reason`` are codes of this module and of
+:class:`authz.engine.Reason`; ``tool`` is a tool the policy names, ``other`` for any other
+tool, or empty for a request that calls no tool (listing, lifecycle, malformed);
+``counter`` is a counter the policy defines; ``op`` and ``result`` are fixed words. Grant
+ids, argument values and request ids never become labels.
+
+``mcp_authz_approvals_pending`` is not exported: approvals do not exist in this service yet,
+and a gauge that always says 0 would tell the operator something false.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from authz.engine import Decision, Reason
+from authz.policy import Policy
+from authz.store import Charge, CounterStore, Outcome
+
+# A check costs tens of microseconds to a few milliseconds with Redis; Envoy gives up at
+# 250 ms. The buckets resolve both ends: 100 us to 1 s.
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+
+# A call that leaves less than this fraction of a counter's budget counts as "near".
+NEAR_LIMIT_FRACTION = 0.2
+
+RELOAD_RESULTS = ("success", "failure")
+STORE_OPS = ("acquire", "ping")
+
+# The *_created series double the series count of every counter and histogram and no
+# dashboard or alert here reads them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+def decision_labels(decision: Decision) -> tuple[str, str]:
+    """(decision, reason): ``allow`` or ``deny`` with the reason code; ``dry_run_deny`` with
+    the reason a rule in dry-run mode would have denied for (the call was allowed)."""
+    if decision.allowed and decision.would_deny is not None:
+        return "dry_run_deny", decision.would_deny.code
+    return ("allow" if decision.allowed else "deny"), decision.reason.code
+
+
+def tool_label(tool: str | None, policy: Policy) -> str:
+    """The tool as a label: named tools as themselves, any other as ``other``."""
+    if tool is None:
+        return ""
+    return tool if tool in policy.tools else "other"
+
+
+class Metrics:
+    """The service's metrics in their own registry, with the process, platform and garbage
+    collector collectors of the client library (so tests can build as many as they like).
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(collector)
+        reg = self.registry
+        self.decisions = Counter(
+            "mcp_authz_decisions_total",
+            "Authorization decisions, by decision (allow, deny, dry_run_deny: allowed, but a "
+            "rule in dry-run mode would have denied), reason code and tool (tools the policy "
+            "names; 'other' for the rest; empty when no tool is called).",
+            ["decision", "reason", "tool"],
+            registry=reg,
+        )
+        self.check_duration = Histogram(
+            "mcp_authz_check_duration_seconds",
+            "Time to answer one ext_authz Check, from request to response, store included.",
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        store_duration = Histogram(
+            "mcp_authz_store_duration_seconds",
+            "Time of one counter store call (acquire: a check's spend; ping: readiness).",
+            ["op"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        store_errors = Counter(
+            "mcp_authz_store_errors_total",
+            "Counter store calls that failed or timed out; checks that needed a counter were "
+            "denied with store_unavailable unless --fail-open.",
+            ["op"],
+            registry=reg,
+        )
+        self.store_duration = {op: store_duration.labels(op) for op in STORE_OPS}
+        self.store_errors = {op: store_errors.labels(op) for op in STORE_OPS}
+        self.limit_near = Counter(
+            "mcp_authz_limit_near_total",
+            f"Allowed calls that left less than {NEAR_LIMIT_FRACTION:.0%} of a counter's "
+            "budget in its window, by counter.",
+            ["counter"],
+            registry=reg,
+        )
+        self.limit_exceeded = Counter(
+            "mcp_authz_limit_exceeded_total",
+            "Calls denied because a counter's budget was spent (rate_limited), by counter.",
+            ["counter"],
+            registry=reg,
+        )
+        reloads = Counter(
+            "mcp_authz_policy_reloads_total",
+            "Policy file reloads, by result (success, failure: the previous policy stays).",
+            ["result"],
+            registry=reg,
+        )
+        self.policy_reloads = {result: reloads.labels(result) for result in RELOAD_RESULTS}
+        self.policy_info = Info(
+            "mcp_authz_policy",
+            "The policy in force: SHA-256 digest of the file and its format version.",
+            registry=reg,
+        )
+        self.policy_loaded_at = Gauge(
+            "mcp_authz_policy_last_reload_success_timestamp_seconds",
+            "Unix time the policy in force was loaded (at start or by the last good reload).",
+            registry=reg,
+            multiprocess_mode="livemin",  # --workers: the worker with the oldest policy
+        )
+        self.ready = Gauge(
+            "mcp_authz_ready",
+            "1 when this replica answers /readyz with 200 (policy loaded, store reachable, "
+            "not draining), else 0; evaluated at each scrape.",
+            registry=reg,
+            multiprocess_mode="livemostrecent",  # --workers: the worker that was scraped
+        )
+        self._decision_children: dict[tuple[str, str, str], Counter] = {}
+        self._near_children: dict[str, Counter] = {}
+        self._exceeded_children: dict[str, Counter] = {}
+
+    def record_check(self, decision: Decision, seconds: float, policy: Policy) -> None:
+        """Count one answered check under the policy it was decided by."""
+        key = (*decision_labels(decision), tool_label(decision.tool, policy))
+        child = self._decision_children.get(key)
+        if child is None:
+            child = self._decision_children[key] = self.decisions.labels(*key)
+        child.inc()
+        self.check_duration.observe(seconds)
+        if decision.allowed and decision.would_deny is None:
+            for state in decision.counters:
+                if state.remaining < NEAR_LIMIT_FRACTION * state.max:
+                    self._child(self._near_children, self.limit_near, state.counter).inc()
+        elif decision.reason is Reason.RATE_LIMITED and decision.counter is not None:
+            self._child(self._exceeded_children, self.limit_exceeded, decision.counter).inc()
+
+    @staticmethod
+    def _child(children: dict[str, Counter], parent: Counter, counter: str) -> Counter:
+        child = children.get(counter)
+        if child is None:
+            child = children[counter] = parent.labels(counter)
+        return child
+
+    def policy_loaded(self, policy: Policy) -> None:
+        """The policy in force changed (at start, or a reload succeeded)."""
+        self.policy_info.info({"digest": policy.digest, "version": policy.version})
+        self.policy_loaded_at.set(time.time())
+
+    def policy_reloaded(self, result: str, policy: Policy | None) -> None:
+        """Callback for the policy file watcher: ``result`` is "success" or "failure"."""
+        self.policy_reloads[result].inc()
+        if result == "success" and policy is not None:
+            self.policy_loaded(policy)
+
+    def exposition(self, accept: str) -> tuple[bytes, str]:
+        """The scrape body and its content type, in the format the scraper asked for."""
+        encoder, content_type = choose_encoder(accept)
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            # --workers N: every worker writes its samples to files in that directory (set
+            # by the supervisor before the workers start); whichever worker is scraped adds
+            # them all up. Process collectors would describe one worker only, so they are
+            # left out; the policy info is this worker's.
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            registry.register(self.policy_info)
+            return encoder(registry), content_type
+        return encoder(self.registry), content_type
+
+
+class InstrumentedStore:
+    """A :class:`CounterStore` that times each call and counts failures, so the stores
+    themselves stay free of metrics."""
+
+    def __init__(self, store: CounterStore, metrics: Metrics) -> None:
+        self.store = store
+        self._duration = metrics.store_duration
+        self._errors = metrics.store_errors
+
+    async def acquire(self, charges: Sequence[Charge], now_ms: int | None = None) -> Outcome:
+        started = time.perf_counter()
+        try:
+            return await self.store.acquire(charges, now_ms)
+        except Exception:
+            self._errors["acquire"].inc()
+            raise
+        finally:
+            self._duration["acquire"].observe(time.perf_counter() - started)
+
+    async def ping(self) -> None:
+        started = time.perf_counter()
+        try:
+            await self.store.ping()
+        except Exception:
+            self._errors["ping"].inc()
+            raise
+        finally:
+            self._duration["ping"].observe(time.perf_counter() - started)
+
+    async def close(self) -> None:
+        await self.store.close()

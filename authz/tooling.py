@@ -1,0 +1,368 @@
+"""Tools for policy authors: ``check-policy``, ``explain`` and ``test``.
+
+They decide through the very code the service runs (:func:`authz.engine.plan` and
+:meth:`authz.engine.Engine.decide`), so what they print is what the gateway would do.
+``explain`` consumes no budget; ``test`` gives every case fresh in-memory counters and a
+fixed clock, so a policy's unit tests give the same result on every run and in CI.
+
+Exit codes: 0 success (``explain``: the request is allowed), 1 a finding (invalid policy,
+a failing case; ``explain``: denied), 2 unusable input (unreadable case file or body, an
+MCP server that cannot be listed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any, TextIO
+
+import jsonschema
+
+from authz import mcp
+from authz.engine import Decision, Engine, Reason, Step, plan
+from authz.grants import grant_of
+from authz.policy import (
+    Policy,
+    PolicyError,
+    Rule,
+    describe_rule,
+    load_policy,
+    parse_policy_text,
+    sections,
+    syntax_of,
+)
+from authz.store import Charge, Outcome
+from authz.store.memory import MemoryStore
+
+# Cases run at this fixed time (Unix ms), so every repetition of a case lands in one window.
+CASE_CLOCK_MS = 1_700_000_000_000
+DEFAULT_CASE_GRANT = "test-grant"
+LIST_TIMEOUT_S = 15.0
+
+CASES_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["cases"],
+    "properties": {
+        "cases": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name", "expect"],
+                "properties": {
+                    "name": {"type": "string", "minLength": 1},
+                    "tool": {"type": "string"},
+                    "resource": {"type": "string"},
+                    "prompt": {"type": "string"},
+                    "body": {"type": ["object", "array"]},
+                    "arguments": {"type": "object"},
+                    "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "grant": {"type": ["string", "null"]},
+                    "repeat": {"type": "integer", "minimum": 1, "maximum": 10000},
+                    "expect": {"enum": ["allow", "deny", "would_deny"]},
+                    "reason": {"type": "string", "minLength": 1},
+                },
+                "oneOf": [
+                    {"required": ["tool"]},
+                    {"required": ["resource"]},
+                    {"required": ["prompt"]},
+                    {"required": ["body"]},
+                ],
+            },
+        }
+    },
+}
+
+
+class _NothingSpent:
+    """A counter store that lets every charge fit and records nothing: ``explain`` shows
+    what a request would spend without spending it."""
+
+    async def acquire(self, charges: Sequence[Charge], now_ms: int | None = None) -> Outcome:
+        return Outcome(allowed=True, remaining=tuple(c.max - c.cost for c in charges))
+
+    async def ping(self) -> None:
+        """Always reachable."""
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+def _print_errors(path: str, errors: Sequence[str], out: TextIO) -> None:
+    print(f"{path}: invalid policy", file=out)
+    for error in errors:
+        print(f"  {error}", file=out)
+
+
+def _load(path: str, err: TextIO) -> Policy | None:
+    try:
+        return load_policy(path)
+    except PolicyError as exc:
+        _print_errors(path, exc.errors, err)
+        return None
+
+
+def _rule_text(rule: Rule) -> str:
+    return f"{rule.where}{' (pattern)' if rule.pattern else ''}: {describe_rule(rule)}"
+
+
+def _print_policy(path: str, policy: Policy, out: TextIO) -> None:
+    mode = "dry-run" if policy.dry_run else "enforce"
+    print(f"{path}: ok (version {policy.version}, digest {policy.digest[:12]}, {mode})", file=out)
+    source = (
+        policy.grants.describe() if policy.grants else "from the command line (default: bearer)"
+    )
+    print(f"  grants: {source}", file=out)
+    print(f"  default: {describe_rule(policy.default)}", file=out)
+    for noun, table in sections(policy):
+        exact = sorted(k for k in table if "*" not in k)
+        for key in [*exact, *table.patterns()]:
+            rule = table[key]
+            kind = " (pattern)" if rule.pattern else ""
+            print(f"  {noun} {key}{kind}: {describe_rule(rule)}", file=out)
+    for warning in policy.warnings:
+        print(f"  warning: {warning}", file=out)
+
+
+async def _server_tools(url: str, headers: Mapping[str, str]) -> list[str]:
+    """Every tool a live MCP server lists (streamable HTTP, all pages)."""
+    import anyio
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    names: list[str] = []
+    with anyio.fail_after(LIST_TIMEOUT_S):
+        async with (
+            httpx2.AsyncClient(headers=dict(headers), timeout=LIST_TIMEOUT_S) as http,
+            Client(
+                streamable_http_client(url, http_client=http),
+                read_timeout_seconds=LIST_TIMEOUT_S,
+            ) as client,
+        ):
+            cursor: str | None = None
+            while True:
+                page = await client.list_tools(cursor=cursor)
+                names.extend(tool.name for tool in page.tools)
+                cursor = page.next_cursor
+                if not cursor:
+                    return names
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The first leaf of (nested) exception groups: the error worth showing."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _print_against(url: str, policy: Policy, tools: Sequence[str], out: TextIO) -> None:
+    print(f"{url}: {len(tools)} tools", file=out)
+    used: set[str] = set()
+    fallen = []
+    for name in sorted(tools):
+        rule = policy.rule_for_tool(name)
+        print(f"  tool {name} -> {_rule_text(rule)}", file=out)
+        if rule.where == "default":
+            fallen.append(name)
+        else:
+            used.add(rule.where)
+    for key in policy.tools:
+        rule = policy.tools[key]
+        if rule.where in used:
+            continue
+        if rule.pattern:
+            print(f"  unmatched: {rule.where} matches no tool the server lists", file=out)
+        else:
+            print(f"  unknown: {rule.where} names a tool the server does not list", file=out)
+    if fallen:
+        action = policy.default.action.value
+        print(f"  {len(fallen)} tool(s) fall to default ({action}): {', '.join(fallen)}", file=out)
+
+
+def check_policy(
+    path: str,
+    against: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
+    """Validate and describe a policy; with ``against``, resolve a live server's tools."""
+    policy = _load(path, err)
+    if policy is None:
+        return 1
+    _print_policy(path, policy, out)
+    if against is None:
+        return 0
+    try:
+        tools = asyncio.run(_server_tools(against, headers or {}))
+    except ImportError:
+        print(
+            "check-policy --against needs the mcp SDK: pip install 'mcp-authz[tooling]'", file=err
+        )
+        return 2
+    except Exception as exc:
+        leaf = _innermost(exc)
+        print(f"{against}: cannot list tools: {type(leaf).__name__}: {leaf}", file=err)
+        return 2
+    _print_against(against, policy, tools, out)
+    return 0
+
+
+def _request(body: bytes, headers: Mapping[str, str]) -> mcp.HttpRequest:
+    lowered = {k.lower(): v for k, v in headers.items()}
+    return mcp.HttpRequest(
+        method="POST",
+        path="/mcp",
+        headers={"content-type": "application/json", **lowered},
+        body=body,
+    )
+
+
+def _print_step(step: Step, out: TextIO) -> None:
+    msg = step.msg
+    target = f" '{msg.name}'" if msg.name is not None and msg.method != "resources/read" else ""
+    label = msg.method or "response"
+    print(f"message {msg.index}: {label}{target}", file=out)
+    if step.rule is None:
+        print("  passes under any policy (lifecycle, listing, notification or response)", file=out)
+        return
+    print(f"  rule: {_rule_text(step.rule)}", file=out)
+    if step.rule.arguments is not None:
+        problems = step.rule.argument_problems(msg.arguments)
+        print(f"  arguments: {problems or 'satisfy the rule schema'}", file=out)
+    if step.denial is not None:
+        mode = "would deny (dry-run)" if step.dry_run else "denied"
+        print(f"  {mode}: {step.denial.code}: {step.text}", file=out)
+    for spend in step.spends:
+        print(
+            f"  would spend {spend.cost} against {spend.limit.describe()} (key {spend.key})",
+            file=out,
+        )
+
+
+def explain(
+    policy_path: str,
+    body: bytes,
+    grant: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
+    """The decision for one request body, the rule each message matched, the limits it
+    would spend against and why; consumes no budget."""
+    policy = _load(policy_path, err)
+    if policy is None:
+        return 2
+    engine = Engine(policy, _NothingSpent())
+    request = _request(body, headers or {})
+    if grant is None:
+        grant = grant_of(request, engine.grant_source(policy))
+    planned = plan(policy, request, grant)
+    decision = asyncio.run(engine.decide(planned))
+    print(f"grant: {grant or '(none)'}", file=out)
+    for step in planned.steps:
+        _print_step(step, out)
+    if decision.allowed:
+        verdict = "allow"
+        if planned.steps and any(s.spends for s in planned.steps):
+            verdict += " if every counter above has budget left (explain spends none)"
+        if decision.would_deny is not None:
+            verdict += f"; dry-run would deny: {decision.would_deny.code}: {decision.message}"
+        print(f"decision: {verdict}", file=out)
+        return 0
+    print(
+        f"decision: deny {decision.reason.status} {decision.reason.code}: {decision.message}",
+        file=out,
+    )
+    return 1
+
+
+@cache
+def _cases_validator() -> jsonschema.protocols.Validator:
+    return jsonschema.Draft202012Validator(CASES_SCHEMA)
+
+
+def _case_body(case: Mapping[str, Any]) -> bytes:
+    arguments = case.get("arguments", {})
+    if "body" in case:
+        doc: Any = case["body"]
+    elif "tool" in case:
+        doc = {"method": "tools/call", "params": {"name": case["tool"], "arguments": arguments}}
+    elif "prompt" in case:
+        doc = {"method": "prompts/get", "params": {"name": case["prompt"], "arguments": arguments}}
+    else:
+        doc = {"method": "resources/read", "params": {"uri": case["resource"]}}
+    if "body" not in case:
+        doc = {"jsonrpc": "2.0", "id": 1, **doc}
+    return json.dumps(doc).encode()
+
+
+def _outcome(decision: Decision) -> tuple[str, str]:
+    """("allow" | "deny" | "would_deny", "<reason code>: <message>")."""
+    if not decision.allowed:
+        return "deny", f"{decision.reason.code}: {decision.message}"
+    if decision.would_deny is not None:
+        return "would_deny", f"{decision.would_deny.code}: {decision.message}"
+    return "allow", Reason.ALLOWED.code
+
+
+async def _run_case(policy: Policy, case: Mapping[str, Any]) -> Decision:
+    engine = Engine(policy, MemoryStore(), clock=lambda: CASE_CLOCK_MS)
+    request = _request(_case_body(case), case.get("headers", {}))
+    grant = case.get("grant", DEFAULT_CASE_GRANT)
+    if grant is None:
+        grant = grant_of(request, engine.grant_source(policy))
+    planned = plan(policy, request, grant)
+    decision = await engine.decide(planned)
+    for _ in range(case.get("repeat", 1) - 1):
+        decision = await engine.decide(planned)
+    return decision
+
+
+def run_cases(
+    policy_path: str, cases_path: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+) -> int:
+    """Run a policy's unit tests: one PASS/FAIL line per case, 1 if any failed."""
+    policy = _load(policy_path, err)
+    if policy is None:
+        return 1
+    try:
+        doc = parse_policy_text(Path(cases_path).read_text(encoding="utf-8"), syntax_of(cases_path))
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"{cases_path}: cannot read: {exc}", file=err)
+        return 2
+    except PolicyError as exc:
+        print(f"{cases_path}: {'; '.join(exc.errors)}", file=err)
+        return 2
+    problems = sorted(
+        f"{'.'.join(map(str, e.absolute_path)) or '(top level)'}: {e.message}"
+        for e in _cases_validator().iter_errors(doc)  # type: ignore[arg-type]
+    )
+    if problems:
+        print(f"{cases_path}: invalid cases", file=err)
+        for problem in problems:
+            print(f"  {problem}", file=err)
+        return 2
+    assert isinstance(doc, dict)
+    failed = 0
+    for case in doc["cases"]:
+        decision = asyncio.run(_run_case(policy, case))
+        got, why = _outcome(decision)
+        want, reason = case["expect"], case.get("reason")
+        if got == want and (reason is None or reason in why):
+            print(f"PASS  {case['name']}", file=out)
+            continue
+        failed += 1
+        wanted = want + (f" with reason containing {reason!r}" if reason else "")
+        print(f"FAIL  {case['name']}: expected {wanted}, got {got} ({why})", file=out)
+    total = len(doc["cases"])
+    print(f"{total - failed} passed, {failed} failed", file=out)
+    return 1 if failed else 0

@@ -1,0 +1,186 @@
+"""Micro-benchmark of the in-process decision path, so a regression shows as a number.
+
+For a few request shapes it times, over many iterations in one event loop, what one check
+costs inside ``mcp-authz`` without the network: decoding the CheckRequest protobuf,
+``envoy.http_request``, ``Engine.check`` (memory store, so no Redis wait is counted),
+``envoy.check_response`` and encoding the CheckResponse. It also splits the most common
+shape into those stages.
+
+    .venv/bin/python -m bench.micro [--seconds S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from authz import envoy
+from authz.engine import Engine
+from authz.pb import external_auth_pb2
+from authz.policy import compile_policy
+from authz.store.memory import MemoryStore
+from bench import mix
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    check: bytes  # a serialized CheckRequest, as gRPC hands it over
+
+
+@dataclass(frozen=True)
+class Timing:
+    name: str
+    iterations: int
+    us_per_op: float
+
+    @property
+    def ops_per_s(self) -> float:
+        return 1e6 / self.us_per_op
+
+
+def _check_request(headers: dict[str, str], body: bytes) -> bytes:
+    req = external_auth_pb2.CheckRequest()
+    http = req.attributes.request.http
+    http.method, http.path, http.protocol = "POST", "/mcp", "HTTP/1.1"
+    http.id = "9183371462349132761"
+    http.headers.update(
+        {
+            ":authority": "127.0.0.1",
+            ":method": "POST",
+            ":path": "/mcp",
+            ":scheme": "http",
+            "x-forwarded-proto": "http",
+            "x-request-id": "0f0c6a2e-7a52-4d6e-9a8e-0c1f1d1b7a10",
+            "content-length": str(len(body)),
+            **{k.lower(): v for k, v in headers.items()},
+        }
+    )
+    http.raw_body = body
+    http.size = len(body)
+    return bytes(req.SerializeToString())
+
+
+def shapes() -> list[Shape]:
+    reqs = mix.requests()
+
+    def first(pred: Callable[[mix.Request], bool]) -> mix.Request:
+        return next(r for r in reqs if pred(r))
+
+    def shape(name: str, req: mix.Request, body: bytes | None = None) -> Shape:
+        return Shape(name, _check_request(dict(req.headers), req.body if body is None else body))
+
+    def call(r: mix.Request) -> bool:
+        return r.method == "tools/call"
+
+    unlimited = first(lambda r: call(r) and not r.needs_counter and 900 < len(r.body) < 1300)
+    limited = first(lambda r: call(r) and r.needs_counter and 900 < len(r.body) < 1300)
+    large = first(lambda r: call(r) and len(r.body) > 3800)
+    denied = json.loads(unlimited.body)
+    denied["params"]["name"] = "delete_app"
+    duplicate = unlimited.body.replace(b'"jsonrpc":"2.0"', b'"jsonrpc":"2.0","jsonrpc":"2.0"', 1)
+    return [
+        shape(f"tools/call, no limit, {len(unlimited.body)} B", unlimited),
+        shape(f"tools/call, 1 limit (memory store), {len(limited.body)} B", limited),
+        shape(f"tools/call, no limit, {len(large.body)} B", large),
+        shape("tools/list", first(lambda r: r.method == "tools/list")),
+        shape("notification", first(lambda r: r.method.startswith("notifications/"))),
+        shape("denied by rule", unlimited, json.dumps(denied).encode()),
+        shape("malformed (duplicate key)", unlimited, duplicate),
+    ]
+
+
+def _engine(policy_doc: dict[str, Any]) -> Engine:
+    return Engine(compile_policy(policy_doc), MemoryStore())
+
+
+async def _time_shape(engine: Engine, shape: Shape, seconds: float) -> Timing:
+    async def once() -> None:
+        req = external_auth_pb2.CheckRequest.FromString(shape.check)
+        http = envoy.http_request(req)
+        decision = await engine.check(http)
+        envoy.check_response(decision, http.headers).SerializeToString()
+
+    for _ in range(200):  # warm caches and the store's keys
+        await once()
+    n, batch, started = 0, 200, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        for _ in range(batch):
+            await once()
+        n += batch
+    return Timing(shape.name, n, (time.perf_counter() - started) * 1e6 / n)
+
+
+async def _stages(engine: Engine, shape: Shape, seconds: float) -> list[Timing]:
+    """The same check split into its stages, each timed on its own."""
+    req = external_auth_pb2.CheckRequest.FromString(shape.check)
+    http = envoy.http_request(req)
+    decision = await engine.check(http)
+    response = envoy.check_response(decision, http.headers)
+
+    async def decide() -> None:
+        await engine.check(http)
+
+    stages: list[tuple[str, Callable[[], Any]]] = [
+        (
+            "CheckRequest decode (protobuf)",
+            lambda: external_auth_pb2.CheckRequest.FromString(shape.check),
+        ),
+        ("envoy.http_request", lambda: envoy.http_request(req)),
+        ("Engine.check", decide),
+        ("envoy.check_response", lambda: envoy.check_response(decision, http.headers)),
+        ("CheckResponse encode (protobuf)", response.SerializeToString),
+    ]
+    out = []
+    for name, fn in stages:
+        is_async = asyncio.iscoroutinefunction(fn)
+        n, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            for _ in range(200):
+                if is_async:
+                    await fn()
+                else:
+                    fn()
+            n += 200
+        out.append(Timing(name, n, (time.perf_counter() - started) * 1e6 / n))
+    return out
+
+
+async def run(seconds: float = 1.0) -> tuple[list[Timing], list[Timing]]:
+    """(per shape, stages of the first shape); the reference policy, limits never deny."""
+    engine = _engine(mix.reference_policy())
+    all_shapes = shapes()
+    per_shape = [await _time_shape(engine, s, seconds) for s in all_shapes]
+    big = _engine(mix.big_policy())
+    per_shape.append(
+        await _time_shape(
+            big, Shape(f"{all_shapes[0].name}, 1,000-tool policy", all_shapes[0].check), seconds
+        )
+    )
+    return per_shape, await _stages(engine, all_shapes[0], seconds / 2)
+
+
+def table(timings: list[Timing]) -> list[str]:
+    lines = ["| what | µs per check | checks/s (one core) | iterations |", "|---|---:|---:|---:|"]
+    lines += [
+        f"| {t.name} | {t.us_per_op:.1f} | {t.ops_per_s:,.0f} | {t.iterations:,} |" for t in timings
+    ]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="micro-benchmark of the decision path")
+    parser.add_argument("--seconds", type=float, default=1.0, help="per shape")
+    per_shape, stages = asyncio.run(run(parser.parse_args().seconds))
+    print("\n".join(table(per_shape)))
+    print()
+    print("\n".join(table(stages)))
+
+
+if __name__ == "__main__":
+    main()

@@ -15,14 +15,16 @@ import logging
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import Gauge
 
-from authz.approvals import Approval, ApprovalBook, NotPending
+from authz.approvals import Approval, ApprovalBook, NotPending, State
+from authz.store import StoreUnavailable
 
 audit = logging.getLogger("mcp_authz.audit")
 log = logging.getLogger("mcp_authz")
@@ -123,6 +125,40 @@ async def send_notice(url: str, approval: Approval) -> bool:
             )
             await asyncio.sleep(0.2 * attempt)
     return False
+
+
+def approval_events(webhook_url: str) -> Callable[[str, Approval], None]:
+    """The engine's approval callback: audit every event; notify the webhook of requests.
+
+    The notice is sent in the background: the check that opened the request is answered
+    at once, and a slow or failing webhook changes no decision.
+    """
+    sending: set[asyncio.Task[bool]] = set()
+
+    def on_event(event: str, approval: Approval) -> None:
+        audit_event(event, approval)
+        if event == "requested" and webhook_url:
+            task = asyncio.get_running_loop().create_task(send_notice(webhook_url, approval))
+            sending.add(task)
+            task.add_done_callback(sending.discard)
+
+    return on_event
+
+
+async def watch_expiries(
+    book: ApprovalBook, pending: Gauge | None, interval_s: float = 2.0
+) -> None:
+    """Report expired requests (once across replicas) and keep the pending gauge current."""
+    while True:
+        try:
+            for approval in await book.expired():
+                audit_event("expired", approval)
+            if pending is not None:
+                live = await book.live()
+                pending.set(sum(1 for a in live if a.state is State.PENDING))
+        except StoreUnavailable as exc:
+            log.warning("approvals: %s", exc)
+        await asyncio.sleep(interval_s)
 
 
 def admin_app(book: ApprovalBook, tokens: Mapping[str, str]) -> web.Application:

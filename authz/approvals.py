@@ -122,8 +122,9 @@ class ApprovalBook(Protocol):
         """Every live approval (pending, approved, rejected), oldest first."""
         ...
 
-    async def expired(self) -> list[str]:
-        """Ids of requests that expired unanswered since the last call (each reported once)."""
+    async def expired(self) -> list[Approval]:
+        """Approvals whose time ran out since the last call, each reported once across
+        replicas (a record replaced by an identical new call first is not reported)."""
         ...
 
     async def close(self) -> None: ...
@@ -200,7 +201,7 @@ class MemoryApprovals:
     def __init__(self) -> None:
         self._by_binding: dict[str, Approval] = {}
         self._binding_of: dict[str, str] = {}
-        self._expired: list[str] = []
+        self._expired: list[Approval] = []
 
     def _sweep(self) -> None:
         """Move approvals past their expiry out, remembering their ids for :meth:`expired`."""
@@ -209,7 +210,7 @@ class MemoryApprovals:
             if approval.expires_at <= now:
                 del self._by_binding[key]
                 self._binding_of.pop(approval.id, None)
-                self._expired.append(approval.id)
+                self._expired.append(approval)
 
     def _current(self, approval_id: str) -> tuple[str, Approval] | None:
         self._sweep()
@@ -278,10 +279,10 @@ class MemoryApprovals:
         self._sweep()
         return sorted(self._by_binding.values(), key=lambda a: a.created_at)
 
-    async def expired(self) -> list[str]:
+    async def expired(self) -> list[Approval]:
         self._sweep()
-        ids, self._expired = self._expired, []
-        return ids
+        gone, self._expired = self._expired, []
+        return gone
 
     async def close(self) -> None:
         return None
@@ -373,29 +374,35 @@ class RedisApprovals:
             raise NotPending(approval.state)
         return approval
 
-    async def get(self, approval_id: str) -> Approval | None:
+    async def _record(self, approval_id: str) -> Approval | None:
+        """The stored record, expired or not (records outlive expiry by a grace period)."""
         binding = await self._call(self._client.get(_PREFIX + "i:" + approval_id))
         if not binding:
             return None
         raw = await self._call(self._client.hgetall(_PREFIX + "b:" + binding))
         if not raw or raw.get("id") != approval_id:
             return None
-        approval = _from_record(raw)
-        return approval if approval.expires_at > time.time() else None
+        return _from_record(raw)
+
+    async def get(self, approval_id: str) -> Approval | None:
+        approval = await self._record(approval_id)
+        return approval if approval is not None and approval.expires_at > time.time() else None
 
     async def live(self) -> list[Approval]:
         ids = await self._call(self._client.zrangebyscore(_INDEX, int(time.time() * 1000), "+inf"))
         found = [await self.get(i) for i in ids]
         return sorted((a for a in found if a is not None), key=lambda a: a.created_at)
 
-    async def expired(self) -> list[str]:
+    async def expired(self) -> list[Approval]:
         now_ms = int(time.time() * 1000)
         ids: Sequence[str] = await self._call(self._client.zrangebyscore(_INDEX, "-inf", now_ms))
         reported = []
         for approval_id in ids:
             # ZREM answers 1 to exactly one replica: each expiry is reported once.
             if await self._call(self._client.zrem(_INDEX, approval_id)):
-                reported.append(approval_id)
+                approval = await self._record(approval_id)
+                if approval is not None:
+                    reported.append(approval)
         return reported
 
     async def close(self) -> None:
@@ -403,7 +410,13 @@ class RedisApprovals:
 
 
 def open_book(url: str) -> ApprovalBook:
-    """Approvals beside the counters: Redis when the counters are in Redis, else memory."""
+    """Approvals beside the counters: in the same Redis, or in memory for ``memory://``.
+
+    Sentinel and Cluster URLs are refused for now rather than silently keeping approvals
+    per replica.
+    """
     if url.startswith(("redis://", "rediss://", "unix://")):
         return RedisApprovals(url)
-    return MemoryApprovals()
+    if url.startswith("memory://"):
+        return MemoryApprovals()
+    raise ValueError("approvals need a redis://, rediss:// or unix:// Redis (or memory)")

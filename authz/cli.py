@@ -11,18 +11,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import json
 import logging
 import os
+import ssl
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
-from authz import tooling
+from authz import admin, tls, tooling
+from authz.approvals import open_book
 from authz.audit import AUDIT_LEVELS, LOG_FORMATS, configure_logging
 from authz.engine import Engine
 from authz.metrics import InstrumentedStore, Metrics
 from authz.policy import PolicyError, load_policy
 from authz.server import Settings, serve
 from authz.store import open_store
+from authz.tls import TlsFiles
 from authz.workers import supervise
 
 ENV_PREFIX = "MCP_AUTHZ_"
@@ -45,7 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("serve", help="run the ext_authz gRPC service")
     run.add_argument("--policy", default=_env("policy"), help="policy file (JSON)")
     run.add_argument(
-        "--redis", default=_env("redis"), help="counter store URL: redis://, rediss://"
+        "--redis",
+        default=_env("redis"),
+        help="counter store URL: redis://, rediss://, unix://, redis+sentinel://, "
+        "redis+cluster:// (README: Redis topologies)",
     )
     run.add_argument(
         "--store",
@@ -55,6 +64,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--grpc", default=_env("grpc", "127.0.0.1:9001"), help="gRPC HOST:PORT")
     run.add_argument("--http", default=_env("http", "127.0.0.1:9002"), help="health HOST:PORT")
+    run.add_argument(
+        "--grpc-tls-cert",
+        default=_env("grpc-tls-cert"),
+        help="serve gRPC over TLS with this certificate chain (PEM; reloaded when it changes)",
+    )
+    run.add_argument(
+        "--grpc-tls-key", default=_env("grpc-tls-key"), help="the key of --grpc-tls-cert (PEM)"
+    )
+    run.add_argument(
+        "--grpc-tls-client-ca",
+        default=_env("grpc-tls-client-ca"),
+        help="mTLS: require client certificates issued by this CA (PEM)",
+    )
     run.add_argument(
         "--grant-header",
         default=_env("grant-header"),
@@ -91,6 +113,17 @@ def _parser() -> argparse.ArgumentParser:
         default=int(_env("workers", "1") or 1),
         help="serving processes sharing the ports (SO_REUSEPORT) under a supervising parent "
         "that restarts them (default 1: this process serves); more than 1 needs --redis",
+    )
+    run.add_argument(
+        "--admin-tokens-file",
+        default=_env("admin-tokens-file"),
+        help="enable approvals and the admin API: a file of 'name:token' lines (the name is "
+        "recorded as the operator); or set MCP_AUTHZ_ADMIN_TOKENS to the same entries",
+    )
+    run.add_argument(
+        "--approval-webhook",
+        default=_env("approval-webhook", ""),
+        help="POST a notice (never argument values) here when an approval request opens",
     )
     run.set_defaults(reuse_port=False)
     run.add_argument(
@@ -143,7 +176,61 @@ def _parser() -> argparse.ArgumentParser:
     test = sub.add_parser("test", help="run a policy's unit tests (a YAML or JSON cases file)")
     test.add_argument("policy")
     test.add_argument("cases")
+
+    approvals = sub.add_parser("approvals", help="list, show, approve or reject approvals")
+    approvals.add_argument(
+        "--url",
+        default=_env("admin-url", "http://127.0.0.1:9002"),
+        help="mcp-authz's --http address (default http://127.0.0.1:9002)",
+    )
+    approvals.add_argument(
+        "--token-file", default=_env("admin-token-file"), help="file holding your admin token"
+    )
+    verbs = approvals.add_subparsers(dest="verb", required=True)
+    verbs.add_parser("list", help="pending and recent approvals")
+    for verb in ("show", "approve", "reject"):
+        cmd = verbs.add_parser(verb)
+        cmd.add_argument("id")
+        if verb == "reject":
+            cmd.add_argument("--reason", default="", help="told to the agent")
     return parser
+
+
+def _approvals(args: argparse.Namespace) -> int:
+    """The operator's side of approvals, through the admin API of a running mcp-authz."""
+    token = (
+        Path(args.token_file).read_text(encoding="utf-8").strip()
+        if args.token_file
+        else _env("admin-token", "")
+    )
+    if not token:
+        print(
+            "mcp-authz approvals: --token-file or MCP_AUTHZ_ADMIN_TOKEN is required",
+            file=sys.stderr,
+        )
+        return 2
+    if args.verb == "list":
+        status, body = admin.admin_request(args.url, token, "GET", "/approvals")
+    elif args.verb == "show":
+        status, body = admin.admin_request(args.url, token, "GET", f"/approvals/{args.id}")
+    else:
+        payload = {"reason": args.reason} if args.verb == "reject" else {}
+        path = f"/approvals/{args.id}/{args.verb}"
+        status, body = admin.admin_request(args.url, token, "POST", path, payload)
+    if status >= 300:
+        print(f"mcp-authz approvals: {status}: {body.get('error', body)}", file=sys.stderr)
+        return 1
+    if args.verb == "list":
+        for item in body["approvals"]:
+            names = ",".join(item["argument_names"])
+            print(
+                f"{item['id']}  {item['state']:<9} {item['tool']}  grant={item['grant']}  "
+                f"args=[{names}] sha256={item['arguments_sha256'][:12]}  "
+                f"expires={time.strftime('%H:%M:%S', time.localtime(item['expires_at']))}"
+            )
+        return 0
+    print(json.dumps(body, indent=2))
+    return 0
 
 
 def _header(text: str) -> tuple[str, str]:
@@ -151,6 +238,24 @@ def _header(text: str) -> tuple[str, str]:
     if not sep or not name.strip():
         raise argparse.ArgumentTypeError(f"expected NAME:VALUE, got {text!r}")
     return name.strip(), value.strip()
+
+
+def _grpc_tls(args: argparse.Namespace) -> TlsFiles | str | None:
+    """The gRPC listener's TLS files, checked to load; or the error text."""
+    if not (args.grpc_tls_cert or args.grpc_tls_key or args.grpc_tls_client_ca):
+        return None
+    if not (args.grpc_tls_cert and args.grpc_tls_key):
+        return "--grpc-tls-cert and --grpc-tls-key go together (--grpc-tls-client-ca needs both)"
+    files = TlsFiles(
+        cert=Path(args.grpc_tls_cert),
+        key=Path(args.grpc_tls_key),
+        client_ca=Path(args.grpc_tls_client_ca) if args.grpc_tls_client_ca else None,
+    )
+    try:
+        tls.load(files)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        return f"gRPC TLS files do not load: {exc}"
+    return files
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -174,13 +279,33 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    metrics = Metrics()
-    store = InstrumentedStore(
-        open_store(args.redis or "memory://", timeout_s=args.store_timeout_ms / 1000), metrics
-    )
+    grpc_tls = _grpc_tls(args)
+    if isinstance(grpc_tls, str):
+        print(f"mcp-authz serve: {grpc_tls}", file=sys.stderr)
+        return 2
+    try:
+        admin_tokens = admin.load_tokens(args.admin_tokens_file, _env("admin-tokens"))
+    except (OSError, ValueError) as exc:
+        print(f"mcp-authz serve: admin tokens: {exc}", file=sys.stderr)
+        return 2
+    metrics = Metrics(approvals=bool(admin_tokens))
+    try:
+        counters = open_store(args.redis or "memory://", timeout_s=args.store_timeout_ms / 1000)
+        book = open_book(args.redis or "memory://") if admin_tokens else None
+    except ValueError as exc:
+        print(f"mcp-authz serve: --redis: {exc}", file=sys.stderr)
+        return 2
+    store = InstrumentedStore(counters, metrics)
     try:
         policy = load_policy(args.policy)
-        engine = Engine(policy, store, grant_header=args.grant_header, fail_open=args.fail_open)
+        engine = Engine(
+            policy,
+            store,
+            grant_header=args.grant_header,
+            fail_open=args.fail_open,
+            approvals=book,
+            approval_events=admin.approval_events(args.approval_webhook),
+        )
     except PolicyError as exc:
         print(f"{args.policy}: invalid policy, refusing to start", file=sys.stderr)
         for error in exc.errors:
@@ -200,6 +325,8 @@ def _serve(args: argparse.Namespace) -> int:
         policy_path=args.policy,
         reload_interval_s=args.reload_interval,
         reuse_port=args.reuse_port,
+        grpc_tls=grpc_tls,
+        admin_tokens=admin_tokens,
     )
     asyncio.run(serve(engine, settings, metrics))
     return 0
@@ -214,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return tooling.explain(args.policy, body, args.grant, dict(args.header))
     if args.command == "test":
         return tooling.run_cases(args.policy, args.cases)
+    if args.command == "approvals":
+        return _approvals(args)
     return _serve(args)
 
 

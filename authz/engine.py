@@ -11,14 +11,17 @@ what a request would touch without consuming anything; :meth:`Engine.check` spen
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from authz import mcp
+from authz.approvals import Approval, ApprovalBook, Binding, Verdict
 from authz.grants import BEARER, GrantSource, Source, grant_of
 from authz.policy import Action, Limit, Policy, PolicyError, Rule, Scope
 from authz.store import Charge, CounterStore, Outcome, StoreUnavailable
@@ -58,6 +61,7 @@ class Reason(enum.Enum):
     DENIED_BY_DEFAULT = ("denied_by_default", 403, -32051)
     ARGUMENTS_INVALID = ("invalid_arguments", 403, -32051)
     APPROVAL_REQUIRED = ("approval_required", 403, -32051)
+    APPROVAL_REJECTED = ("approval_rejected", 403, -32051)
     NO_GRANT = ("no_grant_identity", 403, -32051)
     RATE_LIMITED = ("rate_limited", 429, -32052)
     STORE_UNAVAILABLE = ("store_unavailable", 503, -32053)
@@ -134,6 +138,7 @@ class Decision:
     log_arguments: bool = False
     dry_run: bool = False
     would_deny: Reason | None = None
+    approval_id: str | None = None
 
     @property
     def allowed(self) -> bool:
@@ -150,6 +155,8 @@ class Decision:
             data["retryAfter"] = self.retry_after_s
         if self.element is not None:
             data["element"] = self.element
+        if self.approval_id is not None:
+            data["approvalId"] = self.approval_id
         return data
 
     def reply_body(self) -> bytes:
@@ -176,13 +183,21 @@ def counter_key(limit: Limit, grant: str, session: str | None = None) -> str:
     return f"mcpauthz:{{{tag}}}:{limit.counter}"
 
 
+# Longest name a denial echoes (MCP tool names have at most 128 characters); a longer one
+# is cut, so a 1 MiB name does not come back in the reply.
+MAX_ECHOED_NAME = 128
+
+
 def _subject(msg: mcp.Message) -> str:
     """How a denial names its target. Resource URIs are not echoed: they may identify a
     patient; the rule that matched is in the audit line."""
+    name = msg.name or ""
+    if len(name) > MAX_ECHOED_NAME:
+        name = name[:MAX_ECHOED_NAME] + "..."
     if msg.method == "tools/call":
-        return f"tool '{msg.name}'"
+        return f"tool '{name}'"
     if msg.method == "prompts/get":
-        return f"prompt '{msg.name}'"
+        return f"prompt '{name}'"
     return f"method '{msg.method}'"
 
 
@@ -224,6 +239,7 @@ class Plan:
     refusal: Decision | None = None
     body: mcp.Body | None = None
     steps: tuple[Step, ...] = ()
+    policy_digest: str = ""
 
 
 def rule_for(policy: Policy, msg: mcp.Message) -> Rule:
@@ -252,7 +268,7 @@ def plan(policy: Policy, request: mcp.HttpRequest, grant: str | None) -> Plan:
     if body is None:
         return Plan(grant=grant)
     steps = tuple(_step(policy, msg, grant, request.headers) for msg in body.messages)
-    return Plan(grant=grant, body=body, steps=steps)
+    return Plan(grant=grant, body=body, steps=steps, policy_digest=policy.digest)
 
 
 def _step(policy: Policy, msg: mcp.Message, grant: str | None, headers: Mapping[str, str]) -> Step:
@@ -277,9 +293,6 @@ def _step(policy: Policy, msg: mcp.Message, grant: str | None, headers: Mapping[
     if problems is not None:
         text = f"{subject}: invalid arguments: {problems}"
         return Step(msg, rule, Reason.ARGUMENTS_INVALID, text)
-    if rule.action is Action.REQUIRE_APPROVAL:
-        text = f"{subject}: approval required" + (f" ({rule.reason})" if rule.reason else "")
-        return Step(msg, rule, Reason.APPROVAL_REQUIRED, text)
     spends = []
     for limit, cost in zip(rule.limits, costs, strict=True):
         assert isinstance(cost, int)  # problems above returned otherwise
@@ -293,6 +306,10 @@ def _step(policy: Policy, msg: mcp.Message, grant: str | None, headers: Mapping[
                 return Step(msg, rule, Reason.MALFORMED, f"{subject}: {exc.detail}")
         key = counter_key(limit, grant or "", session)
         spends.append(Spend(msg=msg, rule=rule, limit=limit, key=key, cost=cost))
+    if rule.action is Action.REQUIRE_APPROVAL:
+        # The spends stay on the step: an approved call still spends against its limits.
+        text = f"{subject}: approval required" + (f" ({rule.reason})" if rule.reason else "")
+        return Step(msg, rule, Reason.APPROVAL_REQUIRED, text, spends=tuple(spends))
     return Step(msg, rule, spends=tuple(spends))
 
 
@@ -308,8 +325,14 @@ class Engine:
         grant_header: str | None = None,
         fail_open: bool = False,
         clock: Callable[[], int | None] = lambda: None,
+        approvals: ApprovalBook | None = None,
+        approval_events: Callable[[str, Approval], None] = lambda event, approval: None,
     ) -> None:
         self.store = store
+        # Without a book, require_approval denies with "approval required".
+        self.approvals = approvals
+        # Told "requested" when a request opens and "consumed" when an approved call passes.
+        self.approval_events = approval_events
         self.grant_header = grant_header
         self.fail_open = fail_open
         self.clock = clock
@@ -348,11 +371,19 @@ class Engine:
             return Decision(reason=Reason.ALLOWED, grant=grant)
         would: Decision | None = None
         spends: list[Spend] = []
+        approved: list[Approval] = []
         for step in planned.steps:
             if step.denial is None:
                 spends.extend(step.spends)
                 continue
             denial = _denial(step, body, grant)
+            if step.denial is Reason.APPROVAL_REQUIRED and self.approvals and not step.dry_run:
+                gated = await self._gate(self.approvals, step, denial, planned.policy_digest)
+                if isinstance(gated, Decision):
+                    return gated
+                approved.append(gated)
+                spends.extend(step.spends)
+                continue
             if not step.dry_run:
                 return denial
             would = would or denial
@@ -361,8 +392,12 @@ class Engine:
         if spends:
             spent = await self._spend(spends, body, grant)
             if spent.refusal is not None:
+                for approval in approved:  # the call did not happen: give the use back
+                    await _refund(self.approvals, approval)
                 return spent.refusal
             would = would or spent.would
+        for approval in approved:
+            self.approval_events("consumed", approval)
         decision = _about(
             first.msg,
             first.rule,
@@ -381,6 +416,62 @@ class Engine:
             rule=would.rule,
             counter=would.counter,
             element=would.element,
+        )
+
+    async def _gate(
+        self, book: ApprovalBook, step: Step, denial: Decision, policy_digest: str
+    ) -> Decision | Approval:
+        """The approval for this exact call: one approved use (consumed), or the denial
+        saying the request is pending (opened now or earlier) or was rejected."""
+        msg, rule = step.msg, step.rule
+        assert rule is not None and rule.approval is not None and denial.grant is not None
+        subject = _subject(msg)
+        if denial.batch:
+            return replace(
+                denial, message=f"{denial.message}: send a call that needs approval on its own"
+            )
+        binding = Binding(
+            grant=denial.grant,
+            tool=msg.name or "",
+            arguments_sha256=denial.arguments_sha256 or "",
+            argument_names=tuple(sorted(msg.arguments)),
+            policy_digest=policy_digest,
+        )
+        spec = rule.approval
+        try:
+            gate = await book.gate(binding, spec.ttl_s, spec.uses, spec.notify)
+        except StoreUnavailable:
+            # Never fail open here: an outage must not stand in for a person's yes.
+            return replace(
+                denial,
+                reason=Reason.STORE_UNAVAILABLE,
+                message=f"policy violation: {subject}: approval store unavailable",
+            )
+        approval = gate.approval
+        if gate.verdict is Verdict.APPROVED:
+            return approval
+        if gate.verdict is Verdict.REJECTED:
+            return replace(
+                denial,
+                reason=Reason.APPROVAL_REJECTED,
+                approval_id=approval.id,
+                message=(
+                    f"policy violation: {subject}: approval {approval.id} was rejected: "
+                    f"{approval.reason or 'no reason given'}"
+                ),
+            )
+        if gate.verdict is Verdict.CREATED:
+            self.approval_events("requested", approval)
+        minutes = max(1, math.ceil((approval.expires_at - time.time()) / 60))
+        why = f" ({rule.reason})" if rule.reason else ""
+        return replace(
+            denial,
+            approval_id=approval.id,
+            message=(
+                f"policy violation: {subject} requires human approval{why}: request "
+                f"{approval.id} is pending and expires in {minutes} min; ask an operator to "
+                "approve it, then retry the identical call"
+            ),
         )
 
     async def _spend(self, spends: list[Spend], body: mcp.Body, grant: str | None) -> _Spent:
@@ -422,6 +513,13 @@ class Engine:
             would = would or denial
             spends = [s for s in spends if s.msg.index != refused.msg.index]
         return _Spent(would=would)
+
+
+async def _refund(book: ApprovalBook | None, approval: Approval) -> None:
+    if book is None:
+        return
+    with contextlib.suppress(StoreUnavailable):  # the use then stays spent: fail closed
+        await book.refund(approval)
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ tool, or empty for a request that calls no tool (listing, lifecycle, malformed);
 ``counter`` is a counter the policy defines; ``op`` and ``result`` are fixed words. Grant
 ids, argument values and request ids never become labels.
 
-``mcp_authz_approvals_pending`` is not exported: approvals do not exist in this service yet,
-and a gauge that always says 0 would tell the operator something false.
+``mcp_authz_approvals_pending`` is exported only when approvals are enabled (an admin token
+is configured): otherwise a gauge that always says 0 would tell the operator something false.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class Metrics:
     collector collectors of the client library (so tests can build as many as they like).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, approvals: bool = False) -> None:
         self.registry = CollectorRegistry()
         for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             self.registry.register(collector)
@@ -156,6 +156,16 @@ class Metrics:
             "not draining), else 0; evaluated at each scrape.",
             registry=reg,
             multiprocess_mode="livemostrecent",  # --workers: the worker that was scraped
+        )
+        self.approvals_pending = (
+            Gauge(
+                "mcp_authz_approvals_pending",
+                "Approval requests waiting for an operator (shared by every replica).",
+                registry=reg,
+                multiprocess_mode="livemostrecent",
+            )
+            if approvals
+            else None
         )
         self._decision_children: dict[tuple[str, str, str], Counter] = {}
         self._near_children: dict[str, Counter] = {}

@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -126,6 +126,16 @@ class Limit:
 
 
 @dataclass(frozen=True)
+class ApprovalSpec:
+    """For ``require_approval`` tools: a request (and then the approval) lives ``ttl_s``;
+    one approval allows ``uses`` identical calls; ``notify`` labels who should decide."""
+
+    ttl_s: float = 900.0
+    uses: int = 1
+    notify: str = ""
+
+
+@dataclass(frozen=True)
 class Rule:
     """What happens to a call: ``where`` names the policy entry, for replies and logs.
 
@@ -141,6 +151,7 @@ class Rule:
     arguments: jsonschema.protocols.Validator | None = field(default=None, compare=False)
     dry_run: bool = False
     pattern: bool = False
+    approval: ApprovalSpec | None = None
 
     def argument_problems(self, arguments: Mapping[str, Any]) -> str | None:
         """Why ``arguments`` break this rule's schema (argument paths and the rules they
@@ -580,6 +591,16 @@ def _rule(
     counters = [lim.counter for lim in limits]
     if len(set(counters)) != len(counters):
         errors.append(f"{where}.limits: the same counter is listed twice")
+    approval = None
+    if action is Action.REQUIRE_APPROVAL:
+        spec = raw.get("approval", {})
+        approval = ApprovalSpec(
+            ttl_s=_window_ms(spec.get("ttl", "15m")) / 1000,
+            uses=spec.get("uses", 1),
+            notify=spec.get("notify", ""),
+        )
+    elif "approval" in raw:
+        errors.append(f"{where}.approval: only a rule with action require_approval uses it")
     mode = raw.get("mode")
     return Rule(
         where=where,
@@ -590,6 +611,7 @@ def _rule(
         arguments=arguments,
         dry_run=policy_dry_run if mode is None else mode == "dry-run",
         pattern="*" in key,
+        approval=approval,
     )
 
 
@@ -741,23 +763,3 @@ def load_policy(path: str | Path) -> Policy:
     except OSError as exc:
         raise PolicyError([f"(file): cannot read {path}: {exc.strerror}"]) from None
     return policy_from_bytes(raw, syntax_of(path))
-
-
-def describe_rule(rule: Rule) -> str:
-    """One line: ``allow, arguments checked, dry-run, within counter 'c': 10 per minute``."""
-    parts = [rule.action.value]
-    if rule.arguments is not None:
-        parts.append("arguments checked")
-    if rule.dry_run:
-        parts.append("dry-run")
-    text = ", ".join(parts)
-    if rule.limits:
-        text += " within " + "; ".join(lim.describe() for lim in rule.limits)
-    if rule.reason:
-        text += f" (reason: {rule.reason})"
-    return text
-
-
-def sections(policy: Policy) -> Sequence[tuple[str, RuleTable]]:
-    """The policy's rule sections with their singular noun, for listings."""
-    return (("tool", policy.tools), ("resource", policy.resources), ("prompt", policy.prompts))

@@ -11,18 +11,20 @@ import asyncio
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from authz import audit, envoy
+from authz import admin, audit, envoy, tls
 from authz.engine import Decision, Engine, Reason
 from authz.metrics import Metrics
 from authz.pb import external_auth_pb2, external_auth_pb2_grpc
 from authz.reload import watch_policy
 from authz.store import StoreUnavailable
+from authz.tls import TlsFiles
 
 log = logging.getLogger("mcp_authz")
 
@@ -44,6 +46,10 @@ class Settings:
     # (SO_REUSEPORT). Off for a single process, which then refuses a port another process
     # holds instead of silently splitting the traffic with it (gRPC's default on Linux).
     reuse_port: bool = False
+    # TLS (and with a client CA, mTLS) on the gRPC listener; None: plaintext, for loopback.
+    grpc_tls: TlsFiles | None = None
+    # Admin API tokens (token -> operator name); empty: no admin API.
+    admin_tokens: Mapping[str, str] = field(default_factory=dict)
 
 
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
@@ -81,9 +87,12 @@ def _split(address: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 (operator's choice)
 
 
-def _http_app(engine: Engine, metrics: Metrics, draining: asyncio.Event) -> web.Application:
+def _http_app(
+    engine: Engine, metrics: Metrics, draining: asyncio.Event, admin_tokens: Mapping[str, str]
+) -> web.Application:
     """/healthz: the process answers. /readyz: it should get traffic (a policy is loaded,
-    which holds from start on; the store answers; not draining). /metrics: Prometheus."""
+    which holds from start on; the store answers; not draining). /metrics: Prometheus.
+    /admin/v1/: the approvals API, only when approvals and admin tokens are configured."""
 
     async def not_ready() -> str | None:
         if draining.is_set():
@@ -112,6 +121,8 @@ def _http_app(engine: Engine, metrics: Metrics, draining: asyncio.Event) -> web.
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", scrape)
+    if engine.approvals is not None and admin_tokens:
+        app.add_subapp("/admin/v1", admin.admin_app(engine.approvals, admin_tokens))
     return app
 
 
@@ -127,14 +138,16 @@ async def serve(engine: Engine, settings: Settings, metrics: Metrics) -> None:
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(settings.grpc_address)
+    bound = tls.bind(server, settings.grpc_address, settings.grpc_tls)
     if bound == 0:
         raise OSError(f"cannot bind gRPC address {settings.grpc_address}")
     await server.start()
     for service in ("", AUTHZ_SERVICE):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
 
-    runner = web.AppRunner(_http_app(engine, metrics, draining), access_log=None)
+    runner = web.AppRunner(
+        _http_app(engine, metrics, draining, settings.admin_tokens), access_log=None
+    )
     await runner.setup()
     host, port = _split(settings.http_address)
     site = web.TCPSite(runner, host, port, reuse_port=settings.reuse_port)
@@ -161,9 +174,15 @@ async def serve(engine: Engine, settings: Settings, metrics: Metrics) -> None:
                 sighup=True,
             )
         )
+    expiries = None
+    if engine.approvals is not None:
+        expiries = asyncio.create_task(
+            admin.watch_expiries(engine.approvals, metrics.approvals_pending)
+        )
     await stop.wait()
-    if watcher is not None:
-        watcher.cancel()
+    for task in (watcher, expiries):
+        if task is not None:
+            task.cancel()
 
     log.info("stopping: draining for %.1f s", settings.drain_seconds)
     draining.set()
@@ -172,4 +191,6 @@ async def serve(engine: Engine, settings: Settings, metrics: Metrics) -> None:
     await server.stop(grace=STOP_GRACE_S)
     await runner.cleanup()
     await engine.store.close()
+    if engine.approvals is not None:
+        await engine.approvals.close()
     log.info("stopped")

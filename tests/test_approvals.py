@@ -1,12 +1,14 @@
-"""The approval book contract, against a real redis-server and in memory."""
+"""Approvals: the book contract (a real redis-server and in memory), the engine, tokens."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import pytest
 
+from authz.admin import operator_of, parse_tokens
 from authz.approvals import (
     ApprovalBook,
     Binding,
@@ -16,6 +18,10 @@ from authz.approvals import (
     State,
     Verdict,
 )
+from authz.engine import Engine, Reason
+from authz.mcp import HttpRequest
+from authz.policy import compile_policy
+from authz.store import open_store
 from tests.support.redis_server import RedisServer
 
 
@@ -101,7 +107,7 @@ async def test_expiry_is_reported_once(book: ApprovalBook) -> None:
     await asyncio.sleep(0.45)
     assert await book.get(opened.id) is None
     assert await book.decide(opened.id, True, "alice", "") is None
-    assert await book.expired() == [opened.id]
+    assert [a.id for a in await book.expired()] == [opened.id]
     assert await book.expired() == []
     assert (await book.gate(binding(), 60, 1, "")).verdict is Verdict.CREATED
 
@@ -118,3 +124,65 @@ async def test_replicas_share_state(redis_server: RedisServer) -> None:
     finally:
         await one.close()
         await two.close()
+
+
+APPROVAL_POLICY = {
+    "version": "1",
+    "default": "deny",
+    "tools": {
+        "start_dicom_export_job": {"action": "require_approval", "approval": {"uses": 1}},
+        "containerize_app": {"action": "allow"},
+    },
+}
+
+
+def _post(doc: object) -> HttpRequest:
+    headers = {"content-type": "application/json", "authorization": "Bearer agent-token"}
+    return HttpRequest(method="POST", path="/mcp", headers=headers, body=json.dumps(doc).encode())
+
+
+def _call(name: str, id_: int = 1, **arguments: object) -> dict[str, object]:
+    params = {"name": name, "arguments": arguments}
+    return {"jsonrpc": "2.0", "id": id_, "method": "tools/call", "params": params}
+
+
+async def test_engine_events_and_batches() -> None:
+    events: list[tuple[str, str]] = []
+    book = MemoryApprovals()
+    engine = Engine(
+        compile_policy(APPROVAL_POLICY),
+        open_store("memory://"),
+        approvals=book,
+        approval_events=lambda event, approval: events.append((event, approval.id)),
+    )
+    first = await engine.check(_post(_call("start_dicom_export_job", datastoreId="d")))
+    assert first.reason is Reason.APPROVAL_REQUIRED and first.approval_id
+    assert json.loads(first.reply_body())["error"]["data"]["approvalId"] == first.approval_id
+    assert events == [("requested", first.approval_id)]
+    batch = [_call("containerize_app", 1), _call("start_dicom_export_job", 2, datastoreId="d")]
+    in_batch = await engine.check(_post(batch))
+    assert in_batch.reason is Reason.APPROVAL_REQUIRED
+    assert in_batch.message.endswith("send a call that needs approval on its own")
+    await book.decide(first.approval_id, True, "alice", "")
+    assert (await engine.check(_post(batch))).reason is Reason.APPROVAL_REQUIRED
+    allowed = await engine.check(_post(_call("start_dicom_export_job", datastoreId="d")))
+    assert allowed.allowed
+    assert events[-1] == ("consumed", first.approval_id)
+
+
+async def test_without_a_book_require_approval_just_denies() -> None:
+    engine = Engine(compile_policy(APPROVAL_POLICY), open_store("memory://"))
+    decision = await engine.check(_post(_call("start_dicom_export_job", datastoreId="d")))
+    assert decision.reason is Reason.APPROVAL_REQUIRED and decision.approval_id is None
+    assert "approval required" in decision.message
+
+
+def test_admin_tokens_parse_and_authenticate() -> None:
+    tokens = parse_tokens("alice:0123456789abcdefXYZ  # on call\nbob:fedcba9876543210QQ, ")
+    assert tokens == {"0123456789abcdefXYZ": "alice", "fedcba9876543210QQ": "bob"}
+    assert operator_of("Bearer fedcba9876543210QQ", tokens) == "bob"
+    assert operator_of("Bearer fedcba9876543210Q", tokens) is None
+    assert operator_of("Basic fedcba9876543210QQ", tokens) is None
+    for bad in ("alice", "alice:short", ":0123456789abcdefXYZ"):
+        with pytest.raises(ValueError):
+            parse_tokens(bad)

@@ -41,8 +41,8 @@ if op == 'approve' then
   local expires_ms = now + ttl_ms
   redis.call('HSET', h, 'state', 'approved', 'operator', ARGV[4],
     'expires_at', string.format('%.3f', expires_ms / 1000))
-  redis.call('PEXPIRE', h, ttl_ms)
-  redis.call('PEXPIRE', KEYS[2], ttl_ms)
+  redis.call('PEXPIRE', h, ttl_ms + 60000)
+  redis.call('PEXPIRE', KEYS[2], ttl_ms + 60000)
   redis.call('ZADD', KEYS[3], expires_ms, id)
 else
   redis.call('HSET', h, 'state', 'rejected', 'operator', ARGV[4], 'reason', ARGV[5])

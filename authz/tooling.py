@@ -5,9 +5,9 @@ They decide through the very code the service runs (:func:`authz.engine.plan` an
 ``explain`` consumes no budget; ``test`` gives every case fresh in-memory counters and a
 fixed clock, so a policy's unit tests give the same result on every run and in CI.
 
-Exit codes: 0 success (``explain``: the request is allowed), 1 a finding (invalid policy,
-a failing case; ``explain``: denied), 2 unusable input (unreadable case file or body, an
-MCP server that cannot be listed).
+Exit codes: ``check-policy`` and ``test``: 0 success, 1 an invalid policy or a failing
+case, 2 unusable input (an invalid cases file, an MCP server that cannot be listed).
+``explain``: 0 allowed, 1 denied, 2 an invalid policy.
 """
 
 from __future__ import annotations
@@ -25,16 +25,7 @@ import jsonschema
 from authz import mcp
 from authz.engine import Decision, Engine, Reason, Step, plan
 from authz.grants import grant_of
-from authz.policy import (
-    Policy,
-    PolicyError,
-    Rule,
-    describe_rule,
-    load_policy,
-    parse_policy_text,
-    sections,
-    syntax_of,
-)
+from authz.policy import Policy, PolicyError, Rule, load_policy, parse_policy_text, syntax_of
 from authz.store import Charge, Outcome
 from authz.store.memory import MemoryStore
 
@@ -109,6 +100,21 @@ def _load(path: str, err: TextIO) -> Policy | None:
         return None
 
 
+def describe_rule(rule: Rule) -> str:
+    """One line: ``allow, arguments checked, dry-run within counter 'c': 10 per minute ...``."""
+    parts = [rule.action.value]
+    if rule.arguments is not None:
+        parts.append("arguments checked")
+    if rule.dry_run:
+        parts.append("dry-run")
+    text = ", ".join(parts)
+    if rule.limits:
+        text += " within " + "; ".join(lim.describe() for lim in rule.limits)
+    if rule.reason:
+        text += f" (reason: {rule.reason})"
+    return text
+
+
 def _rule_text(rule: Rule) -> str:
     return f"{rule.where}{' (pattern)' if rule.pattern else ''}: {describe_rule(rule)}"
 
@@ -121,7 +127,11 @@ def _print_policy(path: str, policy: Policy, out: TextIO) -> None:
     )
     print(f"  grants: {source}", file=out)
     print(f"  default: {describe_rule(policy.default)}", file=out)
-    for noun, table in sections(policy):
+    for noun, table in (
+        ("tool", policy.tools),
+        ("resource", policy.resources),
+        ("prompt", policy.prompts),
+    ):
         exact = sorted(k for k in table if "*" not in k)
         for key in [*exact, *table.patterns()]:
             rule = table[key]

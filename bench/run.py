@@ -671,7 +671,8 @@ def configurations(tmp: Path, store_url: str) -> list[Config]:
         ),
         Config(
             "5",
-            f"mcp-authz, Redis store, {mix.BIG_POLICY_TOOLS:,}-tool policy",
+            f"mcp-authz, Redis store, policy of {mix.BIG_POLICY_TOOLS:,} more tools, "
+            f"{mix.BIG_POLICY_PATTERNS} patterns, argument schemas",
             [authz, "serve", "--policy", str(big), *redis_store],
         ),
     ]

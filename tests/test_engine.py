@@ -573,3 +573,11 @@ def test_jwt_metadata_is_read_from_the_check_request() -> None:
         "envoy.filters.http.jwt_authn": {"jwt_payload": {"sub": "alice", "aud": ["mcp"]}}
     }
     assert request.peer_principal == "spiffe://x/y"
+
+
+async def test_denials_echo_at_most_128_characters_of_a_name(engine: Engine) -> None:
+    decision = await engine.check(post(call("a" * 100_000)))
+    assert decision.reason is Reason.DENIED_BY_DEFAULT
+    assert decision.message == (
+        f"policy violation: tool '{'a' * 128}...' is not allowed by this policy (default deny)"
+    )

@@ -194,8 +194,8 @@ async def test_redis_killed_mid_load_fails_closed_and_recovers(
     ) as stack:
         async with httpx.AsyncClient(timeout=10) as client, Load(stack.url, tokens) as load:
             await asyncio.sleep(1.0)
+            persistent_redis.stop()  # SIGKILL, mid-load; returns once the process is gone
             load.phase = "down"
-            persistent_redis.stop()  # SIGKILL, mid-load
             await asyncio.sleep(1.5)
             load.phase = "restart"
             persistent_redis.start()  # same port; the append-only file restores the counts

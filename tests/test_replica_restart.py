@@ -20,7 +20,14 @@ import httpx
 import pytest
 import yaml
 
-from tests.support.load import Kind, client_headers, stateless, steady_load, tool_call
+from tests.support.load import (
+    Kind,
+    client_headers,
+    stateless,
+    steady_load,
+    tool_call,
+    with_check_timeout,
+)
 from tests.support.redis_server import running_redis
 from tests.support.reliability import record
 from tests.support.stack import (
@@ -66,7 +73,7 @@ HEALTH_SERVICE = "envoy.service.auth.v3.Authorization"
 
 def replicated_envoy_config(tmp: Path, **ports: Any) -> Path:
     """The shipped envoy.yaml for several replicas: health checks and ext_authz retries."""
-    path = envoy_config(tmp, **ports)
+    path = with_check_timeout(envoy_config(tmp, **ports), "5s")
     config = yaml.safe_load(path.read_text())
     manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     log_format = manager["typed_config"]["access_log"][0]["typed_config"]["log_format"]
@@ -75,23 +82,15 @@ def replicated_envoy_config(tmp: Path, **ports: Any) -> Path:
     for http_filter in manager["typed_config"]["http_filters"]:
         if http_filter["name"] == "envoy.filters.http.ext_authz":
             grpc_service = http_filter["typed_config"]["grpc_service"]
-            # Other developers' tests share this 2-core machine: the restart is under test
-            # here, not the 250 ms latency budget.
-            grpc_service["timeout"] = "2s"
+            # Retry only checks that never reached a replica (the connection failed, or
+            # the replica refused the stream while going away). A reset or timed-out check
+            # may already have spent its budget in Redis, and a retry would spend it again:
+            # with "reset,unavailable" added, 37 to 39 of 40 exports were allowed. Kept
+            # minimal: with retry_back_off and the previous_hosts predicate also set, checks
+            # waiting for a new connection hit a per-try timeout (Envoy 1.40) and failed.
             grpc_service["retry_policy"] = {
-                "retry_on": "connect-failure,refused-stream,reset,unavailable",
+                "retry_on": "connect-failure,refused-stream",
                 "num_retries": 2,
-                "retry_back_off": {"base_interval": "0.01s", "max_interval": "0.05s"},
-                "retry_host_predicate": [
-                    {
-                        "name": "envoy.retry_host_predicates.previous_hosts",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.retry.host."
-                            "previous_hosts.v3.PreviousHostsPredicate"
-                        },
-                    }
-                ],
-                "host_selection_retry_max_attempts": 3,
             }
     for cluster in config["static_resources"]["clusters"]:
         if cluster["name"] == "mcp_authz":
@@ -171,8 +170,10 @@ async def test_restarting_each_replica_under_load_fails_no_request(tmp_path: Pat
                         ["--redis", redis.url],
                         "--drain-seconds",
                         str(DRAIN_SECONDS),
+                        # Starved CPUs on a shared machine, not Redis, would trip the
+                        # default 50 ms here (the fail-closed path has its own tests).
                         "--store-timeout-ms",
-                        "500",
+                        "3000",
                     ),
                     port,
                 )
@@ -182,9 +183,7 @@ async def test_restarting_each_replica_under_load_fails_no_request(tmp_path: Pat
         config = replicated_envoy_config(
             tmp_path, listen=listen, authz=grpc_ports, upstream=upstream, admin=admin
         )
-        eproc = envoy_proc(tmp_path, config, concurrency=2)
-        eproc.cmd = [*eproc.cmd, "--component-log-level", "ext_authz:debug,hc:debug,pool:debug,grpc:debug"]  # DEBUGTMP
-        stack.enter_context(running(eproc, listen))
+        stack.enter_context(running(envoy_proc(tmp_path, config, concurrency=2), listen))
         wait_ready(f"http://127.0.0.1:{admin}/ready")
         for port in grpc_ports:
             wait_healthy(admin, port, True)

@@ -13,7 +13,7 @@ from tests.support.redis_server import RedisServer, wait_until
 from tests.support.reliability import record
 
 GRANTS = 100_000
-WINDOW_MS = 1_000
+WINDOW_MS = 5_000
 
 
 def charge(grant: int) -> Charge:
@@ -23,44 +23,59 @@ def charge(grant: int) -> Charge:
 async def test_redis_memory_returns_to_baseline_after_100k_grants(
     redis_server: RedisServer,
 ) -> None:
-    store = open_store(redis_server.url, timeout_s=10.0)
+    per_call = 100  # grants charged per script call, to keep the test short
     with redis_server.client() as client:
         client.config_set("hz", 50)  # expire idle keys sooner; the TTLs are what is tested
+        # Baseline: the script loaded and run once (its cache and Lua heap stay), no keys.
+        warm_up = open_store(redis_server.url, timeout_s=10.0)
+        await warm_up.acquire([charge(-1)])
+        await warm_up.close()
+        wait_until("the warm-up key to expire", lambda: client.dbsize() == 0)
+        baseline = int(client.info("memory")["used_memory"])
+        store = open_store(redis_server.url, timeout_s=10.0)
+        started = time.monotonic()
         try:
-            await store.acquire([charge(-1)])  # loads the script, opens the connections
-            wait_until("the warm-up key to expire", lambda: client.dbsize() == 0)
-            baseline = int(client.info("memory")["used_memory"])
-            started = time.monotonic()
-            lanes = 64
 
             async def lane(first: int) -> int:
                 allowed = 0
-                for grant in range(first, GRANTS, lanes):
-                    allowed += (await store.acquire([charge(grant)])).allowed
+                for start in range(first * per_call, GRANTS, 8 * per_call):
+                    grants = range(start, min(start + per_call, GRANTS))
+                    if (await store.acquire([charge(g) for g in grants])).allowed:
+                        allowed += len(grants)
                 return allowed
 
-            allowed = sum(await asyncio.gather(*(lane(n) for n in range(lanes))))
-            loaded_s = time.monotonic() - started
-            peak_keys = int(client.dbsize())
-            peak = int(client.info("memory")["used_memory"])
-            ttls = [client.pttl(charge(g).key) for g in (GRANTS - 1, GRANTS - 2)]
-            wait_until("every counter key to expire", lambda: client.dbsize() == 0, timeout=30)
-            drained_s = time.monotonic() - started - loaded_s
-            after = int(client.info("memory")["used_memory"])
+            allowed = sum(await asyncio.gather(*(lane(n) for n in range(8))))
         finally:
             await store.close()
+        loaded_s = time.monotonic() - started
+        peak_keys = int(client.dbsize())
+        peak = int(client.info("memory")["used_memory"])
+        ttls = [client.pttl(charge(g).key) for g in (GRANTS - 1, GRANTS - 2)]
+        wait_until("every counter key to expire", lambda: client.dbsize() == 0, timeout=30)
+        drained_s = time.monotonic() - started - loaded_s
+
+        def used_memory() -> int:
+            return int(client.info("memory")["used_memory"])
+
+        # Back to the baseline, give or take half a MiB of allocator and Lua heap noise
+        # (the 100,000 grants' counters take over ten MiB at their peak); Redis shrinks
+        # its emptied tables in the background.
+        settled = wait_until(
+            "used_memory to return to its baseline",
+            lambda: used_memory() - baseline < 512 * 1024,
+            timeout=15,
+        )
+        after = used_memory()
     assert allowed == GRANTS
     assert all(0 < ttl <= WINDOW_MS for ttl in ttls), ttls
-    # Back to the baseline, give or take allocator and dict-resize noise (the 100,000
-    # grants took many MiB at their peak).
-    assert after - baseline < 1024 * 1024, (baseline, peak, after)
+    assert settled
     record(
         "Bounds: 100,000 distinct grants in Redis",
-        "One rate-limited call for each of 100,000 grants (window 1 s) against a real "
-        "redis-server; then wait for the windows to pass.",
+        "A rate-limited charge for each of 100,000 grants (window 5 s, 100 grants per "
+        "script call) against a real redis-server; then wait for the windows to pass.",
         {
-            "calls allowed": allowed,
-            "calls per second": round(GRANTS / loaded_s),
+            "grants charged": allowed,
+            "seconds to charge them": round(loaded_s, 1),
             "keys at the peak": peak_keys,
             "used_memory baseline (KiB)": baseline // 1024,
             "used_memory at the peak (KiB)": peak // 1024,
@@ -83,7 +98,7 @@ async def test_memory_store_forgets_100k_grants_after_their_windows() -> None:
     assert store._schedule == []
     record(
         "Bounds: 100,000 distinct grants in the memory store",
-        "One call for each of 100,000 grants (window 1 s, driven clock); then one check "
+        "One call for each of 100,000 grants (window 5 s, driven clock); then one check "
         "a window later.",
         {"counter logs at the peak": peak, "counter logs after the window": len(store._logs)},
     )

@@ -396,3 +396,21 @@ async def test_redis_hung_server_times_out(redis_server: RedisServer) -> None:
     finally:
         redis_server.resume()
         await store.close()
+
+
+async def test_redis_wait_replicas_refuses_what_no_replica_holds(
+    redis_server: RedisServer,
+) -> None:
+    """With ``wait_replicas`` and no replica to copy the record, the check fails closed."""
+    store = open_store(redis_server.url + "?wait_replicas=1", timeout_s=0.5)
+    try:
+        with pytest.raises(StoreUnavailable, match="recorded on 0 of 1 replicas"):
+            await store.acquire([charge("waited", 5)])
+        # A refusal records nothing new, so it needs no replica and is answered as usual.
+        for _ in range(4):
+            with pytest.raises(StoreUnavailable):
+                await store.acquire([charge("waited", 5)])
+        refused = await store.acquire([charge("waited", 5)])
+        assert (refused.allowed, refused.remaining) == (False, (0,))
+    finally:
+        await store.close()

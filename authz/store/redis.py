@@ -79,8 +79,9 @@ class RedisStore:
         self._sentinel = sentinel
         self._timeout_s = timeout_s
         self._wait_replicas = wait_replicas
-        # WAIT must give up before the call's own timeout, to report why it failed.
-        self._wait_ms = max(1, int(timeout_s * 500))
+        # WAIT must give up before the call's own timeout, to report why it failed, even
+        # when a NOSCRIPT reply makes the call run twice.
+        self._wait_ms = max(1, int(timeout_s * 1000 / 3))
         self._script = client.register_script(WINDOW_SCRIPT)
         self._nonces = Nonces()
 
@@ -95,35 +96,34 @@ class RedisStore:
                     reply = await self._run_replicated(keys, args)
                 else:
                     reply = await self._script(keys=keys, args=args)
-        except StoreUnavailable:
-            raise
         except STORE_ERRORS as exc:
             raise unavailable("acquire", exc) from exc
         return outcome_of(reply)
 
     async def _run_replicated(self, keys: list[str], args: list[str | int]) -> Any:
         """The script, then ``WAIT`` on the same connection, in one pipelined round trip."""
-        for attempt in (1, 2):
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.evalsha(self._script.sha, len(keys), *keys, *args)
-                pipe.execute_command("WAIT", self._wait_replicas, self._wait_ms)
-                reply, acked = await pipe.execute(raise_on_error=False)
-            if isinstance(reply, NoScriptError) and attempt == 1:
-                # Nothing ran (e.g. Redis restarted or failed over): load the script, redo.
-                await self._client.script_load(WINDOW_SCRIPT)
-                continue
-            for result in (reply, acked):
-                if isinstance(result, Exception):
-                    raise result
-            if int(reply[0]) == 1 and int(acked) < self._wait_replicas:
-                # Reconnect: the next call asks Sentinel again where the master is.
-                await self._client.connection_pool.disconnect()
-                raise StoreUnavailable(
-                    f"redis acquire: recorded on {int(acked)} of {self._wait_replicas} "
-                    "replicas in time"
-                )
-            return reply
-        raise AssertionError("unreachable")  # pragma: no cover
+        reply, acked = await self._script_then_wait(keys, args)
+        if isinstance(reply, NoScriptError):
+            # Nothing ran (Redis restarted or failed over): load the script and run it again.
+            await self._client.script_load(WINDOW_SCRIPT)
+            reply, acked = await self._script_then_wait(keys, args)
+        for result in (reply, acked):
+            if isinstance(result, Exception):
+                raise result
+        if int(reply[0]) == 1 and int(acked) < self._wait_replicas:
+            # Reconnect: the next call asks Sentinel again where the master is.
+            await self._client.connection_pool.disconnect()
+            raise StoreUnavailable(
+                f"redis acquire: recorded on {int(acked)} of {self._wait_replicas} replicas in time"
+            )
+        return reply
+
+    async def _script_then_wait(self, keys: list[str], args: list[str | int]) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", self._wait_replicas, self._wait_ms)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
     async def ping(self) -> None:
         """Raise :class:`StoreUnavailable` unless Redis answers ``PING`` in time."""

@@ -72,8 +72,7 @@ def http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
 
 def header_text(text: str) -> str:
     """Printable ASCII only, bounded: header values must not carry controls or raw UTF-8."""
-    safe = "".join(ch if " " <= ch <= "~" else "?" for ch in text)
-    return safe[:_MAX_HEADER_TEXT]
+    return "".join(ch if " " <= ch <= "~" else "?" for ch in text[:_MAX_HEADER_TEXT])
 
 
 def _header(key: str, value: str) -> core_pb2.HeaderValueOption:

@@ -24,11 +24,11 @@ sys.path.insert(0, str(ROOT))
 with atheris.instrument_imports(include=["authz"]):
     from authz import engine, envoy, grants, mcp, policy  # noqa: F401 (instrumented)
 
+from tests.support.checks import check_request  # noqa: E402
 from tests.support.hostile import (  # noqa: E402
     ALLOWED_TOOL,
     DENIED_TOOL,
     assert_well_formed,
-    check_request,
     contains_denied_call,
     decide,
     engine_for,

@@ -27,12 +27,12 @@ from authz import mcp
 from authz.engine import Reason
 from authz.metrics import Metrics
 from authz.server import AuthorizationService
+from tests.support.checks import check_request
 from tests.support.hostile import (
     ALLOWED_TOOL,
     DENIED_TOOL,
     POLICIES,
     assert_well_formed,
-    check_request,
     contains_denied_call,
     decide,
     engine_for,

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from authz.pb import external_auth_pb2_grpc
-from tests.support.hostile import check_request
+from tests.support.checks import check_request
 from tests.support.load import client_headers, stateless, tool_call
 from tests.support.reliability import record
 from tests.support.stack import (

@@ -30,6 +30,7 @@ from authz.metrics import Metrics
 from authz.pb import external_auth_pb2, external_auth_pb2_grpc
 from authz.policy import compile_policy
 from authz.server import AUTHZ_SERVICE
+from tests.support.checks import json_check
 from tests.support.redis_server import running_redis
 from tests.support.reliability import record
 from tests.support.stack import ROOT, Stack, authz_proc, free_port, mcp_stack, running
@@ -461,21 +462,10 @@ def test_policy_reload_callback_updates_the_policy_metrics() -> None:
     assert value(after, stamp) > value(before, stamp) > 0
 
 
-def check_request(body: dict[str, Any], token: str = TOKEN) -> external_auth_pb2.CheckRequest:
-    req = external_auth_pb2.CheckRequest()
-    http = req.attributes.request.http
-    http.method = "POST"
-    http.path = "/mcp"
-    http.headers["content-type"] = "application/json"
-    http.headers["authorization"] = f"Bearer {token}"
-    http.raw_body = json.dumps(body).encode()
-    return req
-
-
 def check_once(port: int, body: dict[str, Any]) -> external_auth_pb2.CheckResponse:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-        return stub.Check(check_request(body), timeout=10)
+        return stub.Check(json_check(body, TOKEN), timeout=10)
 
 
 DRAIN_S = 3.0
@@ -511,7 +501,7 @@ async def test_sigterm_drains_without_dropping_a_check(tmp_path: Path) -> None:
         while not stop_sending.is_set():
             started = time.monotonic()
             try:
-                reply = await stub.Check(check_request(bodies[i % 3], f"t{i}"), timeout=15)
+                reply = await stub.Check(json_check(bodies[i % 3], f"t{i}"), timeout=15)
                 outcome = reply.WhichOneof("http_response")
             except grpc.aio.AioRpcError as exc:
                 outcome = f"rpc error {exc.code()}"

@@ -12,10 +12,13 @@ from pathlib import Path
 import grpc
 import pytest
 
-from authz.pb import external_auth_pb2, external_auth_pb2_grpc
+from authz.pb import external_auth_pb2_grpc
+from tests.support.checks import tool_check
 from tests.support.redis_server import running_redis
 from tests.support.reliability import record
 from tests.support.stack import authz_proc, free_port, running
+
+EXPORT, ARGS = "start_dicom_export_job", {"datastoreId": "d"}
 
 pytestmark = pytest.mark.e2e
 
@@ -31,23 +34,6 @@ POLICY = {
         }
     },
 }
-
-
-def check_request(token: str, id_: int) -> external_auth_pb2.CheckRequest:
-    body = {
-        "jsonrpc": "2.0",
-        "id": id_,
-        "method": "tools/call",
-        "params": {"name": "start_dicom_export_job", "arguments": {"datastoreId": "d"}},
-    }
-    req = external_auth_pb2.CheckRequest()
-    http = req.attributes.request.http
-    http.method = "POST"
-    http.path = "/mcp"
-    http.headers["content-type"] = "application/json"
-    http.headers["authorization"] = f"Bearer {token}"
-    http.raw_body = json.dumps(body).encode()
-    return req
 
 
 async def test_two_processes_on_one_redis_count_exactly(tmp_path: Path) -> None:
@@ -73,7 +59,7 @@ async def test_two_processes_on_one_redis_count_exactly(tmp_path: Path) -> None:
             # 10 grants x 20 calls = 200 concurrent checks, alternating between replicas.
             # Per grant at most 8 fit; globally at most 50: 10 x 8 = 80 > 50, so exactly 50.
             calls = [
-                stubs[i % 2].Check(check_request(f"grant-{i % 10}", i), timeout=30)
+                stubs[i % 2].Check(tool_check(EXPORT, ARGS, f"grant-{i % 10}", i), timeout=30)
                 for i in range(200)
             ]
             replies = await asyncio.gather(*calls)
@@ -129,7 +115,7 @@ async def test_four_processes_thousand_concurrent_calls_exactly_250(tmp_path: Pa
         try:
             replies = await asyncio.gather(
                 *(
-                    stubs[i % 4].Check(check_request(f"grant-{i % 10}", i), timeout=60)
+                    stubs[i % 4].Check(tool_check(EXPORT, ARGS, f"grant-{i % 10}", i), timeout=60)
                     for i in range(1_000)
                 )
             )

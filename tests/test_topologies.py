@@ -24,6 +24,7 @@ import pytest
 from authz.pb import external_auth_pb2, external_auth_pb2_grpc
 from authz.store import StoreUnavailable, open_store
 from authz.store.redis import parse_multi_host_url
+from tests.support.checks import tool_check
 from tests.support.redis_server import (
     RedisServer,
     make_tls_files,
@@ -35,7 +36,8 @@ from tests.support.redis_server import (
 )
 from tests.support.reliability import record
 from tests.support.stack import authz_proc, free_port, running
-from tests.test_replicas import check_request
+
+EXPORT, ARGS = "start_dicom_export_job", {"datastoreId": "d"}
 
 pytestmark = pytest.mark.e2e
 
@@ -134,7 +136,10 @@ async def test_rediss_counts_exactly_and_verifies_the_server(
             tmp_path, policy(tmp_path, 10), server.url, 1, "--store-timeout-ms", "1000"
         ) as ports:
             async with stubs(ports) as (stub,):
-                replies = [await stub.Check(check_request("tls", n), timeout=10) for n in range(12)]
+                replies = [
+                    await stub.Check(tool_check(EXPORT, ARGS, "tls", n), timeout=10)
+                    for n in range(12)
+                ]
         # The counts are in the TLS-only server, under the grant's key.
         with server.client() as client:
             keys = [k.decode() for k in client.keys("mcpauthz:*") if not k.endswith(b":t")]
@@ -188,7 +193,7 @@ async def test_sentinel_failover_keeps_answering(tmp_path: Path) -> None:
     ):
         async with stubs(ports) as (stub,):
             early = [
-                await stub.Check(check_request("early", n), timeout=10)
+                await stub.Check(tool_check(EXPORT, ARGS, "early", n), timeout=10)
                 for n in range(per_grant + 1)
             ]
             results: list[tuple[str, int]] = []
@@ -198,7 +203,7 @@ async def test_sentinel_failover_keeps_answering(tmp_path: Path) -> None:
                 n = 0
                 while not stop.is_set() and n < 1_000:
                     token = f"load-{(w * 1_000 + n) % 40}"
-                    reply = await stub.Check(check_request(token, n), timeout=10)
+                    reply = await stub.Check(tool_check(EXPORT, ARGS, token, n), timeout=10)
                     results.append((token, verdict(reply)))
                     n += 1
                     await asyncio.sleep(0.01)
@@ -228,8 +233,8 @@ async def test_sentinel_failover_keeps_answering(tmp_path: Path) -> None:
             stop.set()
             await asyncio.gather(*workers)
             after_switch = Counter(status for _, status in results[served_before:])
-            after_early = await stub.Check(check_request("early", 99), timeout=10)
-            fresh = await stub.Check(check_request("after-failover", 1), timeout=10)
+            after_early = await stub.Check(tool_check(EXPORT, ARGS, "early", 99), timeout=10)
+            fresh = await stub.Check(tool_check(EXPORT, ARGS, "after-failover", 1), timeout=10)
         with setup.current_master().client() as new_master:
             recorded = {
                 key.decode(): int(new_master.zcard(key))
@@ -281,7 +286,7 @@ async def test_cluster_replicas_never_overspend_across_slots(tmp_path: Path) -> 
     ):
         async with stubs(ports) as two:
             calls = [
-                two[i % 2].Check(check_request(f"grant-{i % 10}", i), timeout=30)
+                two[i % 2].Check(tool_check(EXPORT, ARGS, f"grant-{i % 10}", i), timeout=30)
                 for i in range(200)
             ]
             replies = await asyncio.gather(*calls)

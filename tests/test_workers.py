@@ -19,7 +19,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from authz.pb import external_auth_pb2, external_auth_pb2_grpc
+from authz.pb import external_auth_pb2_grpc
+from tests.support.checks import tool_check
 from tests.support.redis_server import RedisServer
 from tests.support.stack import BIN, ROOT, free_port, wait_for_port
 
@@ -30,22 +31,6 @@ POLICY = {
     "default": "deny",
     "tools": {"containerize_app": {"action": "allow"}},
 }
-
-
-def check_request(token: str) -> external_auth_pb2.CheckRequest:
-    body = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "tools/call",
-        "params": {"name": "containerize_app", "arguments": {"app_path": "/srv/app"}},
-    }
-    req = external_auth_pb2.CheckRequest()
-    http = req.attributes.request.http
-    http.method, http.path = "POST", "/mcp"
-    http.headers["content-type"] = "application/json"
-    http.headers["authorization"] = f"Bearer {token}"
-    http.raw_body = json.dumps(body).encode()
-    return req
 
 
 def workers_of(parent: int) -> set[int]:
@@ -89,7 +74,9 @@ def allowed_checks(port: int, count: int) -> int:
     for i in range(count):
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = external_auth_pb2_grpc.AuthorizationStub(channel)
-            reply = stub.Check(check_request(f"token-{i}"), timeout=10)
+            reply = stub.Check(
+                tool_check("containerize_app", {"app_path": "/srv/app"}, f"token-{i}"), timeout=10
+            )
             allowed += reply.WhichOneof("http_response") == "ok_response"
     return allowed
 

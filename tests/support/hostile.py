@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import unicodedata
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 from authz import envoy
@@ -98,19 +98,6 @@ def contains_denied_call(body: bytes, policy_name: str) -> bool:
             if policy_name == "default-deny" and name != ALLOWED_TOOL:
                 return True
     return False
-
-
-def check_request(
-    body: bytes, headers: Mapping[str, str], method: str = "POST"
-) -> external_auth_pb2.CheckRequest:
-    """A CheckRequest as Envoy sends it (body as raw bytes)."""
-    request = external_auth_pb2.CheckRequest()
-    http = request.attributes.request.http
-    http.method = method
-    http.path = "/mcp"
-    http.headers.update(headers)
-    http.raw_body = body
-    return request
 
 
 _loop = asyncio.new_event_loop()

@@ -142,6 +142,12 @@ async def serve(engine: Engine, settings: Settings, metrics: Metrics) -> None:
     if bound == 0:
         raise OSError(f"cannot bind gRPC address {settings.grpc_address}")
     await server.start()
+    try:
+        # Connect (and, for TLS, handshake) before the first check, which would otherwise
+        # pay for it inside the store timeout and could be denied with 503.
+        await engine.store.ping()
+    except StoreUnavailable as exc:
+        log.warning("counter store not reachable at start: %s", exc)
     for service in ("", AUTHZ_SERVICE):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
 

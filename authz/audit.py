@@ -28,6 +28,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+import orjson
+
 from authz import mcp
 from authz.engine import Decision
 from authz.metrics import decision_labels
@@ -101,6 +103,14 @@ def _logged_arguments(decision: Decision, body: bytes) -> Any:
     return calls[0].arguments if calls else None
 
 
+def _json_line(line: dict[str, Any]) -> str:
+    try:
+        # A fifth of json.dumps's cost: this runs once per check.
+        return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE).decode()
+    except TypeError:  # logged arguments with integers beyond 64 bits or lone surrogates
+        return json.dumps(line, separators=(",", ":")) + "\n"
+
+
 def record(
     decision: Decision, request_id: str, body: bytes, latency_s: float, policy: Policy
 ) -> None:
@@ -140,7 +150,7 @@ def record(
     if decision.log_arguments:
         line["arguments"] = _logged_arguments(decision, body)
     try:
-        _sink.stream.write(json.dumps(line, separators=(",", ":")) + "\n")
+        _sink.stream.write(_json_line(line))
         _sink.stream.flush()
     except (OSError, ValueError) as exc:  # a closed or broken stdout must not fail checks
         log.error("audit line not written: %s", type(exc).__name__)

@@ -83,15 +83,12 @@ def _header(key: str, value: str) -> core_pb2.HeaderValueOption:
 
 def _metadata(decision: Decision) -> struct_pb2.Struct:
     meta = struct_pb2.Struct()
-    meta.update(
-        {
-            "decision": "allow" if decision.allowed else "deny",
-            "reason": decision.reason.code,
-            "grant": decision.grant or "",
-            "tool": decision.tool or "",
-            "would_deny": decision.would_deny.code if decision.would_deny else "",
-        }
-    )
+    fields = meta.fields  # assigned one by one: half the cost of Struct.update
+    fields["decision"].string_value = "allow" if decision.allowed else "deny"
+    fields["reason"].string_value = decision.reason.code
+    fields["grant"].string_value = decision.grant or ""
+    fields["tool"].string_value = decision.tool or ""
+    fields["would_deny"].string_value = decision.would_deny.code if decision.would_deny else ""
     return meta
 
 

@@ -126,6 +126,30 @@ async def test_allowed_call_reaches_upstream_with_the_grant(stack: Stack, client
     assert calls and calls[-1]["grant"] == grant_id(token)
 
 
+async def test_session_era_client_through_the_gateway(stack: Stack) -> None:
+    """A 2025-11-25 client: initialize, Mcp-Session-Id, a GET stream and a DELETE on close
+    all pass; its calls are decided like any other (no SEP-2243 headers in this era)."""
+    token = new_token()
+    before = len(stack.recorded())
+    text = await sdk_call_tool(
+        stack.url, "containerize_app", {"app_path": "/legacy"}, bearer(token), mode="legacy"
+    )
+    assert "/legacy" in text
+    with pytest.raises(McpCallError) as info:
+        await sdk_call_tool(
+            stack.url, "delete_app", {"app_name": "prod"}, bearer(token), mode="legacy"
+        )
+    assert "deleting an ECS service needs a human" in info.value.message
+    seen = stack.recorded()[before:]
+    methods = [m["method"] for r in seen for m in r["jsonrpc"] or []]
+    assert "initialize" in methods and "server/discover" not in methods
+    assert {"GET", "DELETE"} & {r["http_method"] for r in seen}
+    assert "mcp-session-id" in {h for r in seen for h in r["headers"]}
+    assert [m["tool"] for r in seen for m in r["jsonrpc"] or [] if m["tool"]] == [
+        "containerize_app"
+    ]
+
+
 @pytest.mark.parametrize("client", ["sdk", "fastmcp"])
 async def test_denied_call_never_reaches_upstream_and_client_sees_reason(
     stack: Stack, client: str

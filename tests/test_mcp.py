@@ -216,3 +216,39 @@ def test_session_id() -> None:
         with pytest.raises(Malformed) as info:
             mcp.session_id({"mcp-session-id": bad})
         assert info.value.problem is Problem.MALFORMED
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"a":{"b:":1,"b:":"x:y"}}',  # colons inside the duplicated key and value
+        b'{"a\\u003a":1,"a:":2}',  # the same key, once written with an escaped colon
+        b'[{"k":1},{"k":"::","k":1}]',
+        b'{"x":"a:b:c","x":"a:b:c"}',
+        b'{"k":1, "k" : 1}',
+    ],
+)
+def test_duplicates_are_found_whatever_colons_the_strings_hold(raw: bytes) -> None:
+    with pytest.raises(Malformed, match="duplicate key"):
+        mcp.decode_json(raw)
+
+
+def test_colons_in_strings_are_no_duplicates() -> None:
+    doc = mcp.decode_json(b'{"url:":"https://x:8080/a:b","n":{"::":[":",{"k:v":":"}]}}')
+    assert doc == {"url:": "https://x:8080/a:b", "n": {"::": [":", {"k:v": ":"}]}}
+
+
+def test_integers_beyond_64_bits_stay_exact() -> None:
+    """The fast parser would turn them into floats; they must reach the policy exactly."""
+    doc = mcp.decode_json(b'{"n":18446744073709551617,"m":-9223372036854775809,"f":1e22}')
+    assert doc["n"] == 18446744073709551617 and isinstance(doc["n"], int)
+    assert doc["m"] == -9223372036854775809
+    assert doc["f"] == 1e22 and isinstance(doc["f"], float)
+
+
+def test_depth_is_bounded() -> None:
+    ok = b"[" * mcp.MAX_DEPTH + b"]" * mcp.MAX_DEPTH
+    assert mcp.decode_json(ok) is not None
+    for depth in (mcp.MAX_DEPTH + 1, 300, 1500):
+        with pytest.raises(Malformed, match="nested too deeply"):
+            mcp.decode_json(b"[" * depth + b"]" * depth)

@@ -721,6 +721,14 @@ def profile(tmp: Path, inputs: Path, seconds: int, store: RedisServer, out: Path
     print(f"\nraw stacks: {out}")
 
 
+# A frame only the event loop thread has: asyncio's own loop, or uvloop's (mcp-authz uses
+# uvloop when it is installed).
+_LOOP_FRAMES = (
+    "BaseEventLoop._run_once (asyncio/base_events.py)",
+    "Runner.run (asyncio/runners.py)",
+)
+
+
 def print_profile(stacks: Path) -> None:
     """The event loop thread's samples: by the deepest Python function (native code counted
     to its Python caller, so "Handle._run" is gRPC's Cython core), and by total time."""
@@ -732,7 +740,7 @@ def print_profile(stacks: Path) -> None:
         count = int(text)
         samples += count
         frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
-        if "BaseEventLoop._run_once (asyncio/base_events.py)" not in frames:
+        if not any(f in _LOOP_FRAMES for f in frames):
             continue  # gRPC's and the executor's threads, mostly waiting
         loop_samples += count
         python = [f for f in frames if ".py)" in f or "(<string>)" in f]

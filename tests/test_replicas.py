@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from authz.pb import external_auth_pb2_grpc
+from authz.pb import external_auth_pb2, external_auth_pb2_grpc
 from tests.support.checks import tool_check
 from tests.support.redis_server import running_redis
 from tests.support.reliability import record
@@ -36,36 +36,42 @@ POLICY = {
 }
 
 
-async def test_two_processes_on_one_redis_count_exactly(tmp_path: Path) -> None:
-    policy = tmp_path / "policy.json"
-    policy.write_text(json.dumps(POLICY))
-    ports = [free_port() for _ in range(2)]
+async def concurrent_calls(
+    tmp_path: Path, policy: dict[str, object], replicas: int, calls: int
+) -> list[external_auth_pb2.CheckResponse]:
+    """``calls`` concurrent checks over 10 grants, spread round-robin over ``replicas``
+    mcp-authz processes that share one real Redis."""
+    policy_file = tmp_path / "policy.json"
+    policy_file.write_text(json.dumps(policy))
+    ports = [free_port() for _ in range(replicas)]
     with ExitStack() as stack:
         redis = stack.enter_context(running_redis(tmp_path))
         for port in ports:
+            store = ["--redis", redis.url]
             proc = authz_proc(
-                tmp_path,
-                policy,
-                port,
-                free_port(),
-                ["--redis", redis.url],
-                "--store-timeout-ms",
-                "2000",
+                tmp_path, policy_file, port, free_port(), store, "--store-timeout-ms", "5000"
             )
             stack.enter_context(running(proc, port))
         channels = [grpc.aio.insecure_channel(f"127.0.0.1:{p}") for p in ports]
         stubs = [external_auth_pb2_grpc.AuthorizationStub(c) for c in channels]
         try:
-            # 10 grants x 20 calls = 200 concurrent checks, alternating between replicas.
-            # Per grant at most 8 fit; globally at most 50: 10 x 8 = 80 > 50, so exactly 50.
-            calls = [
-                stubs[i % 2].Check(tool_check(EXPORT, ARGS, f"grant-{i % 10}", i), timeout=30)
-                for i in range(200)
-            ]
-            replies = await asyncio.gather(*calls)
+            return await asyncio.gather(
+                *(
+                    stubs[i % replicas].Check(
+                        tool_check(EXPORT, ARGS, f"grant-{i % 10}", i), timeout=60
+                    )
+                    for i in range(calls)
+                )
+            )
         finally:
             for c in channels:
                 await c.close()
+
+
+async def test_two_processes_on_one_redis_count_exactly(tmp_path: Path) -> None:
+    # 10 grants x 20 calls = 200 concurrent checks, alternating between replicas.
+    # Per grant at most 8 fit; globally at most 50: 10 x 8 = 80 > 50, so exactly 50.
+    replies = await concurrent_calls(tmp_path, POLICY, replicas=2, calls=200)
     allowed = [r for r in replies if r.WhichOneof("http_response") == "ok_response"]
     denied = [r for r in replies if r.WhichOneof("http_response") == "denied_response"]
     assert len(allowed) == 50
@@ -81,48 +87,18 @@ async def test_two_processes_on_one_redis_count_exactly(tmp_path: Path) -> None:
 async def test_four_processes_thousand_concurrent_calls_exactly_250(tmp_path: Path) -> None:
     """Four replicas on one Redis, 1,000 concurrent calls over 10 grants with max 25 each:
     exactly 250 allowed, 25 per grant, whichever replica each call reached."""
-    policy = tmp_path / "policy.json"
-    policy.write_text(
-        json.dumps(
-            {
-                "version": "1",
-                "default": "deny",
-                "tools": {
-                    "start_dicom_export_job": {
-                        "limits": [{"counter": "exports", "window": "minute", "max": 25}]
-                    }
-                },
+    policy = {
+        "version": "1",
+        "default": "deny",
+        "tools": {
+            "start_dicom_export_job": {
+                "limits": [{"counter": "exports", "window": "minute", "max": 25}]
             }
-        )
-    )
-    ports = [free_port() for _ in range(4)]
-    with ExitStack() as stack:
-        redis = stack.enter_context(running_redis(tmp_path))
-        for port in ports:
-            proc = authz_proc(
-                tmp_path,
-                policy,
-                port,
-                free_port(),
-                ["--redis", redis.url],
-                "--store-timeout-ms",
-                "5000",
-            )
-            stack.enter_context(running(proc, port))
-        channels = [grpc.aio.insecure_channel(f"127.0.0.1:{p}") for p in ports]
-        stubs = [external_auth_pb2_grpc.AuthorizationStub(c) for c in channels]
-        started = time.monotonic()
-        try:
-            replies = await asyncio.gather(
-                *(
-                    stubs[i % 4].Check(tool_check(EXPORT, ARGS, f"grant-{i % 10}", i), timeout=60)
-                    for i in range(1_000)
-                )
-            )
-        finally:
-            for c in channels:
-                await c.close()
-        elapsed = time.monotonic() - started
+        },
+    }
+    started = time.monotonic()
+    replies = await concurrent_calls(tmp_path, policy, replicas=4, calls=1_000)
+    elapsed = time.monotonic() - started
     allowed = [r for r in replies if r.WhichOneof("http_response") == "ok_response"]
     denied = [r for r in replies if r.WhichOneof("http_response") == "denied_response"]
     per_grant = Counter(r.ok_response.headers[0].header.value for r in allowed)

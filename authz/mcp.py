@@ -171,12 +171,14 @@ _DECODER = json.JSONDecoder(
 # A colon written as an escape, and integer literals orjson would turn into floats (over
 # 64 bits; any run of 19 digits, to be safe): bodies with either take the strict path.
 _ESCAPED_COLON = re.compile(rb"\\u003[aA]")
-_DIGITS_ONLY = bytes(b if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+# Every digit becomes "1", every other byte "0": a run of 19 digits is then a plain
+# substring search. Both steps run in C and create no objects, whatever the body holds.
+_DIGIT_MASK = bytes(0x31 if 0x30 <= b <= 0x39 else 0x30 for b in range(256))
+_DIGIT_RUN = b"1" * 19
 
 
 def _has_long_digit_run(body: bytes) -> bool:
-    # translate and split run in C: several times faster than a regex on a 1 MiB body.
-    return max(map(len, body.translate(_DIGITS_ONLY).split()), default=0) >= 19
+    return body.translate(_DIGIT_MASK).find(_DIGIT_RUN) >= 0
 
 
 # Deepest nesting accepted. MCP messages need a handful of levels; a bound well below the

@@ -22,6 +22,7 @@ operational logs go to stderr through ``logging``, as JSON or text.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -66,8 +67,13 @@ class JsonFormatter(logging.Formatter):
 
 
 def _iso_time(seconds: float) -> str:
-    millis = int(seconds * 1000) % 1000
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    return f"{_whole_second(int(seconds))}.{int(seconds * 1000) % 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=2)
+def _whole_second(seconds: int) -> str:
+    """strftime once a second rather than once a line."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 def configure_logging(level: str, fmt: str, audit_level: str) -> None:

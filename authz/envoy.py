@@ -7,13 +7,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
-from google.protobuf import json_format, struct_pb2
-from google.rpc import status_pb2
+from google.protobuf import json_format
 
 from authz.engine import Decision, Reason
 from authz.mcp import HttpRequest
-from authz.pb import core_pb2, external_auth_pb2, http_status_pb2
+from authz.pb import core_pb2, external_auth_pb2
 
 HEADER_PREFIX = "x-mcp-authz-"
 GRANT_HEADER = "x-mcp-authz-grant"
@@ -75,63 +75,62 @@ def header_text(text: str) -> str:
     return "".join(ch if " " <= ch <= "~" else "?" for ch in text[:_MAX_HEADER_TEXT])
 
 
-def _header(key: str, value: str) -> core_pb2.HeaderValueOption:
-    return core_pb2.HeaderValueOption(
-        header=core_pb2.HeaderValue(key=key, value=value), append_action=_OVERWRITE
-    )
+def _add_header(headers: Any, key: str, value: str) -> None:
+    option = headers.add()
+    option.header.key = key
+    option.header.value = value
+    option.append_action = _OVERWRITE
 
 
-def _metadata(decision: Decision) -> struct_pb2.Struct:
-    meta = struct_pb2.Struct()
-    fields = meta.fields  # assigned one by one: half the cost of Struct.update
+def _set_metadata(response: external_auth_pb2.CheckResponse, decision: Decision) -> None:
+    fields = response.dynamic_metadata.fields
     fields["decision"].string_value = "allow" if decision.allowed else "deny"
     fields["reason"].string_value = decision.reason.code
     fields["grant"].string_value = decision.grant or ""
     fields["tool"].string_value = decision.tool or ""
     fields["would_deny"].string_value = decision.would_deny.code if decision.would_deny else ""
-    return meta
 
 
 def check_response(
     decision: Decision, request_headers: Mapping[str, str]
 ) -> external_auth_pb2.CheckResponse:
-    """Allow with the grant header for the upstream, or deny with a JSON-RPC error body."""
+    """Allow with the grant header for the upstream, or deny with a JSON-RPC error body.
+
+    Built in place: protobuf copies a sub-message passed to a constructor, which made up
+    half of this function's cost.
+    """
+    response = external_auth_pb2.CheckResponse()
+    _set_metadata(response, decision)
     if decision.allowed:
-        ok = external_auth_pb2.OkHttpResponse()
+        response.status.code = _GRPC_OK
+        ok = response.ok_response
+        ok.SetInParent()  # present even when it carries nothing
         if decision.grant:
-            ok.headers.append(_header(GRANT_HEADER, decision.grant))
+            _add_header(ok.headers, GRANT_HEADER, decision.grant)
         if decision.fail_open:
-            ok.headers.append(_header(FAIL_OPEN_HEADER, "store unavailable"))
-            ok.response_headers_to_add.append(_header(FAIL_OPEN_HEADER, "store unavailable"))
+            _add_header(ok.headers, FAIL_OPEN_HEADER, "store unavailable")
+            _add_header(ok.response_headers_to_add, FAIL_OPEN_HEADER, "store unavailable")
         if decision.would_deny is not None:
             would = f"deny:{decision.would_deny.code}"
-            ok.headers.append(_header(DRY_RUN_HEADER, would))
-            ok.response_headers_to_add.append(_header(DRY_RUN_HEADER, would))
+            _add_header(ok.headers, DRY_RUN_HEADER, would)
+            _add_header(ok.response_headers_to_add, DRY_RUN_HEADER, would)
         # Client-supplied x-mcp-authz-* headers must never reach the upstream as ours.
-        ok.headers_to_remove.extend(
+        spoofed = [
             name
             for name in request_headers
             if name.startswith(HEADER_PREFIX) and not (name == GRANT_HEADER and decision.grant)
-        )
-        return external_auth_pb2.CheckResponse(
-            status=status_pb2.Status(code=_GRPC_OK),
-            ok_response=ok,
-            dynamic_metadata=_metadata(decision),
-        )
+        ]
+        if spoofed:
+            ok.headers_to_remove.extend(spoofed)
+        return response
     status = decision.reason.status
-    headers = [
-        _header("content-type", "application/json"),
-        _header(REASON_HEADER, header_text(decision.message)),
-    ]
+    response.status.code = _GRPC_CODE.get(status, 7)
+    response.status.message = decision.reason.code
+    denied = response.denied_response
+    denied.status.code = status
+    _add_header(denied.headers, "content-type", "application/json")
+    _add_header(denied.headers, REASON_HEADER, header_text(decision.message))
     if decision.reason is Reason.RATE_LIMITED and decision.retry_after_s is not None:
-        headers.append(_header("retry-after", str(decision.retry_after_s)))
-    denied = external_auth_pb2.DeniedHttpResponse(
-        status=http_status_pb2.HttpStatus(code=status),
-        headers=headers,
-        body=decision.reply_body().decode(),
-    )
-    return external_auth_pb2.CheckResponse(
-        status=status_pb2.Status(code=_GRPC_CODE.get(status, 7), message=decision.reason.code),
-        denied_response=denied,
-        dynamic_metadata=_metadata(decision),
-    )
+        _add_header(denied.headers, "retry-after", str(decision.retry_after_s))
+    denied.body = decision.reply_body().decode()
+    return response

@@ -43,7 +43,6 @@ from redis.exceptions import NoScriptError
 from authz.store import Charge, Outcome
 from authz.store.redis import (
     DEFAULT_PORT,
-    MAX_CONNECTIONS,
     STORE_ERRORS,
     WINDOW_SCRIPT,
     Nonces,
@@ -56,6 +55,10 @@ from authz.store.redis import (
 log = logging.getLogger("mcp_authz.store")
 
 _ROLLBACK_SCRIPT = files("authz.store").joinpath("rollback.lua").read_text(encoding="utf-8")
+
+# Enough concurrent calls for a burst of checks; beyond it callers queue (within their
+# timeout) instead of failing outright.
+MAX_CONNECTIONS = 64
 
 # The Cluster default. A call holds at most one connection at a time, and at most
 # MAX_CONNECTIONS calls run at once, so no node's pool runs dry.

@@ -10,7 +10,7 @@ redis-py has no ``from_url`` for; see :func:`parse_multi_host_url`.
 
 from __future__ import annotations
 
-import asyncio
+import hashlib
 import itertools
 import logging
 import os
@@ -20,29 +20,27 @@ from importlib.resources import files
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-import redis.asyncio
+import hiredis
 from redis.asyncio.connection import SSLConnection, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from authz.store import Charge, Outcome, StoreUnavailable
+from authz.store.connection import Arg, PipelinedConnection, ReplyError, endpoint_of
 
 log = logging.getLogger("mcp_authz.store")
 
 WINDOW_SCRIPT = files("authz.store").joinpath("window.lua").read_text(encoding="utf-8")
-
-# Enough connections for a burst of concurrent checks; beyond it callers queue for a free
-# connection (within the call's timeout) instead of failing outright.
-MAX_CONNECTIONS = 64
+WINDOW_SHA = hashlib.sha1(WINDOW_SCRIPT.encode()).hexdigest()  # noqa: S324 (Redis's script id)
 
 # Suffix of the companion key holding a counter's running total. It follows the key, so a
 # `{hash-tag}` in the key also places the total in the same Redis Cluster slot.
 TOTAL_SUFFIX = ":t"
 
 # Errors that mean "the store did not answer": all become StoreUnavailable (fail closed).
-STORE_ERRORS = (RedisError, OSError, TimeoutError)
+STORE_ERRORS = (RedisError, ReplyError, hiredis.ProtocolError, OSError, TimeoutError)
 
 # Query options of our own, taken out of the URL before redis-py reads the rest.
 _OWN_OPTIONS = ("wait_replicas", "sentinel_username", "sentinel_password")
@@ -54,35 +52,33 @@ DEFAULT_SENTINEL_PORT = 26379
 class RedisStore:
     """Counter store shared by every replica through one Redis, or one behind Sentinel.
 
-    Every call is bounded by ``timeout_s``, both on the socket and around the whole call,
-    and any failure surfaces as :class:`StoreUnavailable`. Nothing is retried: an
-    ``EVALSHA`` that timed out may still have run, so a retry could charge twice. A broken
-    connection is dropped and the next call opens a new one, so the store recovers by itself
-    once Redis is back.
+    Every call is bounded by ``timeout_s`` and any failure surfaces as
+    :class:`StoreUnavailable`. Nothing is retried: an ``EVALSHA`` that timed out may still
+    have run, so a retry could charge twice. A broken or timed-out connection is dropped and
+    the next call opens a new one, so the store recovers by itself once Redis is back. All
+    checks share one pipelined connection (:mod:`authz.store.connection`).
 
     With ``wait_replicas`` N > 0, an allowed check is only reported allowed once N replicas
-    hold its record (``WAIT`` on the same connection, in the same round trip). Redis
+    hold its record (``WAIT`` right behind the script, in the same round trip). Redis
     replicates asynchronously, so without it a failover can drop the last few records and
     let a later call through over its limit; with it, a record the master could not
-    replicate (e.g. an old master that Sentinel has already replaced) is a 503, and the pool
-    reconnects so the next call asks Sentinel where the master is now.
+    replicate (e.g. an old master that Sentinel has already replaced) is a 503, and the
+    connection is reopened so the next call asks Sentinel where the master is now.
     """
 
     def __init__(
         self,
-        client: redis.asyncio.Redis,
+        connection: PipelinedConnection,
         timeout_s: float = 0.05,
         wait_replicas: int = 0,
         sentinel: Sentinel | None = None,
     ) -> None:
-        self._client = client
+        self._connection = connection
         self._sentinel = sentinel
-        self._timeout_s = timeout_s
         self._wait_replicas = wait_replicas
         # WAIT must give up before the call's own timeout, to report why it failed, even
         # when a NOSCRIPT reply makes the call run twice.
         self._wait_ms = max(1, int(timeout_s * 1000 / 3))
-        self._script = client.register_script(WINDOW_SCRIPT)
         self._nonces = Nonces()
 
     async def acquire(self, charges: Sequence[Charge], now_ms: int | None = None) -> Outcome:
@@ -90,54 +86,49 @@ class RedisStore:
         if not charges:
             return Outcome(allowed=True, remaining=())
         keys, args = script_call(charges, now_ms, self._nonces.next())
+        evalsha: list[Arg] = ["EVALSHA", WINDOW_SHA, len(keys), *keys, *args]
+        wait: list[list[Arg]] = [["WAIT", self._wait_replicas, self._wait_ms]]
+        commands = [evalsha, *wait] if self._wait_replicas else [evalsha]
         try:
-            async with asyncio.timeout(self._timeout_s):
-                if self._wait_replicas:
-                    reply = await self._run_replicated(keys, args)
-                else:
-                    reply = await self._script(keys=keys, args=args)
+            replies = await self._connection.execute(*commands)
+            if _noscript(replies[0]):
+                # Nothing ran (Redis restarted or failed over): load the script, run again.
+                await self._connection.execute(["SCRIPT", "LOAD", WINDOW_SCRIPT])
+                replies = await self._connection.execute(*commands)
+            for reply in replies:
+                if isinstance(reply, ReplyError):
+                    if str(reply).startswith("READONLY"):  # a replica now: find the master
+                        self._connection.reset()
+                    raise reply
         except STORE_ERRORS as exc:
             raise unavailable("acquire", exc) from exc
-        return outcome_of(reply)
-
-    async def _run_replicated(self, keys: list[str], args: list[str | int]) -> Any:
-        """The script, then ``WAIT`` on the same connection, in one pipelined round trip."""
-        reply, acked = await self._script_then_wait(keys, args)
-        if isinstance(reply, NoScriptError):
-            # Nothing ran (Redis restarted or failed over): load the script and run it again.
-            await self._client.script_load(WINDOW_SCRIPT)
-            reply, acked = await self._script_then_wait(keys, args)
-        for result in (reply, acked):
-            if isinstance(result, Exception):
-                raise result
-        if int(reply[0]) == 1 and int(acked) < self._wait_replicas:
-            # Reconnect: the next call asks Sentinel again where the master is.
-            await self._client.connection_pool.disconnect()
-            raise StoreUnavailable(
-                f"redis acquire: recorded on {int(acked)} of {self._wait_replicas} replicas in time"
-            )
-        return reply
-
-    async def _script_then_wait(self, keys: list[str], args: list[str | int]) -> list[Any]:
-        async with self._client.pipeline(transaction=False) as pipe:
-            pipe.evalsha(self._script.sha, len(keys), *keys, *args)
-            pipe.execute_command("WAIT", self._wait_replicas, self._wait_ms)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
-        return replies
+        if self._wait_replicas and int(replies[0][0]) == 1:
+            acked = int(replies[1])
+            if acked < self._wait_replicas:
+                self._connection.reset()  # the next call asks Sentinel again
+                raise StoreUnavailable(
+                    f"redis acquire: recorded on {acked} of {self._wait_replicas} replicas in time"
+                )
+        return outcome_of(replies[0])
 
     async def ping(self) -> None:
         """Raise :class:`StoreUnavailable` unless Redis answers ``PING`` in time."""
         try:
-            async with asyncio.timeout(self._timeout_s):
-                await self._client.ping()
+            (reply,) = await self._connection.execute(["PING"])
         except STORE_ERRORS as exc:
             raise unavailable("ping", exc) from exc
+        if isinstance(reply, ReplyError):
+            raise unavailable("ping", reply)
 
     async def close(self) -> None:
-        """Close the client and every pooled connection (and those to the sentinels)."""
-        await self._client.aclose()
+        """Close the connection (and those to the sentinels)."""
+        await self._connection.close()
         if self._sentinel is not None:
             await self._sentinel.aclose()
+
+
+def _noscript(reply: Any) -> bool:
+    return isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT")
 
 
 class Nonces:
@@ -259,17 +250,9 @@ def _wait_replicas(own: dict[str, str]) -> int:
 def open_redis(url: str, timeout_s: float) -> RedisStore:
     """A store on one Redis: ``redis://``, ``rediss://`` or ``unix://``."""
     bare, own = _take_own_options(url)
-    pool = redis.asyncio.BlockingConnectionPool.from_url(
-        bare,
-        max_connections=MAX_CONNECTIONS,
-        timeout=timeout_s,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        health_check_interval=0,
-        retry=Retry(NoBackoff(), 0),
-    )
+    endpoint = endpoint_of(dict(parse_url(bare)))
     return RedisStore(
-        redis.asyncio.Redis.from_pool(pool), timeout_s, wait_replicas=_wait_replicas(own)
+        PipelinedConnection(endpoint, timeout_s), timeout_s, wait_replicas=_wait_replicas(own)
     )
 
 
@@ -285,29 +268,30 @@ def open_sentinel(url: str, timeout_s: float) -> RedisStore:
     parsed = parse_multi_host_url(url, DEFAULT_SENTINEL_PORT)
     if not parsed.path or len(parsed.path) > 2:
         raise ValueError("redis+sentinel:// URL needs /service_name[/db] after the hosts")
-    connection = {
+    connection = dict(parsed.connection)
+    if len(parsed.path) == 2:
+        connection["db"] = int(parsed.path[1])
+    sentinel_kwargs: dict[str, Any] = {
         "socket_timeout": timeout_s,
         "socket_connect_timeout": timeout_s,
         "retry": Retry(NoBackoff(), 0),
-        "health_check_interval": 0,
-        **parsed.connection,
-    }
-    if len(parsed.path) == 2:
-        connection["db"] = int(parsed.path[1])
-    sentinel_kwargs = {
-        name: value
-        for name, value in connection.items()
-        if name.startswith(("socket_", "ssl")) or name == "retry"
+        **{name: value for name, value in connection.items() if name.startswith("ssl")},
     }
     if sentinel_kwargs.pop("ssl", False):
         sentinel_kwargs["connection_class"] = SSLConnection
     for option in ("username", "password"):
         if f"sentinel_{option}" in parsed.own:
             sentinel_kwargs[option] = parsed.own[f"sentinel_{option}"]
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
-        list(parsed.hosts), sentinel_kwargs=sentinel_kwargs, **connection
-    )
-    client = sentinel.master_for(parsed.path[0])
+    sentinel = Sentinel(list(parsed.hosts), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+    service = parsed.path[0]
+
+    async def master() -> tuple[str, int]:
+        host, port = await sentinel.discover_master(service)
+        return str(host), int(port)
+
     return RedisStore(
-        client, timeout_s, wait_replicas=_wait_replicas(parsed.own), sentinel=sentinel
+        PipelinedConnection(endpoint_of(connection, address=master), timeout_s),
+        timeout_s,
+        wait_replicas=_wait_replicas(parsed.own),
+        sentinel=sentinel,
     )

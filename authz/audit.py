@@ -96,11 +96,11 @@ def configure_logging(level: str, fmt: str, audit_level: str) -> None:
     audit_logger.setLevel(_sink.level)
 
 
-def _logged_arguments(decision: Decision, body: bytes) -> Any:
+def _logged_arguments(decision: Decision, body: bytes, policy: Policy) -> Any:
     """The arguments of the call a decision is about, re-read from the body (only for
-    rules that opted in with ``log_arguments``)."""
+    rules that opted in with ``log_arguments``) under the bounds it was decided by."""
     try:
-        parsed = mcp.parse_body(body)
+        parsed = mcp.parse_body(body, policy.max_json_members)
     except mcp.Malformed:
         return None
     calls = [m for m in parsed.messages if m.method == "tools/call" and m.name == decision.tool]
@@ -154,7 +154,7 @@ def record(
     if decision.fail_open:
         line["fail_open"] = True
     if decision.log_arguments:
-        line["arguments"] = _logged_arguments(decision, body)
+        line["arguments"] = _logged_arguments(decision, body, policy)
     try:
         _sink.stream.write(_json_line(line))
         _sink.stream.flush()

@@ -256,7 +256,7 @@ def rule_for(policy: Policy, msg: mcp.Message) -> Rule:
 def plan(policy: Policy, request: mcp.HttpRequest, grant: str | None) -> Plan:
     """Everything about a request's decision except spending: pure, consumes nothing."""
     try:
-        body = _parse(request)
+        body = _parse(request, policy.max_json_members)
     except mcp.Malformed as exc:
         refusal = Decision(
             reason=_PROBLEM_REASON[exc.problem],
@@ -619,7 +619,7 @@ def _about(
     )
 
 
-def _parse(request: mcp.HttpRequest) -> mcp.Body | None:
+def _parse(request: mcp.HttpRequest, max_json_members: int) -> mcp.Body | None:
     """Transport checks and parsing; ``None`` for a bodyless stream/session request."""
     method = request.method.upper()
     if method in BODYLESS_METHODS:
@@ -631,6 +631,6 @@ def _parse(request: mcp.HttpRequest) -> mcp.Body | None:
     if request.headers.get(PARTIAL_BODY_HEADER, "").strip().lower() == "true":
         raise mcp.Malformed(mcp.Problem.PARTIAL_BODY, "body too large to inspect")
     mcp.check_media(request.headers)
-    body = mcp.parse_body(request.body)
+    body = mcp.parse_body(request.body, max_members=max_json_members)
     mcp.check_headers(request.headers, body)
     return body

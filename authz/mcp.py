@@ -12,14 +12,15 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import gc
 import hashlib
 import json
-import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import orjson
 
 JSONRPC_VERSION = "2.0"
@@ -149,100 +150,165 @@ class HttpRequest:
     metadata: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
-def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # Built in C, then compared: a duplicate key collapses, so the sizes differ. Parsers
-    # disagree on which duplicate wins: a smuggling vector, so it is refused.
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        raise Malformed(Problem.MALFORMED, "duplicate key in JSON object")
-    return obj
-
-
-def _reject_constant(name: str) -> Any:
-    raise Malformed(Problem.MALFORMED, f"non-standard JSON constant {name}")
-
-
-# Built once: json.loads would build a decoder for every body.
-_DECODER = json.JSONDecoder(
-    object_pairs_hook=_object_without_duplicates, parse_constant=_reject_constant
-)
-
-
-# A colon written as an escape, and integer literals orjson would turn into floats (over
-# 64 bits; any run of 19 digits, to be safe): bodies with either take the strict path.
-_ESCAPED_COLON = re.compile(rb"\\u003[aA]")
-# Every digit becomes "1", every other byte "0": a run of 19 digits is then a plain
-# substring search. Both steps run in C and create no objects, whatever the body holds.
-_DIGIT_MASK = bytes(0x31 if 0x30 <= b <= 0x39 else 0x30 for b in range(256))
-_DIGIT_RUN = b"1" * 19
-
-
-def _has_long_digit_run(body: bytes) -> bool:
-    return body.translate(_DIGIT_MASK).find(_DIGIT_RUN) >= 0
-
-
 # Deepest nesting accepted. MCP messages need a handful of levels; a bound well below the
 # interpreter's recursion limit keeps every later step (digest, schema checks) safe.
 MAX_DEPTH = 128
 
+# How much one body may hold, counted before it is parsed: what a body costs to parse,
+# digest and check against a policy grows with these, and a 1 MiB body could otherwise
+# hold 110,000 members or 350,000 array elements. A member (a key and its value, in any
+# object at any level) costs the most; the policy's `max_json_members` changes that bound,
+# as Django's DATA_UPLOAD_MAX_NUMBER_FIELDS bounds form fields. An array element costs a
+# fraction of a member, so its fixed bound is higher.
+MAX_MEMBERS = 10_000
+MAX_ARRAY_ELEMENTS = 50_000
 
-def _check_depth(doc: Any) -> None:
-    """Refuse documents nested deeper than :data:`MAX_DEPTH` (an iterative walk)."""
-    stack = [(doc, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise Malformed(Problem.MALFORMED, f"JSON nested too deeply (over {MAX_DEPTH} levels)")
-        if isinstance(node, dict):
-            stack.extend(
-                (value, depth + 1) for value in node.values() if isinstance(value, dict | list)
-            )
-        elif isinstance(node, list):
-            stack.extend((item, depth + 1) for item in node if isinstance(item, dict | list))
+_BOM = b"\xef\xbb\xbf"
+_WHITESPACE = b" \t\r\n"
+_TOO_DEEP = f"JSON nested too deeply (over {MAX_DEPTH} levels)"
+_OBJECTS_AS_ARRAYS = bytes.maketrans(b"{", b"[")
+
+# orjson writes at most 254 levels and raises TypeError beyond: a document wrapped in
+# this many arrays can be written exactly when it is at most MAX_DEPTH levels deep. The
+# depth check then costs nothing beyond the serialisation the duplicate check needs
+# anyway, however many containers the body holds. tests/test_mcp.py pins orjson's limit.
+ORJSON_WRITE_DEPTH = 254
+_DEPTH_PADDING = ORJSON_WRITE_DEPTH - MAX_DEPTH
+
+# Every digit becomes "1", every other byte "0": a run of 19 digits (an integer orjson may
+# have turned into a float: beyond 64 bits) is then a plain substring search. Both steps
+# run in C and create no objects, whatever the body holds.
+_DIGIT_MASK = bytes(0x31 if 0x30 <= b <= 0x39 else 0x30 for b in range(256))
+_DIGIT_RUN = b"1" * 19
+# Reads such integers exactly, and as fast as orjson (the standard library's json took
+# 2 us per number: 80 ms for a body of 40,000 floats and one long integer).
+_EXACT = msgspec.json.Decoder()
 
 
-def _fast_decode(body: bytes) -> Any | None:
-    """orjson's parse, when it provably equals the strict parse below; else ``None``.
+def _without_escaped_backslashes(raw: bytes) -> bytes:
+    r"""``raw`` with every escaped backslash (``\\``) blanked out, at the same offsets.
 
-    orjson is several times faster, but keeps the last of duplicate keys. Every member of an
-    object has one ':' outside strings, and orjson writes strings back unchanged (colons
-    unescaped), so re-serialising the parsed document gives back exactly the body's colons
-    unless a duplicate key was dropped, which always removes at least one.
+    A JSON string reads backslashes in pairs from the start of each run, and so does
+    ``bytes.replace``: every backslash left starts a real escape, so ``\u003a`` is then a
+    colon and ``\"`` a quote inside a string (in ``\\u003a`` the text ``u003a`` follows an
+    escaped backslash).
     """
-    if _ESCAPED_COLON.search(body) or _has_long_digit_run(body):
-        return None
-    try:
-        doc = orjson.loads(body)
-        canonical = orjson.dumps(doc)
-    except (orjson.JSONDecodeError, TypeError):  # TypeError: deeper than orjson writes
-        return None  # the strict parser decides, and says why
-    if canonical.count(b":") != body.count(b":"):
-        raise Malformed(Problem.MALFORMED, "duplicate key in JSON object")
-    # Depth needs as many brackets: most bodies are spared the walk.
-    if body.count(b"[") + body.count(b"{") > MAX_DEPTH:
-        _check_depth(doc)
-    return doc
+    return raw.replace(b"\\\\", b"__")
 
 
-def decode_json(body: bytes) -> Any:
-    """Decode a body as strict RFC 8259 JSON in UTF-8 (no BOM, no NaN, no duplicate keys)."""
-    if not body.startswith(b"\xef\xbb\xbf"):
-        doc = _fast_decode(body)
-        if doc is not None:
-            return doc
+def _outline(body: bytes) -> bytes:
+    """A valid body's JSON outside its strings: each string becomes ``0``, whitespace goes.
+
+    Once escaped backslashes and escaped quotes are blanked out, the quotes left are
+    exactly the strings' delimiters, so the pieces between them alternate between outside
+    and inside strings. Every step runs in C.
+    """
+    unescaped = _without_escaped_backslashes(body).replace(b'\\"', b"__")
+    return b"0".join(unescaped.split(b'"')[0::2]).translate(None, _WHITESPACE)
+
+
+def _check_size(body: bytes, max_members: int) -> None:
+    """Refuse, unparsed, a body with more object members or array elements than allowed.
+
+    Every member has a ':' and every array element but the first a ',', so the raw counts
+    bound both and spare most bodies the outline. In the outline the counts are exact for
+    valid JSON: members are its colons, and every non-empty object or array holds one
+    element more than it has commas. (Invalid JSON may be refused here for its size: it
+    would be refused anyway.)
+    """
+    if body.count(b":") <= max_members and (
+        body.count(b",") + body.count(b"[") <= MAX_ARRAY_ELEMENTS
+    ):
+        return
+    outline = _outline(body)
+    if b"[" * (MAX_DEPTH + 1) in outline.translate(_OBJECTS_AS_ARRAYS):
+        raise Malformed(Problem.MALFORMED, _TOO_DEEP)  # the apter reason for a deep body
+    members = outline.count(b":")
+    if members > max_members:
+        raise Malformed(Problem.MALFORMED, f"JSON body has more than {max_members} object members")
+    non_empty = (
+        outline.count(b"[") + outline.count(b"{") - outline.count(b"[]") - outline.count(b"{}")
+    )
+    if outline.count(b",") + non_empty - members > MAX_ARRAY_ELEMENTS:
+        raise Malformed(
+            Problem.MALFORMED, f"JSON body has more than {MAX_ARRAY_ELEMENTS} array elements"
+        )
+
+
+def _decoded_colons(body: bytes) -> int:
+    """How many colons a valid body holds once its strings are decoded."""
+    colons = body.count(b":")
+    if b"\\u003" in body:
+        escapes = _without_escaped_backslashes(body)
+        colons += escapes.count(b"\\u003a") + escapes.count(b"\\u003A")
+    return colons
+
+
+def _paused_collector(parse: Callable[[bytes], Any], body: bytes) -> Any:
+    """``parse(body)`` with the cyclic garbage collector paused while it runs.
+
+    A parse can build 50,000 containers at once: the collector would start every few
+    hundred of them and walk its older generations again and again (1 MiB of empty arrays
+    took 90-175 ms to parse instead of 30). A parse makes a tree, never a cycle, so
+    nothing is lost by letting the next collection see the new objects once.
+    """
+    if not gc.isenabled():
+        return parse(body)
+    gc.disable()
     try:
-        text = body.decode("utf-8")
+        return parse(body)
+    finally:
+        gc.enable()
+
+
+def _invalid(body: bytes, error: orjson.JSONDecodeError) -> Malformed:
+    """Why orjson refused a body, found without parsing it again."""
+    try:
+        body.decode("utf-8")
     except UnicodeDecodeError:
-        raise Malformed(Problem.MALFORMED, "body is not valid UTF-8") from None
-    if text.startswith("\ufeff"):
+        return Malformed(Problem.MALFORMED, "body is not valid UTF-8")
+    if "depth" in error.msg:  # orjson stops at 1024 levels, far beyond MAX_DEPTH
+        return Malformed(Problem.MALFORMED, _TOO_DEEP)
+    return Malformed(Problem.MALFORMED, "invalid JSON")
+
+
+def decode_json(body: bytes, max_members: int = MAX_MEMBERS) -> Any:
+    r"""Decode a body as strict RFC 8259 JSON in UTF-8, or raise :class:`Malformed`.
+
+    Refused: a BOM, invalid UTF-8, duplicate keys, more than ``max_members`` object members,
+    :data:`MAX_ARRAY_ELEMENTS` array elements or :data:`MAX_DEPTH` levels, and whatever
+    orjson does not read as JSON, which includes NaN and Infinity, lone surrogate escapes
+    (``"\ud800"``) and numbers beyond a double's range (``1e400``): values that parsers
+    read differently.
+
+    orjson alone decides, so no body costs two parses to refuse. It keeps the last of
+    duplicate keys, so they are found by counting: every member has one ':' outside
+    strings, and orjson writes strings back with their colons unescaped, so its output has
+    exactly the body's decoded colons unless a duplicate was dropped, which always removes
+    at least one. Integers orjson cannot hold (beyond 64 bits; it makes them floats) are
+    the one reason to read a body again, once every bound has held.
+    """
+    if body.startswith(_BOM):
         raise Malformed(Problem.MALFORMED, "body starts with a byte order mark")
+    _check_size(body, max_members)
     try:
-        doc = _DECODER.decode(text)
-    except RecursionError:
-        raise Malformed(Problem.MALFORMED, "JSON nested too deeply") from None
-    except ValueError as exc:  # JSONDecodeError, and over-long integers
-        raise Malformed(Problem.MALFORMED, "invalid JSON") from exc
-    _check_depth(doc)
+        doc = _paused_collector(orjson.loads, body)
+    except orjson.JSONDecodeError as exc:
+        raise _invalid(body, exc) from None
+    padded = doc
+    for _ in range(_DEPTH_PADDING):
+        padded = [padded]
+    try:
+        canonical = orjson.dumps(padded)
+    except TypeError:  # deeper than orjson writes: see ORJSON_WRITE_DEPTH
+        raise Malformed(Problem.MALFORMED, _TOO_DEEP) from None
+    if canonical.count(b":") != _decoded_colons(body):
+        raise Malformed(Problem.MALFORMED, "duplicate key in JSON object")
+    if body.translate(_DIGIT_MASK).find(_DIGIT_RUN) >= 0:
+        try:
+            return _paused_collector(_EXACT.decode, body)
+        except msgspec.DecodeError:  # orjson read it: a disagreement is a refusal too
+            raise Malformed(Problem.MALFORMED, "invalid JSON") from None
     return doc
 
 
@@ -343,9 +409,9 @@ def _request(
     )
 
 
-def parse_body(body: bytes) -> Body:
+def parse_body(body: bytes, max_members: int = MAX_MEMBERS) -> Body:
     """Parse a POST body into messages; raise :class:`Malformed` for anything not MCP."""
-    doc = decode_json(body)
+    doc = decode_json(body, max_members)
     if isinstance(doc, list):
         if not doc:
             raise Malformed(Problem.MALFORMED, "empty batch")
@@ -429,9 +495,8 @@ def arguments_digest(arguments: Mapping[str, Any]) -> str:
     try:
         # orjson is about 25x faster than json here and its output is just as canonical.
         canonical = orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS)
-    except TypeError:  # integers beyond 64 bits, lone surrogates: the slow, exact way
-        text = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        canonical = text.encode("utf-8", "surrogatepass")
+    except TypeError:  # integers beyond 64 bits: msgspec writes them exactly, as fast
+        canonical = msgspec.json.encode(arguments, order="sorted")
     return hashlib.sha256(canonical).hexdigest()
 
 

@@ -32,7 +32,7 @@ import referencing.jsonschema
 import yaml
 
 from authz.grants import GrantSource, Source
-from authz.mcp import suspicious_name
+from authz.mcp import MAX_MEMBERS, suspicious_name
 
 WINDOWS_MS = {"second": 1_000, "minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
 _UNIT_MS = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
@@ -224,6 +224,7 @@ class Policy:
 
     ``grants`` is the policy's identity source, ``None`` when it leaves that to the
     command line. ``warnings`` lists rules that load but can never match.
+    ``max_json_members`` bounds the object members a request body may hold.
     """
 
     version: str
@@ -235,6 +236,7 @@ class Policy:
     grants: GrantSource | None = None
     dry_run: bool = False
     warnings: tuple[str, ...] = ()
+    max_json_members: int = MAX_MEMBERS
 
     def rule_for_tool(self, name: str) -> Rule:
         return self.tools.match(name) or self.default
@@ -744,6 +746,7 @@ def compile_policy(doc: object, digest: str = "") -> Policy:
         grants=grants,
         dry_run=dry_run,
         warnings=tuple(warnings),
+        max_json_members=int(doc.get("max_json_members", MAX_MEMBERS)),
     )
 
 

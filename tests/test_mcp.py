@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import gc
 import json
 
+import orjson
 import pytest
 
 from authz import mcp
@@ -72,7 +74,11 @@ def test_unicode_escapes_are_decoded_before_matching() -> None:
         (b"{not json", "invalid JSON"),
         (b"\xff\xfe{}", "UTF-8"),
         (b"\xef\xbb\xbf" + body(call()), "byte order mark"),
-        (b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":NaN}}', "constant"),
+        (b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":NaN}}', "invalid JSON"),
+        (b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":-Infinity}}', "invalid JSON"),
+        (b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":1e400}}', "invalid JSON"),
+        (b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":"\\ud800"}}', "invalid JSON"),
+        (b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":"\xed\xa0\x80"}}', "UTF-8"),
         (b"[]", "empty batch"),
         (b"[[]]", "must be an object"),
         (b'"tools/call"', "must be an object"),
@@ -111,6 +117,8 @@ def test_unicode_escapes_are_decoded_before_matching() -> None:
         (body(call(name="\uff44\uff45\uff4c\uff45\uff54\uff45_app")), "non-normalized"),
         (body(call(name="")), "invisible"),
         (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b"[" * 1_000_000, "nested too deeply"),
+        (b"[0," * 2000 + b"0" + b"]" * 2000, "nested too deeply"),
         (
             b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"n":' + b"9" * 5000 + b"}}",
             "invalid",
@@ -223,6 +231,11 @@ def test_session_id() -> None:
     [
         b'{"a":{"b:":1,"b:":"x:y"}}',  # colons inside the duplicated key and value
         b'{"a\\u003a":1,"a:":2}',  # the same key, once written with an escaped colon
+        b'{"a\\u003A":1,"a:":2}',
+        b'{"a":1,"\\u0061":2}',  # an escaped letter
+        b'{"a\\\\u003a":1,"a\\\\u003a":2}',  # an escaped backslash, then the text u003a
+        b'{"a\\\\\\u003a":1,"a\\\\:":2}',  # an escaped backslash, then an escaped colon
+        b'{"\\u003a\\u003a":{"k":1,"k":2}}',
         b'[{"k":1},{"k":"::","k":1}]',
         b'{"x":"a:b:c","x":"a:b:c"}',
         b'{"k":1, "k" : 1}',
@@ -233,17 +246,117 @@ def test_duplicates_are_found_whatever_colons_the_strings_hold(raw: bytes) -> No
         mcp.decode_json(raw)
 
 
+@pytest.mark.parametrize(
+    ("raw", "keys"),
+    [
+        # An escaped backslash and the text u003a, next to a real colon: two keys.
+        (b'{"a\\\\u003a":1,"a:":2}', ["a\\u003a", "a:"]),
+        # An escaped backslash and an escaped colon, next to the text u003a: two keys.
+        (b'{"a\\\\\\u003a":1,"a\\\\u003a":2}', ["a\\:", "a\\u003a"]),
+        (b'{"\\u003a":1,"\\u003A\\u003a":2,":::":3}', [":", "::", ":::"]),
+        (b'{"q\\"":1,"q\\"\\u003a":2,"\\\\":3}', ['q"', 'q":', "\\"]),
+    ],
+)
+def test_escaped_colons_are_counted_exactly(raw: bytes, keys: list[str]) -> None:
+    assert list(mcp.decode_json(raw)) == keys
+
+
 def test_colons_in_strings_are_no_duplicates() -> None:
     doc = mcp.decode_json(b'{"url:":"https://x:8080/a:b","n":{"::":[":",{"k:v":":"}]}}')
     assert doc == {"url:": "https://x:8080/a:b", "n": {"::": [":", {"k:v": ":"}]}}
 
 
 def test_integers_beyond_64_bits_stay_exact() -> None:
-    """The fast parser would turn them into floats; they must reach the policy exactly."""
-    doc = mcp.decode_json(b'{"n":18446744073709551617,"m":-9223372036854775809,"f":1e22}')
+    """orjson would turn them into floats; they must reach the policy exactly."""
+    doc = mcp.decode_json(
+        b'{"n":18446744073709551617,"m":-9223372036854775809,"f":1e22,'
+        b'"deep":[{"x":[' + b"9" * 300 + b',0.1,"12345678901234567890"]}]}'
+    )
     assert doc["n"] == 18446744073709551617 and isinstance(doc["n"], int)
     assert doc["m"] == -9223372036854775809
     assert doc["f"] == 1e22 and isinstance(doc["f"], float)
+    assert doc["deep"] == [{"x": [int("9" * 300), 0.1, "12345678901234567890"]}]
+    # The argument digest writes them exactly too: a call differing in the last digit
+    # is another call.
+    other = {**doc, "n": 18446744073709551616}
+    assert mcp.arguments_digest(doc) != mcp.arguments_digest(other)
+    assert mcp.arguments_digest(doc) == mcp.arguments_digest(dict(reversed(doc.items())))
+
+
+def test_the_largest_64_bit_integers_need_no_second_parse() -> None:
+    doc = mcp.decode_json(b"[18446744073709551615,-9223372036854775808,1234567890123456789]")
+    assert doc == [2**64 - 1, -(2**63), 1234567890123456789]
+    assert all(isinstance(n, int) for n in doc)
+
+
+def _members(doc: object) -> int:
+    if isinstance(doc, dict):
+        return len(doc) + sum(_members(v) for v in doc.values())
+    if isinstance(doc, list):
+        return sum(_members(v) for v in doc)
+    return 0
+
+
+def _elements(doc: object) -> int:
+    if isinstance(doc, dict):
+        return sum(_elements(v) for v in doc.values())
+    if isinstance(doc, list):
+        return len(doc) + sum(_elements(v) for v in doc)
+    return 0
+
+
+# Strings full of what the counts look for: colons, commas, brackets, quotes, backslashes.
+TRICKY = [
+    b'{"a:b":"c,d","e":[":",",","[","{}","[]"],"f":{}}',
+    b'{ "k" : [ 1 , [ ] , { } , { "x" : "\\":,[" } ] , "\\\\" : "\\\\\\"," }',
+    b'[{"a":1},{"b":[2,3]},[[],[[]]],"\\u003a,",{"\\u0022:":""}]',
+]
+
+
+@pytest.mark.parametrize("raw", TRICKY)
+def test_member_bound_counts_exactly(raw: bytes) -> None:
+    """Whatever the strings hold, a body at the bound is parsed and one under it is not."""
+    members = _members(json.loads(raw))
+    assert mcp.decode_json(raw, max_members=members) == json.loads(raw)
+    with pytest.raises(Malformed, match=f"more than {members - 1} object members"):
+        # Colons in strings are counted too, so a bound below them forces the exact count.
+        mcp.decode_json(raw, max_members=members - 1)
+    with pytest.raises(Malformed, match="more than 1 object members"):
+        mcp.decode_json(raw.replace(b"{", b'{"pad":",:,:,:,:,:,:,:,:,:,:,:",', 1), max_members=1)
+
+
+def test_array_element_bound_counts_exactly() -> None:
+    """Commas, brackets and quotes inside strings do not count as elements."""
+    element = b'"[,],[,]\\",[,"'
+    at_bound = b"[[]," + b",".join([element] * (mcp.MAX_ARRAY_ELEMENTS - 3)) + b",[1]]"
+    assert _elements(json.loads(at_bound)) == mcp.MAX_ARRAY_ELEMENTS
+    assert len(mcp.decode_json(at_bound)) == mcp.MAX_ARRAY_ELEMENTS - 1
+    over = at_bound.replace(b"[1]", b"[1,2]")
+    with pytest.raises(Malformed, match=f"more than {mcp.MAX_ARRAY_ELEMENTS} array elements"):
+        mcp.decode_json(over)
+
+
+def test_orjson_writes_exactly_the_depth_the_depth_check_assumes() -> None:
+    """The depth check pads a document up to orjson's writing limit: pin that limit."""
+    doc: list[object] = []
+    for _ in range(mcp.ORJSON_WRITE_DEPTH - 1):
+        doc = [doc]
+    orjson.dumps(doc)
+    with pytest.raises(TypeError):
+        orjson.dumps([doc])
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_garbage_collector_is_left_as_it_was(enabled: bool) -> None:
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        mcp.decode_json(b'[[],{"n":123456789012345678901234}]')
+        with pytest.raises(Malformed):
+            mcp.decode_json(b"[[],")
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
 
 
 def test_depth_is_bounded() -> None:

@@ -9,6 +9,7 @@ number from the URL are used.
 from __future__ import annotations
 
 import asyncio
+import gc
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,3 +143,28 @@ async def test_url_credentials_and_database_are_used(password_server: RedisServe
         await wrong.close()
     assert "WRONGPASS" in str(info.value) or "invalid password" in str(info.value)
     assert "wrong" not in str(info.value).replace("WRONGPASS", "")  # no secret echoed
+
+
+async def test_a_failed_call_reports_its_failure_once(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A call of two commands (the script and WAIT) that fails raises once; the second
+    command's failure is not left to be logged as "never retrieved"."""
+    connection = _connection(redis_server, timeout_s=0.5)
+    try:
+        assert await connection.execute(["PING"]) == [b"PONG"]
+        redis_server.pause()
+        try:
+            with pytest.raises(TimeoutError):
+                await connection.execute(["PING"], ["PING"])
+        finally:
+            redis_server.resume()
+        redis_server.stop()
+        with pytest.raises((ConnectionError, OSError, TimeoutError)):
+            await connection.execute(["PING"], ["PING"])
+        redis_server.start()
+    finally:
+        await connection.close()
+    await asyncio.sleep(0.01)
+    gc.collect()
+    assert "never retrieved" not in caplog.text

@@ -97,13 +97,20 @@ class _Wire(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
-        while (reply := self._reader.gets()) is not False:
+        while (reply := self._next_reply()) is not False:
             if not self._sent:  # a reply nobody asked for: the stream is out of step
                 self.abort()
                 return
             future = self._sent.popleft()
             if not future.done():
                 future.set_result(reply)
+
+    def _next_reply(self) -> Any:
+        try:
+            return self._reader.gets()
+        except hiredis.ProtocolError:  # not Redis speaking: nothing after this can be read
+            self.abort()
+            return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -174,7 +181,7 @@ class PipelinedConnection:
         futures = wire.send(commands)
         timer = loop.call_at(deadline, _expire, wire, futures)
         try:
-            return [await future for future in futures]
+            return await _replies(futures)
         finally:
             timer.cancel()
 
@@ -223,8 +230,7 @@ class PipelinedConnection:
                     hello.append(["AUTH", *credentials])
                 if end.db:
                     hello.append(["SELECT", end.db])
-                for future in wire.send(hello):
-                    reply = await future
+                for reply in await _replies(wire.send(hello)):
                     if isinstance(reply, ReplyError):
                         raise reply
         except BaseException:
@@ -238,6 +244,19 @@ class PipelinedConnection:
         self.reset()
         if self._opening is not None and not self._opening.done():
             self._opening.cancel()
+
+
+async def _replies(futures: list[asyncio.Future[Any]]) -> list[Any]:
+    """Every reply, in order. On a failure the rest are given up: a reply that still comes
+    is dropped, and a failure set on them later is not reported again."""
+    try:
+        return [await future for future in futures]
+    finally:
+        for future in futures:
+            if not future.done():
+                future.cancel()
+            elif not future.cancelled():
+                future.exception()  # marks it retrieved: the failure was raised once
 
 
 def _expire(wire: _Wire, futures: list[asyncio.Future[Any]]) -> None:

@@ -168,3 +168,27 @@ async def test_a_failed_call_reports_its_failure_once(
     await asyncio.sleep(0.01)
     gc.collect()
     assert "never retrieved" not in caplog.text
+
+
+async def test_the_script_is_loaded_on_connect_and_reloaded_after_a_flush(
+    redis_server: RedisServer,
+) -> None:
+    """The first check after a connect finds the script (no NOSCRIPT round trip); a script
+    cache emptied under a live connection (SCRIPT FLUSH) costs one NOSCRIPT, then works."""
+    store = open_store(redis_server.url, timeout_s=1.0)
+    limit = Charge(key="mcpauthz:{g:a}:c", window_ms=60_000, max=5)
+
+    def noscript_errors() -> int:
+        with redis_server.client() as client:
+            stats = client.info("errorstats")
+        return int(stats.get("errorstat_NOSCRIPT", {}).get("count", 0))
+
+    try:
+        assert (await store.acquire([limit])).remaining == (4,)
+        assert noscript_errors() == 0
+        with redis_server.client() as client:
+            client.script_flush()
+        assert (await store.acquire([limit])).remaining == (3,)
+        assert noscript_errors() == 1
+    finally:
+        await store.close()

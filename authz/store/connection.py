@@ -163,9 +163,14 @@ class PipelinedConnection:
     """Commands to one Redis over one connection, opened on first use and reopened after
     any failure. Every :meth:`execute` is bounded by ``timeout_s``, connecting included."""
 
-    def __init__(self, endpoint: Endpoint, timeout_s: float) -> None:
+    def __init__(
+        self, endpoint: Endpoint, timeout_s: float, on_connect: Sequence[Sequence[Arg]] = ()
+    ) -> None:
         self._endpoint = endpoint
         self._timeout_s = timeout_s
+        # Sent on every new connection after AUTH and SELECT (the store loads its script,
+        # so the first check after a (re)connect needs no NOSCRIPT round trip).
+        self._on_connect = [list(command) for command in on_connect]
         self._wire: _Wire | None = None
         self._opening: asyncio.Task[_Wire] | None = None
 
@@ -230,6 +235,7 @@ class PipelinedConnection:
                     hello.append(["AUTH", *credentials])
                 if end.db:
                     hello.append(["SELECT", end.db])
+                hello += self._on_connect
                 for reply in await _replies(wire.send(hello)):
                     if isinstance(reply, ReplyError):
                         raise reply

@@ -34,6 +34,7 @@ log = logging.getLogger("mcp_authz.store")
 
 WINDOW_SCRIPT = files("authz.store").joinpath("window.lua").read_text(encoding="utf-8")
 WINDOW_SHA = hashlib.sha1(WINDOW_SCRIPT.encode()).hexdigest()  # noqa: S324 (Redis's script id)
+LOAD_WINDOW_SCRIPT: list[Arg] = ["SCRIPT", "LOAD", WINDOW_SCRIPT]
 
 # Suffix of the companion key holding a counter's running total. It follows the key, so a
 # `{hash-tag}` in the key also places the total in the same Redis Cluster slot.
@@ -93,7 +94,7 @@ class RedisStore:
             replies = await self._connection.execute(*commands)
             if _noscript(replies[0]):
                 # Nothing ran (Redis restarted or failed over): load the script, run again.
-                await self._connection.execute(["SCRIPT", "LOAD", WINDOW_SCRIPT])
+                await self._connection.execute(LOAD_WINDOW_SCRIPT)
                 replies = await self._connection.execute(*commands)
             for reply in replies:
                 if isinstance(reply, ReplyError):
@@ -252,7 +253,9 @@ def open_redis(url: str, timeout_s: float) -> RedisStore:
     bare, own = _take_own_options(url)
     endpoint = endpoint_of(dict(parse_url(bare)))
     return RedisStore(
-        PipelinedConnection(endpoint, timeout_s), timeout_s, wait_replicas=_wait_replicas(own)
+        PipelinedConnection(endpoint, timeout_s, on_connect=[LOAD_WINDOW_SCRIPT]),
+        timeout_s,
+        wait_replicas=_wait_replicas(own),
     )
 
 
@@ -290,7 +293,9 @@ def open_sentinel(url: str, timeout_s: float) -> RedisStore:
         return str(host), int(port)
 
     return RedisStore(
-        PipelinedConnection(endpoint_of(connection, address=master), timeout_s),
+        PipelinedConnection(
+            endpoint_of(connection, address=master), timeout_s, on_connect=[LOAD_WINDOW_SCRIPT]
+        ),
         timeout_s,
         wait_replicas=_wait_replicas(parsed.own),
         sentinel=sentinel,

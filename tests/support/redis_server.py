@@ -366,7 +366,9 @@ class SentinelSetup:
         return int(state["port"])
 
     def current_master(self) -> RedisServer:
-        port = self.master_port()
+        """The master the sentinel names, waiting out a moment when it names none (it may
+        still flag the new master down for a moment after a failover)."""
+        port = wait_until("the sentinel to name a master", self.master_port, 30.0)
         return next(s for s in [self.master, *self.replicas] if s.port == port)
 
 

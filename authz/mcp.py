@@ -295,13 +295,18 @@ def decode_json(body: bytes, max_members: int = MAX_MEMBERS) -> Any:
         doc = _paused_collector(orjson.loads, body)
     except orjson.JSONDecodeError as exc:
         raise _invalid(body, exc) from None
-    padded = doc
-    for _ in range(_DEPTH_PADDING):
-        padded = [padded]
-    try:
-        canonical = orjson.dumps(padded)
-    except TypeError:  # deeper than orjson writes: see ORJSON_WRITE_DEPTH
-        raise Malformed(Problem.MALFORMED, _TOO_DEEP) from None
+    if body.count(b"[") + body.count(b"{") > MAX_DEPTH:
+        # It could be too deep (a depth needs as many brackets, so most bodies are spared
+        # this): wrapped, it is too deep exactly when orjson refuses to write it.
+        padded = doc
+        for _ in range(_DEPTH_PADDING):
+            padded = [padded]
+        try:
+            canonical = orjson.dumps(padded)
+        except TypeError:  # deeper than orjson writes: see ORJSON_WRITE_DEPTH
+            raise Malformed(Problem.MALFORMED, _TOO_DEEP) from None
+    else:
+        canonical = orjson.dumps(doc)
     if canonical.count(b":") != _decoded_colons(body):
         raise Malformed(Problem.MALFORMED, "duplicate key in JSON object")
     if body.translate(_DIGIT_MASK).find(_DIGIT_RUN) >= 0:

@@ -77,9 +77,11 @@ class RedisStore:
         self._connection = connection
         self._sentinel = sentinel
         self._wait_replicas = wait_replicas
-        # WAIT must give up before the call's own timeout, to report why it failed, even
-        # when a NOSCRIPT reply makes the call run twice.
-        self._wait_ms = max(1, int(timeout_s * 1000 / 3))
+        # Sent right behind the script when replicas must hold the record. WAIT must give up
+        # before the call's own timeout, to report why it failed, even when a NOSCRIPT reply
+        # makes the call run twice.
+        wait_ms = max(1, int(timeout_s * 1000 / 3))
+        self._wait: list[list[Arg]] = [["WAIT", wait_replicas, wait_ms]] if wait_replicas else []
         self._nonces = Nonces()
 
     async def acquire(self, charges: Sequence[Charge], now_ms: int | None = None) -> Outcome:
@@ -88,8 +90,7 @@ class RedisStore:
             return Outcome(allowed=True, remaining=())
         keys, args = script_call(charges, now_ms, self._nonces.next())
         evalsha: list[Arg] = ["EVALSHA", WINDOW_SHA, len(keys), *keys, *args]
-        wait: list[list[Arg]] = [["WAIT", self._wait_replicas, self._wait_ms]]
-        commands = [evalsha, *wait] if self._wait_replicas else [evalsha]
+        commands = [evalsha, *self._wait]
         try:
             replies = await self._connection.execute(*commands)
             if _noscript(replies[0]):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import redis
 
 from authz.store import Charge, StoreUnavailable, open_store
 from authz.store.connection import PipelinedConnection, endpoint_of
-from tests.support.redis_server import RedisServer, free_port, wait_until
+from tests.support.redis_server import RedisServer, free_port
 
 PASSWORD = "s3cret-for-tests"
 
@@ -107,16 +106,12 @@ async def test_a_lost_server_fails_the_calls_and_a_restarted_one_is_used(
 
 @pytest.fixture
 def password_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A redis-server that needs a password (its own start-up PING would get NOAUTH)."""
+    """A redis-server that needs a password, with four databases."""
     server = RedisServer(
-        port=free_port(), directory=tmp_path, extra=("--requirepass", PASSWORD, "--databases", "4")
+        port=free_port(), directory=tmp_path, password=PASSWORD, extra=("--databases", "4")
     )
-    server.proc = subprocess.Popen(
-        server.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    server.start()
     try:
-        with redis.Redis(port=server.port, password=PASSWORD, socket_timeout=0.5) as client:
-            wait_until("redis-server with a password", client.ping)
         yield server
     finally:
         server.terminate()

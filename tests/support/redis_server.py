@@ -211,7 +211,8 @@ class RedisServer:
 
     ``tls`` serves TLS only (on ``port``); ``persistent`` keeps an append-only file synced
     before every reply, so a killed server comes back with every count it acknowledged;
-    ``extra`` are more ``--option value`` arguments (replication, cluster mode).
+    ``extra`` are more ``--option value`` arguments (replication, cluster mode);
+    ``password`` makes the server require it (and :meth:`client` send it).
     """
 
     port: int
@@ -219,6 +220,7 @@ class RedisServer:
     tls: TlsFiles | None = None
     persistent: bool = False
     extra: Sequence[str] = ()
+    password: str | None = None
     proc: subprocess.Popen[bytes] | None = None
     name: str = field(default="redis")
 
@@ -250,6 +252,8 @@ class RedisServer:
         if redis_version() >= (7,):
             # DEBUG SLEEP simulates a stalled server; Redis 7 allows DEBUG only when asked.
             cmd += ["--enable-debug-command", "local"]
+        if self.password is not None:
+            cmd += ["--requirepass", self.password]
         return cmd + list(self.extra)
 
     def start(self) -> None:
@@ -311,7 +315,11 @@ class RedisServer:
         """A synchronous client for inspecting the server from a test."""
         tls = self.tls.client_kwargs() if self.tls is not None else {}
         return redis.Redis(
-            port=self.port, socket_timeout=timeout, socket_connect_timeout=timeout, **tls
+            port=self.port,
+            password=self.password,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            **tls,
         )
 
 

@@ -23,7 +23,7 @@ from authz import envoy
 from authz.engine import Engine
 from authz.pb import external_auth_pb2
 from authz.policy import compile_policy
-from authz.store import open_store
+from authz.store import CounterStore, open_store
 from authz.store.memory import MemoryStore
 from bench import mix
 
@@ -96,8 +96,8 @@ def shapes() -> list[Shape]:
     ]
 
 
-def _engine(policy_doc: dict[str, Any]) -> Engine:
-    return Engine(compile_policy(policy_doc), MemoryStore())
+def _engine(policy_doc: dict[str, Any], store: CounterStore | None = None) -> Engine:
+    return Engine(compile_policy(policy_doc), store or MemoryStore())
 
 
 ROUNDS = 5
@@ -174,7 +174,7 @@ async def run(
         limited = all_shapes[1]
         name = limited.name.replace("memory store", "Redis store on loopback")
         try:
-            with_redis = Engine(compile_policy(mix.reference_policy()), store)
+            with_redis = _engine(mix.reference_policy(), store)
             per_shape.append(await _time_shape(with_redis, Shape(name, limited.check), seconds))
         finally:
             await store.close()

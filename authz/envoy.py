@@ -54,7 +54,11 @@ def http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
             joined[name] = f"{joined[name]},{value}" if name in joined else value
         headers = joined
     else:
-        headers = dict(http.headers)
+        # Iterating the protobuf map itself runs in C; dict() would go through the
+        # Mapping ABC's Python-level keys() and __iter__, a third of this function's cost.
+        raw = http.headers
+        headers = {name: raw[name] for name in raw}
+    filter_metadata = attrs.metadata_context.filter_metadata
     return HttpRequest(
         method=http.method,
         path=http.path,
@@ -64,8 +68,8 @@ def http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
         peer_principal=attrs.source.principal,
         # Only what filters before ext_authz put there (jwt_authn's verified payload).
         metadata={
-            namespace: json_format.MessageToDict(struct)
-            for namespace, struct in attrs.metadata_context.filter_metadata.items()
+            namespace: json_format.MessageToDict(filter_metadata[namespace])
+            for namespace in filter_metadata
         },
     )
 

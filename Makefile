@@ -52,17 +52,18 @@ soak: $(STAMP)
 run: $(STAMP)
 	$(BIN)/python examples/run_stack.py
 
-# The benchmark of issue #8 (about 7 minutes; writes bench/results.md). The load generator
-# is wrk from Debian's package: installed here when missing (needs root), as is taskset.
+# The benchmark of issue #8 (about 9 minutes; writes bench/results.md). The load generator
+# is wrk from Debian's package: installed here when missing (needs root), as are taskset
+# and valgrind (its callgrind counts instructions per check).
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	touch $(BENCH_STAMP)
 
 bench-tools:
-	@command -v wrk >/dev/null && command -v taskset >/dev/null || { \
-	  test "$$(id -u)" = 0 || { echo "bench: install wrk and util-linux (root needed)"; exit 1; }; \
-	  apt-get update -qq && apt-get install -y -qq wrk util-linux; }
+	@command -v wrk >/dev/null && command -v taskset >/dev/null && command -v valgrind >/dev/null || { \
+	  test "$$(id -u)" = 0 || { echo "bench: install wrk, util-linux and valgrind (root needed)"; exit 1; }; \
+	  apt-get update -qq && apt-get install -y -qq wrk util-linux valgrind; }
 
 bench: $(BENCH_STAMP) bench-tools
 	$(BIN)/python -m bench.run $(BENCH_ARGS)

@@ -48,7 +48,7 @@ import grpc
 import redis
 import yaml
 
-from bench import micro, mix
+from bench import instructions, micro, mix
 from tests.support.redis_server import RedisServer, redis_server_binary, running_redis
 from tests.support.stack import ENVOY_YAML, Proc, free_port, running, wait_for_port
 
@@ -528,6 +528,7 @@ def render(
     trips: dict[str, Any],
     micro_shapes: list[micro.Timing],
     micro_stages: list[micro.Timing],
+    counts: list[instructions.Count],
 ) -> str:
     by = {r.config.key: r for r in results}
     rate = setup["rate"]
@@ -669,6 +670,16 @@ def render(
         "",
         *micro.table(micro_stages),
         "",
+        "## Instructions per check: the same path counted, not timed",
+        "",
+        "`bench/instructions.py`: valgrind's callgrind counts the user-space instructions of "
+        f"`AuthorizationService.Check` ({instructions.ITERATIONS} checks per shape, memory "
+        "store, metrics and the audit line included, no gRPC and no kernel), split by the "
+        "shared object they ran in. The host's speed does not move a count: a change to the "
+        "code shows here even when the timings above are too noisy to tell.",
+        "",
+        *instructions.table(counts),
+        "",
     ]
     return "\n".join(lines)
 
@@ -780,8 +791,11 @@ def main() -> int:
     parser.add_argument("--only", help="comma-separated configuration keys (for trying out)")
     parser.add_argument("--profile", action="store_true", help="instead: py-spy on configuration 3")
     args = parser.parse_args()
-    if shutil.which("wrk") is None or shutil.which("taskset") is None:
-        print("bench: wrk and taskset are needed (make bench installs them)", file=sys.stderr)
+    if not all(shutil.which(tool) for tool in ("wrk", "taskset", "valgrind")):
+        print(
+            "bench: wrk, taskset and valgrind are needed (make bench installs them)",
+            file=sys.stderr,
+        )
         return 2
     started = time.time()
     host = machine()
@@ -853,6 +867,8 @@ def main() -> int:
             print(f"  {json.dumps(trips)}", flush=True)
             print("bench: micro-benchmark", flush=True)
             micro_shapes, micro_stages = asyncio.run(micro.run(redis_url=store.url))
+            print("bench: instructions per check (callgrind)", flush=True)
+            counts = instructions.count()
     if args.only:
         print("bench: --only given, results.md not written", flush=True)
         return 0
@@ -861,7 +877,16 @@ def main() -> int:
         "calibration: a fixed Python workload, ms of CPU at the start / the end (lower is faster)"
     ] = f"{calibration_before:.1f} / {calibration_ms():.1f}"
     report = render(
-        started, elapsed, args.note, host, setup, results, trips, micro_shapes, micro_stages
+        started,
+        elapsed,
+        args.note,
+        host,
+        setup,
+        results,
+        trips,
+        micro_shapes,
+        micro_stages,
+        counts,
     )
     args.out.write_text(report)
     print(f"bench: wrote {args.out}", flush=True)

@@ -54,10 +54,9 @@ def http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
             joined[name] = f"{joined[name]},{value}" if name in joined else value
         headers = joined
     else:
-        # Iterating the protobuf map itself runs in C; dict() would go through the
-        # Mapping ABC's Python-level keys() and __iter__, a third of this function's cost.
-        raw = http.headers
-        headers = {name: raw[name] for name in raw}
+        # The protobuf map itself (lower-case names, a C mapping): a check looks up a
+        # handful of headers, which costs less there than copying every header first.
+        headers = http.headers
     filter_metadata = attrs.metadata_context.filter_metadata
     return HttpRequest(
         method=http.method,

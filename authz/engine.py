@@ -17,8 +17,10 @@ import hashlib
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
 from typing import Any
+
+import msgspec
+from msgspec.structs import replace
 
 from authz import mcp
 from authz.approvals import Approval, ApprovalBook, Binding, Verdict
@@ -100,8 +102,8 @@ _PROBLEM_REASON = {
 }
 
 
-@dataclass(frozen=True)
-class CounterState:
+# Frozen msgspec Structs for the same reason as in authz.mcp: a check builds several.
+class CounterState(msgspec.Struct, frozen=True):
     """A counter a decision touched, and the budget left in its window afterwards."""
 
     counter: str
@@ -109,8 +111,7 @@ class CounterState:
     max: int
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(msgspec.Struct, frozen=True):
     """Allow, or deny with everything the reply and the audit line need.
 
     ``message`` is the agent-readable text; on a denial it starts with "policy violation:".
@@ -201,8 +202,7 @@ def _subject(msg: mcp.Message) -> str:
     return f"method '{msg.method}'"
 
 
-@dataclass(frozen=True)
-class Spend:
+class Spend(msgspec.Struct, frozen=True):
     """A limit a message spends against: ``cost`` units under store key ``key``."""
 
     msg: mcp.Message
@@ -212,8 +212,7 @@ class Spend:
     cost: int
 
 
-@dataclass(frozen=True)
-class Step:
+class Step(msgspec.Struct, frozen=True):
     """What the policy says about one message: the rule that governs it (``None`` for
     lifecycle, listing, notifications and responses), why it is denied if it is, and
     otherwise the limits it spends against."""
@@ -230,8 +229,7 @@ class Step:
         return self.rule is not None and self.rule.dry_run and self.denial in DRY_RUNNABLE
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(msgspec.Struct, frozen=True):
     """A request's decision up to the spend. ``refusal`` is set when it was refused before
     any rule (transport, parsing); ``body`` is ``None`` for a bodyless stream request."""
 
@@ -522,8 +520,7 @@ async def _refund(book: ApprovalBook | None, approval: Approval) -> None:
         await book.refund(approval)
 
 
-@dataclass(frozen=True)
-class _Spent:
+class _Spent(msgspec.Struct, frozen=True):
     """What a spend came to: an enforced ``refusal``, or the ``counters`` it left (and
     whether it was let through by ``fail_open``), with a dry-run ``would`` deny."""
 

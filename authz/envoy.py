@@ -117,13 +117,15 @@ def check_response(
             would = f"deny:{decision.would_deny.code}"
             _add_header(ok.headers, DRY_RUN_HEADER, would)
             _add_header(ok.response_headers_to_add, DRY_RUN_HEADER, would)
-        # Client-supplied x-mcp-authz-* headers must never reach the upstream as ours.
-        spoofed = [
-            name
-            for name in request_headers
-            if name.startswith(HEADER_PREFIX) and not (name == GRANT_HEADER and decision.grant)
-        ]
-        if spoofed:
+        # Client-supplied x-mcp-authz-* headers must never reach the upstream as ours. The
+        # names are joined (in C) and searched once: most requests carry none, and a
+        # Python loop over every name was a third of this function's cost.
+        if HEADER_PREFIX in "\n".join(request_headers):
+            spoofed = [
+                name
+                for name in request_headers
+                if name.startswith(HEADER_PREFIX) and not (name == GRANT_HEADER and decision.grant)
+            ]
             ok.headers_to_remove.extend(spoofed)
         return response
     status = decision.reason.status

@@ -37,7 +37,7 @@ _ROOT = Path(__file__).resolve().parent.parent
 _GROUPS = (
     ("CPython interpreter and built-in types", re.compile(r"libpython|/python3\.\d+$")),
     ("protobuf (upb)", re.compile(r"google/_upb/")),
-    ("JSON (orjson, msgspec)", re.compile(r"orjson|msgspec")),
+    ("orjson and msgspec (JSON, the Structs)", re.compile(r"orjson|msgspec")),
     ("SHA-256 (OpenSSL)", re.compile(r"libcrypto|_hashlib")),
     ("C library", re.compile(r"libc\.so|ld-linux|libm\.so")),
 )

@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import pytest
+from msgspec.structs import replace
 
 from authz import envoy
 from authz.engine import Decision, Engine, Reason, counter_key
@@ -504,6 +504,28 @@ def test_dry_run_header_goes_upstream_and_into_the_response() -> None:
     assert response.dynamic_metadata["would_deny"] == "rate_limited"
     plain = envoy.check_response(Decision(reason=Reason.ALLOWED, grant="g"), {})
     assert "x-mcp-authz-dry-run" not in {h.header.key for h in plain.ok_response.headers}
+
+
+def test_client_copies_of_our_headers_are_removed_and_nothing_else() -> None:
+    allowed = Decision(reason=Reason.ALLOWED, grant="g")
+    headers = {
+        "authorization": "Bearer t",
+        "x-mcp-authz-grant": "someone-else",  # replaced by ours (OVERWRITE), not removed
+        "x-mcp-authz-reason": "forged",
+        "not-x-mcp-authz-reason": "kept",  # the prefix inside a name is not ours
+    }
+    response = envoy.check_response(allowed, headers)
+    assert list(response.ok_response.headers_to_remove) == ["x-mcp-authz-reason"]
+    assert {h.header.key: h.header.value for h in response.ok_response.headers} == {
+        "x-mcp-authz-grant": "g"
+    }
+    no_grant = envoy.check_response(Decision(reason=Reason.ALLOWED), headers)
+    assert sorted(no_grant.ok_response.headers_to_remove) == [
+        "x-mcp-authz-grant",
+        "x-mcp-authz-reason",
+    ]
+    clean = envoy.check_response(allowed, {"authorization": "Bearer t", "x-other": "1"})
+    assert list(clean.ok_response.headers_to_remove) == []
 
 
 # --- grants from the policy -----------------------------------------------------------------

@@ -17,13 +17,14 @@ suite runs against each.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
+import msgspec
 
-@dataclass(frozen=True)
-class Charge:
+
+# Frozen msgspec Structs, as in authz.mcp: built on every limited check.
+class Charge(msgspec.Struct, frozen=True):
     """One limit a request wants to spend against.
 
     ``key`` is the full counter key (the engine builds it from scope and counter name, and
@@ -36,8 +37,7 @@ class Charge:
     cost: int = 1
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(msgspec.Struct, frozen=True):
     """The result of :meth:`CounterStore.acquire`.
 
     When ``allowed``, every charge was recorded and ``remaining[i]`` is what is left of

@@ -30,6 +30,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from authz import audit
+from authz.metrics import Metrics
+from authz.pb import external_auth_pb2
+from authz.server import AuthorizationService
+from bench import micro, mix
+
 ITERATIONS = 400
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,6 +48,7 @@ _GROUPS = (
     ("C library", re.compile(r"libc\.so|ld-linux|libm\.so")),
 )
 OTHER = "other (prometheus-client's and the standard library's C modules)"
+GROUP_NAMES = (*(name for name, _ in _GROUPS), OTHER)
 
 
 @dataclass(frozen=True)
@@ -53,13 +60,6 @@ class Count:
 
 def _measured_process(iterations: int) -> None:
     """Runs inside valgrind: each shape's loop between instrumentation on and a dump."""
-    sys.path.insert(0, str(_ROOT))
-    from authz import audit
-    from authz.metrics import Metrics
-    from authz.pb import external_auth_pb2
-    from authz.server import AuthorizationService
-    from bench import micro, mix
-
     audit.configure_logging("warning", "json", "info")  # the default: an audit line a check
     service = AuthorizationService(micro._engine(mix.reference_policy()), Metrics())
     pid = str(os.getpid())
@@ -109,14 +109,16 @@ def _self_cost_by_object(dump: Path) -> dict[str, int]:
     return costs
 
 
-def _group(obj: str) -> str:
-    return next((name for name, pattern in _GROUPS if pattern.search(obj)), OTHER)
+def _by_group(costs: dict[str, int]) -> dict[str, int]:
+    """Instructions per shared object, added up under the table's group names."""
+    grouped = dict.fromkeys(GROUP_NAMES, 0)
+    for obj, cost in costs.items():
+        grouped[next((name for name, pattern in _GROUPS if pattern.search(obj)), OTHER)] += cost
+    return grouped
 
 
 def count(iterations: int = ITERATIONS) -> list[Count]:
     """Instructions per check for each shape of ``bench.micro``."""
-    from bench import micro
-
     with tempfile.TemporaryDirectory(prefix="mcp-authz-callgrind-") as tmp:
         out = Path(tmp) / "callgrind.out"
         subprocess.run(
@@ -137,34 +139,25 @@ def count(iterations: int = ITERATIONS) -> list[Count]:
             stderr=subprocess.DEVNULL,
         )
         dumps = sorted(Path(tmp).glob("callgrind.out.*"), key=lambda p: int(p.suffix[1:]))
-        totals = [_self_cost_by_object(d) for d in dumps]
+        totals = [_by_group(_self_cost_by_object(d)) for d in dumps]
     names = [s.name for s in micro.shapes()]
     if len(totals) != len(names) + 1:
         raise RuntimeError(f"callgrind wrote {len(totals)} dumps, expected {len(names) + 1}")
-    overhead: dict[str, float] = defaultdict(float)
-    for obj, cost in totals[0].items():
-        overhead[_group(obj)] += cost
+    overhead = totals[0]
     results = []
-    for name, costs in zip(names, totals[1:], strict=True):
-        grouped: dict[str, float] = defaultdict(float)
-        for obj, cost in costs.items():
-            grouped[_group(obj)] += cost
-        by_group = {
-            g: max(0.0, (grouped[g] - overhead[g]) / iterations)
-            for g in [*(n for n, _ in _GROUPS), OTHER]
-        }
+    for name, grouped in zip(names, totals[1:], strict=True):
+        by_group = {g: max(0.0, (grouped[g] - overhead[g]) / iterations) for g in GROUP_NAMES}
         results.append(Count(name, sum(by_group.values()), by_group))
     return results
 
 
 def table(counts: list[Count]) -> list[str]:
-    groups = [*(n for n, _ in _GROUPS), OTHER]
     lines = [
-        "| what | instructions per check | " + " | ".join(groups) + " |",
-        "|---|---:|" + "---:|" * len(groups),
+        "| what | instructions per check | " + " | ".join(GROUP_NAMES) + " |",
+        "|---|---:|" + "---:|" * len(GROUP_NAMES),
     ]
     for c in counts:
-        shares = " | ".join(f"{c.by_group[g] / c.per_check:.0%}" for g in groups)
+        shares = " | ".join(f"{c.by_group[g] / c.per_check:.0%}" for g in GROUP_NAMES)
         lines.append(f"| {c.name} | {c.per_check:,.0f} | {shares} |")
     return lines
 

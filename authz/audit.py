@@ -14,8 +14,8 @@ mode would have denied, with that reason). Allowed calls are audited at INFO, th
 WARNING, so ``--audit-level warning`` keeps only the (would-be) denials.
 
 Decision lines are written to stdout directly rather than through ``logging``, whose
-per-record machinery (caller lookup, record object, handler lock) would double their cost
-on every check. Rarer audit events (approvals) go through the ``mcp_authz.audit`` logger,
+per-record machinery (caller lookup, record object, handler lock) would weigh on every
+check. Rarer audit events (approvals) go through the ``mcp_authz.audit`` logger,
 which writes its messages verbatim to the same stdout at the same level. The service's
 operational logs go to stderr through ``logging``, as JSON or text.
 """
@@ -31,10 +31,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from authz import mcp
-from authz.engine import Decision
-from authz.metrics import decision_labels
-from authz.policy import Policy
+from authz.engine import CheckResult
 
 AUDIT_LOGGER = "mcp_authz.audit"
 LOG_FORMATS = ("json", "text")
@@ -96,39 +93,21 @@ def configure_logging(level: str, fmt: str, audit_level: str) -> None:
     audit_logger.setLevel(_sink.level)
 
 
-def _logged_arguments(decision: Decision, body: bytes, policy: Policy) -> Any:
-    """The arguments of the call a decision is about, re-read from the body (only for
-    rules that opted in with ``log_arguments``) under the bounds it was decided by."""
-    try:
-        parsed = mcp.parse_body(body, policy.max_json_members)
-    except mcp.Malformed:
-        return None
-    calls = [m for m in parsed.messages if m.method == "tools/call" and m.name == decision.tool]
-    if decision.element is not None:
-        calls = [m for m in calls if m.index == decision.element]
-    return calls[0].arguments if calls else None
-
-
 def _json_line(line: dict[str, Any]) -> str:
     try:
-        # A fifth of json.dumps's cost: this runs once per check.
+        # orjson rather than json.dumps: this runs once per check.
         return orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE).decode()
     except TypeError:  # logged arguments with integers beyond 64 bits or lone surrogates
         return json.dumps(line, separators=(",", ":")) + "\n"
 
 
-def record(
-    decision: Decision, request_id: str, body: bytes, latency_s: float, policy: Policy
-) -> None:
-    """Write the audit line of one decision under ``policy``, the one it was decided by
-    (nothing, cheaply, when its level is off)."""
-    verdict, reason = decision_labels(decision)
+def record(result: CheckResult, request_id: str, latency_s: float) -> None:
+    """Write the audit line of one check (nothing, cheaply, when its level is off)."""
+    decision = result.decision
+    verdict, reason = decision.labels
     level = logging.INFO if verdict == "allow" else logging.WARNING
     if _sink.stream is None or level < _sink.level:
         return
-    rule = decision.rule
-    if rule is None and decision.tool is not None:  # an allowed call: the rule that let it
-        rule = policy.rule_for_tool(decision.tool).where
     line: dict[str, Any] = {
         "time": _iso_time(time.time()),
         "request_id": request_id,
@@ -138,14 +117,13 @@ def record(
         "decision": verdict,
         "reason": reason,
         "reason_text": decision.message or None,
-        "rule": rule,
+        "rule": decision.rule,
         "counters": [
-            {"counter": c.counter, "remaining": c.remaining, "max": c.max}
-            for c in decision.counters
+            {"counter": c.counter, "remaining": c.remaining, "max": c.max} for c in result.counters
         ],
         "arguments_sha256": decision.arguments_sha256,
         "latency_ms": round(latency_s * 1000, 3),
-        "policy": policy.digest[:12],
+        "policy": result.policy.digest[:12],
     }
     if decision.retry_after_s is not None:
         line["retry_after_s"] = decision.retry_after_s
@@ -154,7 +132,8 @@ def record(
     if decision.fail_open:
         line["fail_open"] = True
     if decision.log_arguments:
-        line["arguments"] = _logged_arguments(decision, body, policy)
+        call = result.logged_call()
+        line["arguments"] = call.arguments if call is not None else None
     try:
         _sink.stream.write(_json_line(line))
         _sink.stream.flush()

@@ -24,10 +24,11 @@ from authz import admin, tls, tooling
 from authz.approvals import open_book
 from authz.audit import AUDIT_LEVELS, LOG_FORMATS, configure_logging
 from authz.engine import Engine
-from authz.metrics import InstrumentedStore, Metrics
+from authz.metrics import Metrics
 from authz.policy import PolicyError, load_policy
 from authz.server import Settings, serve
 from authz.store import open_store
+from authz.store.instrumented import InstrumentedStore
 from authz.tls import TlsFiles
 from authz.workers import supervise
 
@@ -305,7 +306,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"mcp-authz serve: --redis: {exc}", file=sys.stderr)
         return 2
-    store = InstrumentedStore(counters, metrics)
+    store = InstrumentedStore(counters, metrics.store_duration, metrics.store_errors)
     try:
         policy = load_policy(args.policy)
         engine = Engine(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import hashlib
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +28,8 @@ from authz.approvals import Approval, ApprovalBook, Binding, Verdict
 from authz.grants import BEARER, GrantSource, Source, grant_of
 from authz.policy import Action, Limit, Policy, PolicyError, Rule, Scope
 from authz.store import Charge, CounterStore, Outcome, StoreUnavailable
+
+log = logging.getLogger("mcp_authz")
 
 # Lifecycle and listing methods pass under any policy: an agent must be able to connect
 # and discover what exists; the calls that act are what the policy governs. Unsubscribing
@@ -130,7 +133,6 @@ class Decision(msgspec.Struct, frozen=True):
     arguments_sha256: str | None = None
     rule: str | None = None
     counter: str | None = None
-    counters: tuple[CounterState, ...] = ()
     retry_after_s: int | None = None
     element: int | None = None
     ids: tuple[str | int | None, ...] = ()
@@ -144,6 +146,15 @@ class Decision(msgspec.Struct, frozen=True):
     @property
     def allowed(self) -> bool:
         return self.reason is Reason.ALLOWED
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        """(decision, reason) as the audit line and the metrics name them: ``allow`` or
+        ``deny`` with the reason code; ``dry_run_deny`` with the reason a rule in dry-run
+        mode would have denied for (the call was allowed)."""
+        if self.would_deny is not None and self.reason is Reason.ALLOWED:
+            return "dry_run_deny", self.would_deny.code
+        return ("allow" if self.reason is Reason.ALLOWED else "deny"), self.reason.code
 
     def data(self) -> dict[str, Any]:
         """The machine-readable ``error.data`` of the reply."""
@@ -215,13 +226,16 @@ class Spend(msgspec.Struct, frozen=True):
 class Step(msgspec.Struct, frozen=True):
     """What the policy says about one message: the rule that governs it (``None`` for
     lifecycle, listing, notifications and responses), why it is denied if it is, and
-    otherwise the limits it spends against."""
+    otherwise the limits it spends against. ``arguments`` is what the rule's argument
+    schema found: ``None`` when it was not checked, ``""`` when they satisfy it, else the
+    problems."""
 
     msg: mcp.Message
     rule: Rule | None
     denial: Reason | None = None
     text: str = ""
     spends: tuple[Spend, ...] = ()
+    arguments: str | None = None
 
     @property
     def dry_run(self) -> bool:
@@ -230,14 +244,43 @@ class Step(msgspec.Struct, frozen=True):
 
 
 class Plan(msgspec.Struct, frozen=True):
-    """A request's decision up to the spend. ``refusal`` is set when it was refused before
-    any rule (transport, parsing); ``body`` is ``None`` for a bodyless stream request."""
+    """A request's decision up to the spend, under ``policy``. ``refusal`` is set when it
+    was refused before any rule (transport, parsing); ``body`` is ``None`` for a bodyless
+    stream request."""
 
+    policy: Policy
     grant: str | None
     refusal: Decision | None = None
     body: mcp.Body | None = None
     steps: tuple[Step, ...] = ()
-    policy_digest: str = ""
+
+
+class CheckResult(msgspec.Struct, frozen=True):
+    """What one check came to, and what it was decided from: the ``decision``, the
+    ``policy`` it was decided under (a reload may have replaced the engine's since), the
+    parsed messages with the rule each matched (``steps``; empty when the request was
+    refused before any rule or carried no body), and the ``counters`` it touched with the
+    budget left (on a rate-limited denial, the counter that refused). The audit line, the
+    metrics, the Envoy reply and the policy tools all read this one value."""
+
+    decision: Decision
+    policy: Policy
+    steps: tuple[Step, ...] = ()
+    counters: tuple[CounterState, ...] = ()
+
+    def logged_call(self) -> mcp.Message | None:
+        """The call whose arguments a ``log_arguments`` rule puts in the audit line: the
+        decision's tool, in the batch element it names, if any."""
+        decision = self.decision
+        for step in self.steps:
+            msg = step.msg
+            if (
+                msg.method == "tools/call"
+                and msg.name == decision.tool
+                and (decision.element is None or msg.index == decision.element)
+            ):
+                return msg
+        return None
 
 
 def rule_for(policy: Policy, msg: mcp.Message) -> Rule:
@@ -262,11 +305,11 @@ def plan(policy: Policy, request: mcp.HttpRequest, grant: str | None) -> Plan:
             grant=grant,
             ids=exc.ids,
         )
-        return Plan(grant=grant, refusal=refusal)
+        return Plan(policy, grant, refusal=refusal)
     if body is None:
-        return Plan(grant=grant)
+        return Plan(policy, grant)
     steps = tuple(_step(policy, msg, grant, request.headers) for msg in body.messages)
-    return Plan(grant=grant, body=body, steps=steps, policy_digest=policy.digest)
+    return Plan(policy, grant, body=body, steps=steps)
 
 
 def _step(policy: Policy, msg: mcp.Message, grant: str | None, headers: Mapping[str, str]) -> Step:
@@ -284,31 +327,37 @@ def _step(policy: Policy, msg: mcp.Message, grant: str | None, headers: Mapping[
             return Step(msg, rule, Reason.DENIED_BY_DEFAULT, text)
         text = f"{subject} denied: {rule.reason or 'denied by policy'}"
         return Step(msg, rule, Reason.DENIED_BY_RULE, text)
-    problems = rule.argument_problems(msg.arguments) if rule.arguments is not None else None
+    checked = rule.argument_problems(msg.arguments) if rule.arguments is not None else None
     costs = [limit.cost_of(msg.arguments) for limit in rule.limits]
+    problems = checked
     if problems is None and rule.limits:
         problems = next((c for c in costs if isinstance(c, str)), None)
+    arguments = None if rule.arguments is None else checked or ""
     if problems is not None:
         text = f"{subject}: invalid arguments: {problems}"
-        return Step(msg, rule, Reason.ARGUMENTS_INVALID, text)
+        return Step(msg, rule, Reason.ARGUMENTS_INVALID, text, arguments=arguments)
     spends = []
     for limit, cost in zip(rule.limits, costs, strict=True):
         assert isinstance(cost, int)  # problems above returned otherwise
         if limit.scope is not Scope.GLOBAL and grant is None:
-            return Step(msg, rule, Reason.NO_GRANT, f"{subject}: no grant identity")
+            text = f"{subject}: no grant identity"
+            return Step(msg, rule, Reason.NO_GRANT, text, arguments=arguments)
         session = None
         if limit.scope is Scope.SESSION:
             try:
                 session = mcp.session_id(headers)
             except mcp.Malformed as exc:
-                return Step(msg, rule, Reason.MALFORMED, f"{subject}: {exc.detail}")
+                text = f"{subject}: {exc.detail}"
+                return Step(msg, rule, Reason.MALFORMED, text, arguments=arguments)
         key = counter_key(limit, grant or "", session)
         spends.append(Spend(msg=msg, rule=rule, limit=limit, key=key, cost=cost))
     if rule.action is Action.REQUIRE_APPROVAL:
         # The spends stay on the step: an approved call still spends against its limits.
         text = f"{subject}: approval required" + (f" ({rule.reason})" if rule.reason else "")
-        return Step(msg, rule, Reason.APPROVAL_REQUIRED, text, spends=tuple(spends))
-    return Step(msg, rule, spends=tuple(spends))
+        return Step(
+            msg, rule, Reason.APPROVAL_REQUIRED, text, spends=tuple(spends), arguments=arguments
+        )
+    return Step(msg, rule, spends=tuple(spends), arguments=arguments)
 
 
 class Engine:
@@ -337,7 +386,6 @@ class Engine:
         self._flag_source = (
             GrantSource(Source.HEADER, header=grant_header.lower()) if grant_header else BEARER
         )
-        self.policy = policy
         self.swap(policy)
 
     def swap(self, policy: Policy) -> None:
@@ -355,44 +403,55 @@ class Engine:
     def grant_source(self, policy: Policy) -> GrantSource:
         return policy.grants or self._flag_source
 
-    async def check(self, request: mcp.HttpRequest) -> Decision:
+    async def check(self, request: mcp.HttpRequest) -> CheckResult:
+        """Decide ``request`` under the policy in force at its start. Never raises: a bug
+        denies (fail closed) with ``internal_error``, logged without the request."""
         policy = self.policy
-        grant = grant_of(request, self.grant_source(policy))
-        return await self.decide(plan(policy, request, grant))
+        try:
+            grant = grant_of(request, self.grant_source(policy))
+            return await self.decide(plan(policy, request, grant))
+        except Exception as exc:  # a bug must deny, never allow or crash
+            log.error("check failed: %s", type(exc).__name__)
+            internal = Decision(
+                reason=Reason.INTERNAL_ERROR,
+                message="policy violation: internal error in the authorization service",
+            )
+            return CheckResult(internal, policy)
 
-    async def decide(self, planned: Plan) -> Decision:
+    async def decide(self, planned: Plan) -> CheckResult:
         """Deny on the first enforced denial; otherwise spend, all or nothing."""
+        policy, steps = planned.policy, planned.steps
         if planned.refusal is not None:
-            return planned.refusal
+            return CheckResult(planned.refusal, policy)
         body, grant = planned.body, planned.grant
         if body is None:
-            return Decision(reason=Reason.ALLOWED, grant=grant)
+            return CheckResult(Decision(reason=Reason.ALLOWED, grant=grant), policy)
         would: Decision | None = None
         spends: list[Spend] = []
         approved: list[Approval] = []
-        for step in planned.steps:
+        for step in steps:
             if step.denial is None:
                 spends.extend(step.spends)
                 continue
             denial = _denial(step, body, grant)
             if step.denial is Reason.APPROVAL_REQUIRED and self.approvals and not step.dry_run:
-                gated = await self._gate(self.approvals, step, denial, planned.policy_digest)
+                gated = await self._gate(self.approvals, step, denial, policy.digest)
                 if isinstance(gated, Decision):
-                    return gated
+                    return CheckResult(gated, policy, steps)
                 approved.append(gated)
                 spends.extend(step.spends)
                 continue
             if not step.dry_run:
-                return denial
+                return CheckResult(denial, policy, steps)
             would = would or denial
-        first = _first_governed(planned.steps)
+        first = _first_governed(steps)
         spent = _Spent()
         if spends:
             spent = await self._spend(spends, body, grant)
             if spent.refusal is not None:
                 for approval in approved:  # the call did not happen: give the use back
                     await _refund(self.approvals, approval)
-                return spent.refusal
+                return CheckResult(spent.refusal, policy, steps, spent.counters)
             would = would or spent.would
         for approval in approved:
             self.approval_events("consumed", approval)
@@ -401,20 +460,19 @@ class Engine:
             first.rule,
             body,
             grant,
-            dry_run=any(s.rule is not None and s.rule.dry_run for s in planned.steps),
-            counters=spent.counters,
+            dry_run=any(s.rule is not None and s.rule.dry_run for s in steps),
             fail_open=spent.fail_open,
         )
-        if would is None:
-            return decision
-        return replace(
-            decision,
-            would_deny=would.reason,
-            message=would.message,
-            rule=would.rule,
-            counter=would.counter,
-            element=would.element,
-        )
+        if would is not None:
+            decision = replace(
+                decision,
+                would_deny=would.reason,
+                message=would.message,
+                rule=would.rule,
+                counter=would.counter,
+                element=would.element,
+            )
+        return CheckResult(decision, policy, steps, spent.counters)
 
     async def _gate(
         self, book: ApprovalBook, step: Step, denial: Decision, policy_digest: str
@@ -507,7 +565,9 @@ class Engine:
             refused = first[charges[outcome.refused].key]
             denial = _rate_limited(refused, outcome, body, grant)
             if not refused.rule.dry_run:
-                return _Spent(refusal=denial)
+                left = outcome.remaining[outcome.refused]
+                state = CounterState(refused.limit.counter, left, refused.limit.max)
+                return _Spent(refusal=denial, counters=(state,))
             would = would or denial
             spends = [s for s in spends if s.msg.index != refused.msg.index]
         return _Spent(would=would)
@@ -521,8 +581,9 @@ async def _refund(book: ApprovalBook | None, approval: Approval) -> None:
 
 
 class _Spent(msgspec.Struct, frozen=True):
-    """What a spend came to: an enforced ``refusal``, or the ``counters`` it left (and
-    whether it was let through by ``fail_open``), with a dry-run ``would`` deny."""
+    """What a spend came to: the ``counters`` it left (and whether it was let through by
+    ``fail_open``), with a dry-run ``would`` deny; or an enforced ``refusal`` (with the
+    counter that refused, if one did)."""
 
     refusal: Decision | None = None
     counters: tuple[CounterState, ...] = ()
@@ -563,7 +624,6 @@ def _rate_limited(spend: Spend, outcome: Outcome, body: mcp.Body, grant: str | N
         ),
         rule=spend.rule.where,
         counter=lim.counter,
-        counters=(CounterState(lim.counter, outcome.remaining[outcome.refused], lim.max),),
         retry_after_s=retry,
         element=spend.msg.index if body.batch else None,
     )
@@ -595,7 +655,6 @@ def _about(
     grant: str | None,
     *,
     dry_run: bool = False,
-    counters: tuple[CounterState, ...] = (),
     fail_open: bool = False,
 ) -> Decision:
     """An allow decision describing ``msg``; denials are derived from it with ``replace``."""
@@ -610,7 +669,6 @@ def _about(
         ids=body.ids,
         batch=body.batch,
         log_arguments=is_call and rule is not None and rule.log_arguments,
-        counters=counters,
         fail_open=fail_open,
         dry_run=dry_run,
     )

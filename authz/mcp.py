@@ -140,7 +140,6 @@ class HttpRequest(msgspec.Struct, frozen=True):
     """The HTTP request Envoy asks about, as plain values (header names lower-case)."""
 
     method: str
-    path: str
     headers: Mapping[str, str]
     body: bytes
     request_id: str = ""

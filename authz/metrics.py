@@ -1,9 +1,9 @@
 """Prometheus metrics of the authorization service, served at ``/metrics`` on the HTTP port.
 
 Every label value comes from a small, fixed set so a scrape stays small however much
-traffic passes: ``decision`` and ``reason`` are codes of this module and of
-:class:`authz.engine.Reason`; ``tool`` is a tool the policy names, ``other`` for any other
-tool, or empty for a request that calls no tool (listing, lifecycle, malformed);
+traffic passes: ``decision`` and ``reason`` are the codes of
+:attr:`authz.engine.Decision.labels`; ``tool`` is a tool the policy names, ``other`` for
+any other tool, or empty for a request that calls no tool (listing, lifecycle, malformed);
 ``counter`` is a counter the policy defines; ``op`` and ``result`` are fixed words. Grant
 ids, argument values and request ids never become labels.
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -31,12 +30,11 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from authz.engine import Decision, Reason
+from authz.engine import CheckResult, Reason
 from authz.policy import Policy
-from authz.store import Charge, CounterStore, Outcome
 
-# A check costs tens of microseconds to a few milliseconds with Redis; Envoy gives up at
-# 250 ms. The buckets resolve both ends: 100 us to 1 s.
+# From a check answered in memory to one waiting on Redis, and past Envoy's 250 ms
+# ext_authz timeout: 100 us to 1 s.
 LATENCY_BUCKETS = (
     0.0001,
     0.00025,
@@ -62,14 +60,6 @@ STORE_OPS = ("acquire", "ping")
 # The *_created series double the series count of every counter and histogram and no
 # dashboard or alert here reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
-
-
-def decision_labels(decision: Decision) -> tuple[str, str]:
-    """(decision, reason): ``allow`` or ``deny`` with the reason code; ``dry_run_deny`` with
-    the reason a rule in dry-run mode would have denied for (the call was allowed)."""
-    if decision.allowed and decision.would_deny is not None:
-        return "dry_run_deny", decision.would_deny.code
-    return ("allow" if decision.allowed else "deny"), decision.reason.code
 
 
 def tool_label(tool: str | None, policy: Policy) -> str:
@@ -171,16 +161,17 @@ class Metrics:
         self._near_children: dict[str, Counter] = {}
         self._exceeded_children: dict[str, Counter] = {}
 
-    def record_check(self, decision: Decision, seconds: float, policy: Policy) -> None:
+    def record_check(self, result: CheckResult, seconds: float) -> None:
         """Count one answered check under the policy it was decided by."""
-        key = (*decision_labels(decision), tool_label(decision.tool, policy))
+        decision = result.decision
+        key = (*decision.labels, tool_label(decision.tool, result.policy))
         child = self._decision_children.get(key)
         if child is None:
             child = self._decision_children[key] = self.decisions.labels(*key)
         child.inc()
         self.check_duration.observe(seconds)
         if decision.allowed and decision.would_deny is None:
-            for state in decision.counters:
+            for state in result.counters:
                 if state.remaining < NEAR_LIMIT_FRACTION * state.max:
                     self._child(self._near_children, self.limit_near, state.counter).inc()
         elif decision.reason is Reason.RATE_LIMITED and decision.counter is not None:
@@ -217,36 +208,3 @@ class Metrics:
             registry.register(self.policy_info)
             return encoder(registry), content_type
         return encoder(self.registry), content_type
-
-
-class InstrumentedStore:
-    """A :class:`CounterStore` that times each call and counts failures, so the stores
-    themselves stay free of metrics."""
-
-    def __init__(self, store: CounterStore, metrics: Metrics) -> None:
-        self.store = store
-        self._duration = metrics.store_duration
-        self._errors = metrics.store_errors
-
-    async def acquire(self, charges: Sequence[Charge], now_ms: int | None = None) -> Outcome:
-        started = time.perf_counter()
-        try:
-            return await self.store.acquire(charges, now_ms)
-        except Exception:
-            self._errors["acquire"].inc()
-            raise
-        finally:
-            self._duration["acquire"].observe(time.perf_counter() - started)
-
-    async def ping(self) -> None:
-        started = time.perf_counter()
-        try:
-            await self.store.ping()
-        except Exception:
-            self._errors["ping"].inc()
-            raise
-        finally:
-            self._duration["ping"].observe(time.perf_counter() - started)
-
-    async def close(self) -> None:
-        await self.store.close()

@@ -23,7 +23,7 @@ from typing import Any, TextIO
 import jsonschema
 
 from authz import mcp
-from authz.engine import Decision, Engine, Reason, Step, plan
+from authz.engine import CheckResult, Decision, Engine, Reason, Step, plan
 from authz.grants import grant_of
 from authz.policy import Policy, PolicyError, Rule, load_policy, parse_policy_text, syntax_of
 from authz.store import Charge, Outcome
@@ -230,7 +230,6 @@ def _request(body: bytes, headers: Mapping[str, str]) -> mcp.HttpRequest:
     lowered = {k.lower(): v for k, v in headers.items()}
     return mcp.HttpRequest(
         method="POST",
-        path="/mcp",
         headers={"content-type": "application/json", **lowered},
         body=body,
     )
@@ -245,9 +244,8 @@ def _print_step(step: Step, out: TextIO) -> None:
         print("  passes under any policy (lifecycle, listing, notification or response)", file=out)
         return
     print(f"  rule: {_rule_text(step.rule)}", file=out)
-    if step.rule.arguments is not None:
-        problems = step.rule.argument_problems(msg.arguments)
-        print(f"  arguments: {problems or 'satisfy the rule schema'}", file=out)
+    if step.arguments is not None:
+        print(f"  arguments: {step.arguments or 'satisfy the rule schema'}", file=out)
     if step.denial is not None:
         mode = "would deny (dry-run)" if step.dry_run else "denied"
         print(f"  {mode}: {step.denial.code}: {step.text}", file=out)
@@ -275,14 +273,14 @@ def explain(
     request = _request(body, headers or {})
     if grant is None:
         grant = grant_of(request, engine.grant_source(policy))
-    planned = plan(policy, request, grant)
-    decision = asyncio.run(engine.decide(planned))
+    result = asyncio.run(engine.decide(plan(policy, request, grant)))
+    decision = result.decision
     print(f"grant: {grant or '(none)'}", file=out)
-    for step in planned.steps:
+    for step in result.steps:
         _print_step(step, out)
     if decision.allowed:
         verdict = "allow"
-        if planned.steps and any(s.spends for s in planned.steps):
+        if any(s.spends for s in result.steps):
             verdict += " if every counter above has budget left (explain spends none)"
         if decision.would_deny is not None:
             verdict += f"; dry-run would deny: {decision.would_deny.code}: {decision.message}"
@@ -324,17 +322,17 @@ def _outcome(decision: Decision) -> tuple[str, str]:
     return "allow", Reason.ALLOWED.code
 
 
-async def _run_case(policy: Policy, case: Mapping[str, Any]) -> Decision:
+async def _run_case(policy: Policy, case: Mapping[str, Any]) -> CheckResult:
     engine = Engine(policy, MemoryStore(), clock=lambda: CASE_CLOCK_MS)
     request = _request(_case_body(case), case.get("headers", {}))
     grant = case.get("grant", DEFAULT_CASE_GRANT)
     if grant is None:
         grant = grant_of(request, engine.grant_source(policy))
     planned = plan(policy, request, grant)
-    decision = await engine.decide(planned)
+    result = await engine.decide(planned)
     for _ in range(case.get("repeat", 1) - 1):
-        decision = await engine.decide(planned)
-    return decision
+        result = await engine.decide(planned)
+    return result
 
 
 def run_cases(
@@ -364,8 +362,8 @@ def run_cases(
     assert isinstance(doc, dict)
     failed = 0
     for case in doc["cases"]:
-        decision = asyncio.run(_run_case(policy, case))
-        got, why = _outcome(decision)
+        result = asyncio.run(_run_case(policy, case))
+        got, why = _outcome(result.decision)
         want, reason = case["expect"], case.get("reason")
         if got == want and (reason is None or reason in why):
             print(f"PASS  {case['name']}", file=out)

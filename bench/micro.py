@@ -125,7 +125,7 @@ async def _time_shape(engine: Engine, shape: Shape, seconds: float) -> Timing:
     async def once() -> None:
         req = external_auth_pb2.CheckRequest.FromString(shape.check)
         http = envoy.http_request(req)
-        decision = await engine.check(http)
+        decision = (await engine.check(http)).decision
         envoy.check_response(decision, http.headers).SerializeToString()
 
     return await _best(shape.name, once, seconds)
@@ -135,7 +135,7 @@ async def _stages(engine: Engine, shape: Shape, seconds: float) -> list[Timing]:
     """The same check split into its stages, each timed on its own."""
     req = external_auth_pb2.CheckRequest.FromString(shape.check)
     http = envoy.http_request(req)
-    decision = await engine.check(http)
+    decision = (await engine.check(http)).decision
     response = envoy.check_response(decision, http.headers)
 
     def sync(fn: Callable[[], object]) -> Callable[[], Awaitable[object]]:

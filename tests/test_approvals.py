@@ -138,7 +138,7 @@ APPROVAL_POLICY = {
 
 def _post(doc: object) -> HttpRequest:
     headers = {"content-type": "application/json", "authorization": "Bearer agent-token"}
-    return HttpRequest(method="POST", path="/mcp", headers=headers, body=json.dumps(doc).encode())
+    return HttpRequest(method="POST", headers=headers, body=json.dumps(doc).encode())
 
 
 def _call(name: str, id_: int = 1, **arguments: object) -> dict[str, object]:
@@ -155,24 +155,26 @@ async def test_engine_events_and_batches() -> None:
         approvals=book,
         approval_events=lambda event, approval: events.append((event, approval.id)),
     )
-    first = await engine.check(_post(_call("start_dicom_export_job", datastoreId="d")))
+    first = (await engine.check(_post(_call("start_dicom_export_job", datastoreId="d")))).decision
     assert first.reason is Reason.APPROVAL_REQUIRED and first.approval_id
     assert json.loads(first.reply_body())["error"]["data"]["approvalId"] == first.approval_id
     assert events == [("requested", first.approval_id)]
     batch = [_call("containerize_app", 1), _call("start_dicom_export_job", 2, datastoreId="d")]
-    in_batch = await engine.check(_post(batch))
+    in_batch = (await engine.check(_post(batch))).decision
     assert in_batch.reason is Reason.APPROVAL_REQUIRED
     assert in_batch.message.endswith("send a call that needs approval on its own")
     await book.decide(first.approval_id, True, "alice", "")
-    assert (await engine.check(_post(batch))).reason is Reason.APPROVAL_REQUIRED
-    allowed = await engine.check(_post(_call("start_dicom_export_job", datastoreId="d")))
+    assert (await engine.check(_post(batch))).decision.reason is Reason.APPROVAL_REQUIRED
+    allowed = (await engine.check(_post(_call("start_dicom_export_job", datastoreId="d")))).decision
     assert allowed.allowed
     assert events[-1] == ("consumed", first.approval_id)
 
 
 async def test_without_a_book_require_approval_just_denies() -> None:
     engine = Engine(compile_policy(APPROVAL_POLICY), open_store("memory://"))
-    decision = await engine.check(_post(_call("start_dicom_export_job", datastoreId="d")))
+    decision = (
+        await engine.check(_post(_call("start_dicom_export_job", datastoreId="d")))
+    ).decision
     assert decision.reason is Reason.APPROVAL_REQUIRED and decision.approval_id is None
     assert "approval required" in decision.message
 

@@ -276,8 +276,8 @@ def _engine(policy: dict[str, Any] = POLICY) -> Engine:
 
 
 def _decide(engine: Engine, body: bytes) -> Decision:
-    request = mcp.HttpRequest(method="POST", path="/mcp", headers=HEADERS, body=body)
-    return asyncio.run(engine.check(request))
+    request = mcp.HttpRequest(method="POST", headers=HEADERS, body=body)
+    return asyncio.run(engine.check(request)).decision
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -44,7 +44,7 @@ def post(doc: object, token: str | None = TOKEN, **headers: str) -> HttpRequest:
     h = {"content-type": "application/json", **headers}
     if token is not None:
         h["authorization"] = f"Bearer {token}"
-    return HttpRequest(method="POST", path="/mcp", headers=h, body=json.dumps(doc).encode())
+    return HttpRequest(method="POST", headers=h, body=json.dumps(doc).encode())
 
 
 def call(name: str, id_: int | str = 1, **arguments: Any) -> dict[str, Any]:
@@ -75,7 +75,7 @@ def engine(clock: Clock) -> Engine:
 
 
 async def test_allowed_tool_carries_the_grant(engine: Engine) -> None:
-    decision = await engine.check(post(call("containerize_app")))
+    decision = (await engine.check(post(call("containerize_app")))).decision
     assert decision.allowed
     assert decision.grant is not None and decision.grant.startswith("b-")
     assert TOKEN not in decision.grant
@@ -84,66 +84,68 @@ async def test_allowed_tool_carries_the_grant(engine: Engine) -> None:
 async def test_lifecycle_and_listing_pass_under_default_deny(engine: Engine) -> None:
     for method in ("initialize", "ping", "tools/list", "resources/list", "prompts/list"):
         doc = {"jsonrpc": "2.0", "id": 1, "method": method, "params": {}}
-        assert (await engine.check(post(doc, token=None))).allowed, method
+        assert (await engine.check(post(doc, token=None))).decision.allowed, method
     note = {"jsonrpc": "2.0", "method": "notifications/initialized"}
-    assert (await engine.check(post(note, token=None))).allowed
+    assert (await engine.check(post(note, token=None))).decision.allowed
     response = {"jsonrpc": "2.0", "id": "srv-1", "result": {}}
-    assert (await engine.check(post(response, token=None))).allowed
+    assert (await engine.check(post(response, token=None))).decision.allowed
 
 
 async def test_other_methods_follow_default(engine: Engine) -> None:
     doc = {"jsonrpc": "2.0", "id": 4, "method": "resources/read", "params": {"uri": "file:///x"}}
-    decision = await engine.check(post(doc))
+    decision = (await engine.check(post(doc))).decision
     assert decision.reason is Reason.DENIED_BY_DEFAULT
     assert "method 'resources/read'" in decision.message
 
 
 async def test_bodyless_stream_requests_pass(engine: Engine) -> None:
     for method in ("GET", "DELETE"):
-        req = HttpRequest(method=method, path="/mcp", headers={}, body=b"")
-        assert (await engine.check(req)).allowed
-    put = HttpRequest(method="PUT", path="/mcp", headers={}, body=b"")
-    assert (await engine.check(put)).reason is Reason.METHOD_NOT_ALLOWED
-    get_with_body = HttpRequest(method="GET", path="/mcp", headers={}, body=b"{}")
-    assert (await engine.check(get_with_body)).reason is Reason.MALFORMED
+        req = HttpRequest(method=method, headers={}, body=b"")
+        assert (await engine.check(req)).decision.allowed
+    put = HttpRequest(method="PUT", headers={}, body=b"")
+    assert (await engine.check(put)).decision.reason is Reason.METHOD_NOT_ALLOWED
+    get_with_body = HttpRequest(method="GET", headers={}, body=b"{}")
+    assert (await engine.check(get_with_body)).decision.reason is Reason.MALFORMED
 
 
 async def test_denied_by_rule_and_by_default(engine: Engine) -> None:
-    rule = await engine.check(post(call("delete_app", id_="x")))
+    rule = (await engine.check(post(call("delete_app", id_="x")))).decision
     assert rule.reason is Reason.DENIED_BY_RULE and rule.reason.status == 403
     assert rule.message == "policy violation: tool 'delete_app' denied: needs a human"
     assert rule.tool == "delete_app" and rule.rule == "tools.delete_app"
     body = json.loads(rule.reply_body())
     assert body["id"] == "x" and body["error"]["code"] == -32051
     assert body["error"]["data"] == {"reason": "denied_by_rule", "tool": "delete_app"}
-    default = await engine.check(post(call("ecs_resource_management")))
+    default = (await engine.check(post(call("ecs_resource_management")))).decision
     assert default.reason is Reason.DENIED_BY_DEFAULT
     assert "default deny" in default.message
 
 
 async def test_no_grant_identity(engine: Engine) -> None:
-    decision = await engine.check(post(call("containerize_app"), token=None))
+    decision = (await engine.check(post(call("containerize_app"), token=None))).decision
     assert decision.reason is Reason.NO_GRANT
     assert decision.message.endswith("no grant identity")
     joined = post(call("containerize_app"), token="a,Bearer b")
-    assert (await engine.check(joined)).reason is Reason.NO_GRANT
+    assert (await engine.check(joined)).decision.reason is Reason.NO_GRANT
 
 
 async def test_grant_header_mode(clock: Clock) -> None:
     engine = Engine(POLICY, open_store("memory://"), grant_header="x-mcp-grant", clock=clock)
-    ok = await engine.check(post(call("containerize_app"), token=None, **{"x-mcp-grant": "alice"}))
+    ok = (
+        await engine.check(post(call("containerize_app"), token=None, **{"x-mcp-grant": "alice"}))
+    ).decision
     assert ok.allowed and ok.grant == "alice"
-    bearer_only = await engine.check(post(call("containerize_app")))
+    bearer_only = (await engine.check(post(call("containerize_app")))).decision
     assert bearer_only.reason is Reason.NO_GRANT
     braces = post(call("containerize_app"), token=None, **{"x-mcp-grant": "a}b{"})
-    assert (await engine.check(braces)).reason is Reason.NO_GRANT
+    assert (await engine.check(braces)).decision.reason is Reason.NO_GRANT
 
 
 async def test_rate_limit_then_retry_after(engine: Engine, clock: Clock) -> None:
     for _ in range(3):
-        assert (await engine.check(post(call("start_dicom_export_job")))).allowed
+        assert (await engine.check(post(call("start_dicom_export_job")))).decision.allowed
         clock.now += 1_000
-    limited = await engine.check(post(call("start_dicom_export_job", id_=9)))
+    limited = (await engine.check(post(call("start_dicom_export_job", id_=9)))).decision
     assert limited.reason is Reason.RATE_LIMITED and limited.reason.status == 429
     assert limited.counter == "export_rate"
     # The first call was at t0; it frees at t0 + 60 s, now is t0 + 3 s.
@@ -156,26 +158,28 @@ async def test_rate_limit_then_retry_after(engine: Engine, clock: Clock) -> None
         "counter": "export_rate",
         "retryAfter": 57,
     }
-    other = await engine.check(post(call("start_dicom_export_job"), token="tok-B"))
+    other = (await engine.check(post(call("start_dicom_export_job"), token="tok-B"))).decision
     assert other.allowed, "a second grant has its own budget"
     clock.now += 57_000
-    assert (await engine.check(post(call("start_dicom_export_job")))).allowed
+    assert (await engine.check(post(call("start_dicom_export_job")))).decision.allowed
 
 
 async def test_global_limit_spans_grants_and_denials_consume_nothing(engine: Engine) -> None:
     tokens = ["g1", "g1", "g1", "g2", "g2"]
     for token in tokens:
-        assert (await engine.check(post(call("start_dicom_export_job"), token=token))).allowed
+        assert (
+            await engine.check(post(call("start_dicom_export_job"), token=token))
+        ).decision.allowed
     # g1 is at its grant limit (3): denied by the grant counter, so the global budget
     # (5, fully used) is not what refuses, and nothing more is spent.
-    g3 = await engine.check(post(call("start_dicom_export_job"), token="g3"))
+    g3 = (await engine.check(post(call("start_dicom_export_job"), token="g3"))).decision
     assert g3.reason is Reason.RATE_LIMITED and g3.counter == "export_all"
     assert "for all callers" in g3.message
 
 
 async def test_batch_is_all_or_nothing(engine: Engine) -> None:
     batch = [call("containerize_app", 1), call("delete_app", 2), call("start_dicom_export_job", 3)]
-    decision = await engine.check(post(batch))
+    decision = (await engine.check(post(batch))).decision
     assert decision.reason is Reason.DENIED_BY_RULE
     assert decision.element == 1 and decision.batch
     assert decision.message.startswith("policy violation: batch element 1: tool 'delete_app'")
@@ -183,22 +187,22 @@ async def test_batch_is_all_or_nothing(engine: Engine) -> None:
     assert [r["id"] for r in replies] == [1, 2, 3]
     # The denied batch spent nothing: three single calls still fit the budget of 3.
     for _ in range(3):
-        assert (await engine.check(post(call("start_dicom_export_job")))).allowed
+        assert (await engine.check(post(call("start_dicom_export_job")))).decision.allowed
 
 
 async def test_batch_counts_every_call(engine: Engine) -> None:
     twice = [call("start_dicom_export_job", 1), call("start_dicom_export_job", 2)]
-    assert (await engine.check(post(twice))).allowed
+    assert (await engine.check(post(twice))).decision.allowed
     thrice = [call("start_dicom_export_job", i) for i in range(3)]
-    limited = await engine.check(post(thrice))
+    limited = (await engine.check(post(thrice))).decision
     assert limited.reason is Reason.RATE_LIMITED
-    assert (await engine.check(post(call("start_dicom_export_job")))).allowed
+    assert (await engine.check(post(call("start_dicom_export_job")))).decision.allowed
 
 
 async def test_protocol_refusals_map_to_statuses(engine: Engine) -> None:
     cases = {
         Reason.MALFORMED: HttpRequest(
-            method="POST", path="/mcp", headers={"content-type": "application/json"}, body=b"{"
+            method="POST", headers={"content-type": "application/json"}, body=b"{"
         ),
         Reason.UNSUPPORTED_MEDIA: post(call("containerize_app"), **{"content-encoding": "gzip"}),
         Reason.HEADER_MISMATCH: post(call("containerize_app"), **{"mcp-name": "delete_app"}),
@@ -207,7 +211,7 @@ async def test_protocol_refusals_map_to_statuses(engine: Engine) -> None:
         ),
     }
     for reason, request in cases.items():
-        decision = await engine.check(request)
+        decision = (await engine.check(request)).decision
         assert decision.reason is reason
         assert decision.message.startswith("policy violation: malformed request:")
     assert Reason.PARTIAL_BODY.status == 413 and Reason.UNSUPPORTED_MEDIA.status == 415
@@ -228,16 +232,16 @@ class DownStore:
 
 async def test_store_down_fails_closed_only_where_a_counter_is_needed() -> None:
     engine = Engine(POLICY, DownStore())
-    needs_counter = await engine.check(post(call("start_dicom_export_job")))
+    needs_counter = (await engine.check(post(call("start_dicom_export_job")))).decision
     assert needs_counter.reason is Reason.STORE_UNAVAILABLE and needs_counter.reason.status == 503
     assert "rate-limit store unavailable" in needs_counter.message
-    assert (await engine.check(post(call("containerize_app")))).allowed
-    assert (await engine.check(post(call("delete_app")))).reason is Reason.DENIED_BY_RULE
+    assert (await engine.check(post(call("containerize_app")))).decision.allowed
+    assert (await engine.check(post(call("delete_app")))).decision.reason is Reason.DENIED_BY_RULE
 
 
 async def test_fail_open_is_explicit_and_marked() -> None:
     engine = Engine(POLICY, DownStore(), fail_open=True)
-    decision = await engine.check(post(call("start_dicom_export_job")))
+    decision = (await engine.check(post(call("start_dicom_export_job")))).decision
     assert decision.allowed and decision.fail_open
 
 
@@ -298,7 +302,7 @@ def rpc(method: str, id_: int = 1, **params: Any) -> dict[str, Any]:
 
 
 async def test_invalid_arguments_are_denied_naming_path_not_value(language: Engine) -> None:
-    decision = await language.check(post(export(outputS3Uri="s3://patient-jane-doe/x")))
+    decision = (await language.check(post(export(outputS3Uri="s3://patient-jane-doe/x")))).decision
     assert decision.reason is Reason.ARGUMENTS_INVALID and decision.reason.status == 403
     assert decision.message == (
         "policy violation: tool 'start_dicom_export_job': invalid arguments: "
@@ -308,42 +312,44 @@ async def test_invalid_arguments_are_denied_naming_path_not_value(language: Engi
     assert json.loads(decision.reply_body())["error"]["data"]["reason"] == "invalid_arguments"
     # Nothing was spent: the whole budget of 2 a minute is still there.
     for _ in range(2):
-        assert (await language.check(post(export()))).allowed
+        assert (await language.check(post(export()))).decision.allowed
 
 
 async def test_several_limits_are_enforced_together(language: Engine, clock: Clock) -> None:
     for _ in range(2):
-        assert (await language.check(post(export(studyCount=1)))).allowed
+        assert (await language.check(post(export(studyCount=1)))).decision.allowed
     minute = await language.check(post(export(studyCount=1)))
-    assert minute.reason is Reason.RATE_LIMITED and minute.counter == "exports_minute"
+    assert minute.decision.reason is Reason.RATE_LIMITED
+    assert minute.decision.counter == "exports_minute"
+    assert [(c.counter, c.remaining) for c in minute.counters] == [("exports_minute", 0)]
     clock.now += 61_000
     day = await language.check(post(export(studyCount=1)))
-    assert day.allowed and [c.counter for c in day.counters] == [
+    assert day.decision.allowed and [c.counter for c in day.counters] == [
         "exports_minute",
         "exports_day",
         "studies_day",
     ]
     assert [c.remaining for c in day.counters] == [1, 0, 2]
     clock.now += 61_000
-    over = await language.check(post(export(studyCount=1)))
+    over = (await language.check(post(export(studyCount=1)))).decision
     assert over.reason is Reason.RATE_LIMITED and over.counter == "exports_day"
 
 
 async def test_cost_from_an_argument(language: Engine, clock: Clock) -> None:
-    assert (await language.check(post(export(studyCount=4)))).allowed
-    over = await language.check(post(export(studyCount=2)))
+    assert (await language.check(post(export(studyCount=4)))).decision.allowed
+    over = (await language.check(post(export(studyCount=2)))).decision
     assert over.reason is Reason.RATE_LIMITED and over.counter == "studies_day"
     assert "allows 5 units per day" in over.message
     # A call that exports no study spends none of the study budget.
     free = await language.check(post(export(studyCount=0)))
-    assert free.allowed and {c.counter for c in free.counters} == {
+    assert free.decision.allowed and {c.counter for c in free.counters} == {
         "exports_minute",
         "exports_day",
     }
-    missing = await language.check(post(call("list_x")))
+    missing = (await language.check(post(call("list_x")))).decision
     assert missing.allowed
     no_count = {k: v for k, v in EXPORT_ARGS.items() if k != "studyCount"}
-    refused = await language.check(post(call("start_dicom_export_job", **no_count)))
+    refused = (await language.check(post(call("start_dicom_export_job", **no_count)))).decision
     assert refused.reason is Reason.ARGUMENTS_INVALID
     assert "missing required argument(s) 'studyCount'" in refused.message
 
@@ -361,23 +367,23 @@ async def test_cost_pointer_without_schema_denies_missing_or_non_numeric(clock: 
         ({"n": -2}, "arguments.n: must not be negative"),
         ({"n": 10}, "arguments.n: more than the whole budget"),
     ):
-        decision = await engine.check(post(call("t", **args)))
+        decision = (await engine.check(post(call("t", **args)))).decision
         assert decision.reason is Reason.ARGUMENTS_INVALID, args
         assert text in decision.message
-    assert (await engine.check(post(call("t", n=9)))).allowed
-    assert (await engine.check(post(call("t", n=1)))).reason is Reason.RATE_LIMITED
+    assert (await engine.check(post(call("t", n=9)))).decision.allowed
+    assert (await engine.check(post(call("t", n=1)))).decision.reason is Reason.RATE_LIMITED
 
 
 async def test_patterns_in_decisions(language: Engine) -> None:
-    first = await language.check(post(call("list_clusters")))
+    first = (await language.check(post(call("list_clusters")))).decision
     assert first.allowed and first.rule == "tools.list_*"
     await language.check(post(call("list_services")))
-    shared = await language.check(post(call("list_tasks")))
+    shared = (await language.check(post(call("list_tasks")))).decision
     assert shared.reason is Reason.RATE_LIMITED and shared.counter == "lists"
 
 
 async def test_require_approval_denies_until_approvals_exist(language: Engine) -> None:
-    decision = await language.check(post(call("delete_app", app_name="web")))
+    decision = (await language.check(post(call("delete_app", app_name="web")))).decision
     assert decision.reason is Reason.APPROVAL_REQUIRED and decision.reason.status == 403
     assert decision.message == (
         "policy violation: tool 'delete_app': approval required (a human decides)"
@@ -387,16 +393,20 @@ async def test_require_approval_denies_until_approvals_exist(language: Engine) -
 async def test_session_scope(language: Engine) -> None:
     s1 = post(call("session_tool"), **{"mcp-session-id": "session-1"})
     s2 = post(call("session_tool"), **{"mcp-session-id": "session-2"})
-    assert (await language.check(s1)).allowed
-    assert (await language.check(s1)).reason is Reason.RATE_LIMITED
-    assert (await language.check(s2)).allowed, "another session has its own budget"
+    assert (await language.check(s1)).decision.allowed
+    assert (await language.check(s1)).decision.reason is Reason.RATE_LIMITED
+    assert (await language.check(s2)).decision.allowed, "another session has its own budget"
     other_grant = post(call("session_tool"), token="tok-B", **{"mcp-session-id": "session-1"})
-    assert (await language.check(other_grant)).allowed, "a session id is only a grant's own"
+    assert (await language.check(other_grant)).decision.allowed, (
+        "a session id is only a grant's own"
+    )
     # A stateless request (no session) counts against its grant.
-    assert (await language.check(post(call("session_tool")))).allowed
-    assert (await language.check(post(call("session_tool")))).reason is Reason.RATE_LIMITED
+    assert (await language.check(post(call("session_tool")))).decision.allowed
+    assert (await language.check(post(call("session_tool")))).decision.reason is Reason.RATE_LIMITED
     for bad in ("x" * 257, "has space", "caf\u00e9"):
-        refused = await language.check(post(call("session_tool"), **{"mcp-session-id": bad}))
+        refused = (
+            await language.check(post(call("session_tool"), **{"mcp-session-id": bad}))
+        ).decision
         assert refused.reason is Reason.MALFORMED and refused.reason.status == 400
 
 
@@ -409,44 +419,47 @@ def test_session_keys_are_hashed_and_bounded() -> None:
 
 
 async def test_resources_and_prompts(language: Engine) -> None:
-    read = await language.check(post(rpc("resources/read", uri="ecs://clusters/default")))
+    read = (
+        await language.check(post(rpc("resources/read", uri="ecs://clusters/default")))
+    ).decision
     assert read.allowed and read.rule == "resources.ecs://clusters/*"
     subscribe = rpc("resources/subscribe", uri="patient://jane-doe/record")
-    denied = await language.check(post(subscribe))
+    denied = (await language.check(post(subscribe))).decision
     assert denied.reason is Reason.DENIED_BY_RULE
     assert "jane" not in denied.message and "no patient records" in denied.message
-    other = await language.check(post(rpc("resources/read", uri="file:///etc/passwd")))
+    other = (await language.check(post(rpc("resources/read", uri="file:///etc/passwd")))).decision
     assert other.reason is Reason.DENIED_BY_DEFAULT
     unsubscribe = rpc("resources/unsubscribe", uri="patient://jane-doe/record")
-    assert (await language.check(post(unsubscribe, token=None))).allowed
-    prompt = await language.check(post(rpc("prompts/get", name="deploy_checklist")))
+    assert (await language.check(post(unsubscribe, token=None))).decision.allowed
+    prompt = (await language.check(post(rpc("prompts/get", name="deploy_checklist")))).decision
     assert prompt.allowed and prompt.rule == "prompts.deploy_*"
-    refused = await language.check(post(rpc("prompts/get", name="other")))
+    refused = (await language.check(post(rpc("prompts/get", name="other")))).decision
     assert refused.reason is Reason.DENIED_BY_DEFAULT and "prompt 'other'" in refused.message
 
 
 async def test_dry_run_rule_allows_and_says_what_it_would_deny(language: Engine) -> None:
-    decision = await language.check(post(call("rehearsed_deny")))
+    decision = (await language.check(post(call("rehearsed_deny")))).decision
     assert decision.allowed and decision.dry_run
     assert decision.would_deny is Reason.DENIED_BY_RULE
     assert decision.message == "policy violation: tool 'rehearsed_deny' denied: not yet"
     assert decision.rule == "tools.rehearsed_deny"
-    plain = await language.check(post(call("list_x")))
+    plain = (await language.check(post(call("list_x")))).decision
     assert plain.allowed and not plain.dry_run and plain.would_deny is None
 
 
 async def test_dry_run_counts_like_enforcement(language: Engine) -> None:
     first = await language.check(post(call("rehearsed")))
-    assert first.allowed and first.would_deny is None and first.counters[0].remaining == 0
+    assert first.decision.allowed and first.decision.would_deny is None
+    assert first.counters[0].remaining == 0
     for _ in range(3):
-        over = await language.check(post(call("rehearsed")))
+        over = (await language.check(post(call("rehearsed")))).decision
         assert over.allowed and over.would_deny is Reason.RATE_LIMITED
         assert over.counter == "rehearsed" and "rate limit exceeded" in over.message
     # Would-be denials spent nothing: under the same counters, enforcement sees 1 spent.
     enforced = {**LANGUAGE, "tools": {"rehearsed": {**LANGUAGE["tools"]["rehearsed"]}}}
     del enforced["tools"]["rehearsed"]["mode"]
     language.swap(compile_policy(enforced))
-    limited = await language.check(post(call("rehearsed")))
+    limited = (await language.check(post(call("rehearsed")))).decision
     assert limited.reason is Reason.RATE_LIMITED and limited.retry_after_s == 60
 
 
@@ -461,34 +474,36 @@ async def test_whole_policy_dry_run_and_rule_level_enforce(clock: Clock) -> None
         },
     }
     engine = Engine(compile_policy(doc), open_store("memory://"), clock=clock)
-    unnamed = await engine.check(post(call("anything")))
+    unnamed = (await engine.check(post(call("anything")))).decision
     assert unnamed.allowed and unnamed.would_deny is Reason.DENIED_BY_DEFAULT
-    bad_args = await engine.check(post(call("export", n="x")))
+    bad_args = (await engine.check(post(call("export", n="x")))).decision
     assert bad_args.allowed and bad_args.would_deny is Reason.ARGUMENTS_INVALID
-    assert (await engine.check(post(call("strict")))).reason is Reason.DENIED_BY_RULE
+    assert (await engine.check(post(call("strict")))).decision.reason is Reason.DENIED_BY_RULE
     # Identity and protocol refusals are never dry-run.
-    assert (await engine.check(post(call("anything"), token=None))).reason is Reason.NO_GRANT
+    assert (
+        await engine.check(post(call("anything"), token=None))
+    ).decision.reason is Reason.NO_GRANT
 
 
 async def test_dry_run_batch_keeps_enforced_spends(language: Engine) -> None:
-    assert (await language.check(post(call("rehearsed")))).allowed
+    assert (await language.check(post(call("rehearsed")))).decision.allowed
     batch = [call("rehearsed", 1), call("list_a", 2)]
-    decision = await language.check(post(batch))
+    decision = (await language.check(post(batch))).decision
     assert decision.allowed and decision.would_deny is Reason.RATE_LIMITED
     assert decision.element == 0
     # The enforced call in the batch did spend: one of the two list calls is gone.
-    assert (await language.check(post(call("list_b")))).allowed
-    assert (await language.check(post(call("list_c")))).reason is Reason.RATE_LIMITED
+    assert (await language.check(post(call("list_b")))).decision.allowed
+    assert (await language.check(post(call("list_c")))).decision.reason is Reason.RATE_LIMITED
     enforced_denial = [call("rehearsed_deny", 1), call("delete_app", 2)]
-    denied = await language.check(post(enforced_denial))
+    denied = (await language.check(post(enforced_denial))).decision
     assert denied.reason is Reason.APPROVAL_REQUIRED and denied.element == 1
 
 
 async def test_store_down_under_dry_run_only_allows(clock: Clock) -> None:
     engine = Engine(compile_policy(LANGUAGE), DownStore(), clock=clock)
-    rehearsed = await engine.check(post(call("rehearsed")))
+    rehearsed = (await engine.check(post(call("rehearsed")))).decision
     assert rehearsed.allowed and rehearsed.would_deny is Reason.STORE_UNAVAILABLE
-    enforced = await engine.check(post(call("list_x")))
+    enforced = (await engine.check(post(call("list_x")))).decision
     assert enforced.reason is Reason.STORE_UNAVAILABLE
 
 
@@ -542,9 +557,11 @@ async def test_grant_from_a_trusted_header(clock: Clock) -> None:
     engine = Engine(
         with_grants({"source": "header", "header": "x-mcp-grant"}), open_store("memory://")
     )
-    ok = await engine.check(post(call("containerize_app"), token=None, **{"x-mcp-grant": "alice"}))
+    ok = (
+        await engine.check(post(call("containerize_app"), token=None, **{"x-mcp-grant": "alice"}))
+    ).decision
     assert ok.allowed and ok.grant == "alice"
-    assert (await engine.check(post(call("containerize_app")))).reason is Reason.NO_GRANT
+    assert (await engine.check(post(call("containerize_app")))).decision.reason is Reason.NO_GRANT
 
 
 async def test_grant_from_a_jwt_claim_in_envoy_metadata() -> None:
@@ -554,23 +571,25 @@ async def test_grant_from_a_jwt_claim_in_envoy_metadata() -> None:
         meta = {"envoy.filters.http.jwt_authn": {"jwt_payload": payload}}
         return replace(post(call("containerize_app"), token=None), metadata=meta)
 
-    assert (await engine.check(request({"sub": "alice@example.com"}))).grant == "alice@example.com"
-    hashed = (await engine.check(request({"sub": "auth0|12345"}))).grant
+    assert (
+        await engine.check(request({"sub": "alice@example.com"}))
+    ).decision.grant == "alice@example.com"
+    hashed = (await engine.check(request({"sub": "auth0|12345"}))).decision.grant
     assert hashed is not None and re.fullmatch(r"h-[0-9a-f]{24}", hashed)
-    assert (await engine.check(request({"sub": 42.0}))).grant == "42"
+    assert (await engine.check(request({"sub": 42.0}))).decision.grant == "42"
     for payload in ({}, {"sub": ""}, {"sub": True}, {"sub": ["a"]}, "x"):
-        assert (await engine.check(request(payload))).reason is Reason.NO_GRANT, payload
+        assert (await engine.check(request(payload))).decision.reason is Reason.NO_GRANT, payload
     # A bearer token alone is no identity under this source.
-    assert (await engine.check(post(call("containerize_app")))).reason is Reason.NO_GRANT
+    assert (await engine.check(post(call("containerize_app")))).decision.reason is Reason.NO_GRANT
 
 
 async def test_grant_from_the_mtls_peer() -> None:
     engine = Engine(with_grants({"source": "mtls"}), open_store("memory://"))
     spiffe = "spiffe://cluster.local/ns/agents/sa/export-bot"
     peer = replace(post(call("containerize_app"), token=None), peer_principal=spiffe)
-    assert (await engine.check(peer)).grant == spiffe
+    assert (await engine.check(peer)).decision.grant == spiffe
     no_peer = post(call("containerize_app"))
-    assert (await engine.check(no_peer)).reason is Reason.NO_GRANT
+    assert (await engine.check(no_peer)).decision.reason is Reason.NO_GRANT
 
 
 def test_policy_grants_and_grant_header_flag_conflict() -> None:
@@ -598,7 +617,7 @@ def test_jwt_metadata_is_read_from_the_check_request() -> None:
 
 
 async def test_denials_echo_at_most_128_characters_of_a_name(engine: Engine) -> None:
-    decision = await engine.check(post(call("a" * 100_000)))
+    decision = (await engine.check(post(call("a" * 100_000)))).decision
     assert decision.reason is Reason.DENIED_BY_DEFAULT
     assert decision.message == (
         f"policy violation: tool '{'a' * 128}...' is not allowed by this policy (default deny)"

@@ -54,7 +54,6 @@ def request(tool: str) -> HttpRequest:
     body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool}}
     return HttpRequest(
         method="POST",
-        path="/mcp",
         headers={"content-type": "application/json", "authorization": f"Bearer {TOKEN}"},
         body=json.dumps(body).encode(),
     )
@@ -101,7 +100,7 @@ def policy_file(tmp_path: Path) -> Path:
 
 
 async def reason_of(engine: Engine, tool: str = "probe") -> str:
-    return (await engine.check(request(tool))).message
+    return (await engine.check(request(tool))).decision.message
 
 
 async def test_a_changed_file_is_validated_swapped_and_reported(policy_file: Path) -> None:
@@ -208,16 +207,16 @@ async def test_counters_survive_a_reload_that_keeps_counter_window_and_scope(
     results = Results()
     async with watching(policy_file, engine, results, interval=INTERVAL):
         for _ in range(2):
-            assert (await engine.check(request("counted"))).allowed
+            assert (await engine.check(request("counted"))).decision.allowed
         write(policy_file, version("other reason, same limit"))
         await until(lambda: len(results.seen) == 1)
         last = await engine.check(request("counted"))
-        assert last.allowed and last.counters[0].remaining == 0
-        assert (await engine.check(request("counted"))).reason is Reason.RATE_LIMITED
+        assert last.decision.allowed and last.counters[0].remaining == 0
+        assert (await engine.check(request("counted"))).decision.reason is Reason.RATE_LIMITED
         write(policy_file, version("renamed counter", counter="c2"))
         await until(lambda: len(results.seen) == 2)
         fresh = await engine.check(request("counted"))
-        assert fresh.allowed and fresh.counters[0].remaining == 2
+        assert fresh.decision.allowed and fresh.counters[0].remaining == 2
 
 
 class HeldStore:
@@ -244,7 +243,8 @@ async def test_a_check_in_flight_finishes_on_the_policy_it_started_with(
     policy_file: Path,
 ) -> None:
     store = HeldStore()
-    engine = Engine(load_policy(policy_file), store)
+    started_under = load_policy(policy_file)
+    engine = Engine(started_under, store)
     results = Results()
     async with watching(policy_file, engine, results, interval=INTERVAL):
         in_flight = asyncio.create_task(engine.check(request("counted")))
@@ -252,10 +252,13 @@ async def test_a_check_in_flight_finishes_on_the_policy_it_started_with(
         denies_everything = {"version": "1", "default": "deny"}
         write(policy_file, denies_everything)
         await until(lambda: results.seen != [])
-        assert (await engine.check(request("counted"))).reason is Reason.DENIED_BY_DEFAULT
+        after = await engine.check(request("counted"))
+        assert after.decision.reason is Reason.DENIED_BY_DEFAULT
+        assert after.policy is engine.policy and after.policy is not started_under
         store.release.set()
-        decision = await in_flight
-        assert decision.allowed and decision.rule == "tools.counted"
+        finished = await in_flight
+        assert finished.decision.allowed and finished.decision.rule == "tools.counted"
+        assert finished.policy is started_under, "the result names the policy it was decided by"
 
 
 async def test_a_policy_the_engine_cannot_run_is_a_failed_reload(policy_file: Path) -> None:
@@ -280,7 +283,7 @@ async def test_reload_under_load(policy_file: Path) -> None:
     async def stream(tool: str) -> None:
         while not stop.is_set():
             try:
-                decisions.append(await engine.check(request(tool)))
+                decisions.append((await engine.check(request(tool))).decision)
             except Exception as exc:
                 failures.append(exc)
             await asyncio.sleep(0)

@@ -113,7 +113,7 @@ def decide(
 ) -> tuple[Decision, external_auth_pb2.CheckResponse]:
     """The decision path of one Check, synchronously (one event loop for every call)."""
     http = envoy.http_request(request)
-    decision = run(engine.check(http))
+    decision = run(engine.check(http)).decision
     return decision, envoy.check_response(decision, http.headers)
 
 

@@ -15,8 +15,9 @@ WARNING, so ``--audit-level warning`` keeps only the (would-be) denials.
 
 Decision lines are written to stdout directly rather than through ``logging``, whose
 per-record machinery (caller lookup, record object, handler lock) would double their cost
-on every check. Rarer audit events (approvals) go through the ``mcp_authz.audit`` logger,
-which writes its messages verbatim to the same stdout at the same level. The service's
+on every check. Rarer audit events (approvals, :func:`approval_event`) go through the
+``mcp_authz.audit`` logger, which writes its messages verbatim to the same stdout at the
+same level. The service's
 operational logs go to stderr through ``logging``, as JSON or text.
 """
 
@@ -32,6 +33,7 @@ from typing import Any, TextIO
 import orjson
 
 from authz import mcp
+from authz.approvals import Approval
 from authz.engine import Decision
 from authz.metrics import decision_labels
 from authz.policy import Policy
@@ -160,3 +162,18 @@ def record(
         _sink.stream.flush()
     except (OSError, ValueError) as exc:  # a closed or broken stdout must not fail checks
         log.error("audit line not written: %s", type(exc).__name__)
+
+
+def approval_event(event: str, approval: Approval, operator: str = "") -> None:
+    """The audit line of an approval event (``requested``, ``approved``, ``rejected``,
+    ``consumed``, ``expired``); argument values never exist here."""
+    line = {
+        "time": _iso_time(time.time()),
+        "event": f"approval_{event}",
+        "approval_id": approval.id,
+        "grant": approval.grant,
+        "tool": approval.tool,
+        "arguments_sha256": approval.arguments_sha256,
+        "operator": operator or approval.operator or None,
+    }
+    logging.getLogger(AUDIT_LOGGER).info("%s", json.dumps(line, separators=(",", ":")))

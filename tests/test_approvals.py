@@ -1,28 +1,25 @@
-"""Approvals: the book contract (a real redis-server and in memory), the engine, tokens."""
+"""Approvals: the book contract (in memory, a real redis-server, a real Redis Cluster),
+the engine, tokens."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
 from authz.admin import operator_of, parse_tokens
-from authz.approvals import (
-    ApprovalBook,
-    Binding,
-    MemoryApprovals,
-    NotPending,
-    RedisApprovals,
-    State,
-    Verdict,
-)
+from authz.approvals import ApprovalBook, Binding, NotPending, State, Verdict
 from authz.engine import Engine, Reason
 from authz.mcp import HttpRequest
 from authz.policy import compile_policy
-from authz.store import open_store
-from tests.support.redis_server import RedisServer
+from authz.store import StoreUnavailable, open_store
+from authz.store.memory_approvals import MemoryApprovals
+from tests.support.redis_server import ClusterSetup, RedisServer, running_cluster
 
 
 def binding(args_digest: str = "a" * 64, grant: str = "b-1") -> Binding:
@@ -35,15 +32,28 @@ def binding(args_digest: str = "a" * 64, grant: str = "b-1") -> Binding:
     )
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSetup]:
+    with running_cluster(tmp_path_factory.mktemp("cluster")) as setup:
+        yield setup
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def book(request: pytest.FixtureRequest) -> AsyncIterator[ApprovalBook]:
+    """A book as ``serve`` gets it: from the counter store the URL names."""
     if request.param == "memory":
-        yield MemoryApprovals()
-        return
-    server: RedisServer = request.getfixturevalue("redis_server")
-    redis_book = RedisApprovals(server.url)
-    yield redis_book
-    await redis_book.close()
+        url = "memory://"
+    elif request.param == "redis":
+        url = request.getfixturevalue("redis_server").url
+    else:
+        setup: ClusterSetup = request.getfixturevalue("cluster")
+        for node in setup.nodes:
+            with node.client() as client:
+                client.flushall()
+        url = setup.url
+    store = open_store(url, timeout_s=2.0)
+    yield store.approval_book()
+    await store.close()
 
 
 async def test_pending_is_not_duplicated(book: ApprovalBook) -> None:
@@ -112,8 +122,20 @@ async def test_expiry_is_reported_once(book: ApprovalBook) -> None:
     assert (await book.gate(binding(), 60, 1, "")).verdict is Verdict.CREATED
 
 
+async def test_an_expired_request_replaced_by_a_new_one_is_still_reported(
+    book: ApprovalBook,
+) -> None:
+    opened = (await book.gate(binding(), 0.3, 1, "")).approval
+    await asyncio.sleep(0.45)
+    again = await book.gate(binding(), 60, 1, "")
+    assert again.verdict is Verdict.CREATED and again.approval.id != opened.id
+    assert [a.id for a in await book.expired()] == [opened.id]
+    assert [a.id for a in await book.live()] == [again.approval.id]
+
+
 async def test_replicas_share_state(redis_server: RedisServer) -> None:
-    one, two = RedisApprovals(redis_server.url), RedisApprovals(redis_server.url)
+    stores = [open_store(redis_server.url, timeout_s=2.0) for _ in range(2)]
+    one, two = (store.approval_book() for store in stores)
     try:
         opened = (await one.gate(binding(), 60, 1, "")).approval
         assert (await two.gate(binding(), 60, 1, "")).verdict is Verdict.PENDING
@@ -122,8 +144,59 @@ async def test_replicas_share_state(redis_server: RedisServer) -> None:
         # Exactly one of ten concurrent identical calls consumes the single use.
         assert [g.verdict for g in results].count(Verdict.APPROVED) == 1
     finally:
-        await one.close()
-        await two.close()
+        for store in stores:
+            await store.close()
+
+
+async def test_listing_is_one_round_trip(redis_server: RedisServer) -> None:
+    store = open_store(redis_server.url, timeout_s=2.0)
+    book = store.approval_book()
+    try:
+        for n in range(20):
+            await book.gate(binding(f"{n:064x}"), 60, 1, "")
+        with redis_server.client() as client:
+            client.config_resetstat()
+            listed = await book.live()
+            stats = client.info("commandstats")
+    finally:
+        await store.close()
+    assert len(listed) == 20
+    inspecting = ("cmdstat_info", "cmdstat_config")  # this test's own commands
+    ours = {name: s["calls"] for name, s in stats.items() if name not in inspecting}
+    assert ours == {"cmdstat_hvals": 1}, ours
+
+
+async def test_a_paused_redis_fails_within_the_store_timeout(redis_server: RedisServer) -> None:
+    """The book answers on the store's timeout and maps the failure as the counters do."""
+    store = open_store(redis_server.url, timeout_s=0.05)
+    book = store.approval_book()
+    try:
+        await book.gate(binding(), 60, 1, "")  # connected, scripts loaded
+        redis_server.pause()
+        try:
+            with pytest.raises(StoreUnavailable, match="timed out"):
+                await asyncio.wait_for(book.gate(binding(), 60, 1, ""), timeout=5)
+            with pytest.raises(StoreUnavailable):
+                await asyncio.wait_for(book.live(), timeout=5)
+        finally:
+            redis_server.resume()
+        assert (await book.gate(binding(), 60, 1, "")).verdict is Verdict.PENDING
+    finally:
+        await store.close()
+
+
+def test_the_engine_and_the_policy_import_no_io_library() -> None:
+    code = (
+        "import sys, authz.engine, authz.policy, authz.approvals, authz.store; "
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('redis', 'hiredis', 'aiohttp', 'grpc')); "
+        "assert not loaded, loaded"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
 
 
 APPROVAL_POLICY = {

@@ -1,10 +1,11 @@
-"""Approvals: the book contract (in memory, a real redis-server, a real Redis Cluster),
-the engine, tokens."""
+"""Approvals: the book contract (in memory; a real redis-server over TCP, a Unix socket and
+TLS; a real Redis Cluster), the engine, tokens."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -19,7 +20,15 @@ from authz.mcp import HttpRequest
 from authz.policy import compile_policy
 from authz.store import StoreUnavailable, open_store
 from authz.store.memory_approvals import MemoryApprovals
-from tests.support.redis_server import ClusterSetup, RedisServer, running_cluster
+from tests.support.redis_server import (
+    ClusterSetup,
+    RedisServer,
+    free_port,
+    make_tls_files,
+    running_cluster,
+    running_redis,
+    tls_supported,
+)
 
 
 def binding(args_digest: str = "a" * 64, grant: str = "b-1") -> Binding:
@@ -38,13 +47,43 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSetup]:
         yield setup
 
 
-@pytest.fixture(params=["memory", "redis", "cluster"])
+@pytest.fixture
+def unix_redis(tmp_path: Path) -> Iterator[str]:
+    """A redis-server on a Unix socket (and a loopback port nobody uses); its URL."""
+    socket = tmp_path / "redis.sock"
+    server = RedisServer(
+        port=free_port(),
+        directory=tmp_path,
+        extra=["--unixsocket", str(socket), "--unixsocketperm", "700"],
+    )
+    server.start()
+    try:
+        yield f"unix://{socket}"
+    finally:
+        server.terminate()
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[str]:
+    """A TLS-only redis-server; its ``rediss://`` URL."""
+    if not tls_supported():
+        message = "redis-server lacks TLS: `make test` installs Debian's redis-server"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    with running_redis(tmp_path, tls=make_tls_files(tmp_path / "tls")) as server:
+        yield server.url
+
+
+@pytest.fixture(params=["memory", "redis", "unix", "tls", "cluster"])
 async def book(request: pytest.FixtureRequest) -> AsyncIterator[ApprovalBook]:
     """A book as ``serve`` gets it: from the counter store the URL names."""
     if request.param == "memory":
         url = "memory://"
     elif request.param == "redis":
         url = request.getfixturevalue("redis_server").url
+    elif request.param in ("unix", "tls"):
+        url = request.getfixturevalue(f"{request.param}_redis")
     else:
         setup: ClusterSetup = request.getfixturevalue("cluster")
         for node in setup.nodes:

@@ -26,6 +26,9 @@ from authz.store import StoreUnavailable
 
 log = logging.getLogger("mcp_authz")
 
+# The operator an admin request's token names.
+OPERATOR = web.RequestKey("operator", str)
+
 
 def parse_tokens(text: str) -> dict[str, str]:
     """``name:token`` entries, one per line or comma-separated; ``#`` starts a comment.
@@ -91,7 +94,7 @@ def admin_app(book: ApprovalBook, tokens: Mapping[str, str]) -> web.Application:
                 status=401,
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        request["operator"] = operator
+        request[OPERATOR] = operator
         try:
             response: web.StreamResponse = await handler(request)
         except StoreUnavailable as exc:
@@ -116,7 +119,7 @@ def admin_app(book: ApprovalBook, tokens: Mapping[str, str]) -> web.Application:
             except json.JSONDecodeError:
                 return web.json_response({"error": "body must be JSON"}, status=400)
             reason = str(body.get("reason", "")) if isinstance(body, dict) else ""
-        operator = request["operator"]
+        operator = request[OPERATOR]
         try:
             approval = await book.decide(request.match_info["id"], approve, operator, reason[:500])
         except NotPending as exc:

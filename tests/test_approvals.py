@@ -12,8 +12,9 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
-from authz.admin import operator_of, parse_tokens
+from authz.admin import admin_app, operator_of, parse_tokens
 from authz.approvals import ApprovalBook, Binding, NotPending, State, Verdict
 from authz.engine import Engine, Reason
 from authz.mcp import HttpRequest
@@ -298,3 +299,33 @@ def test_admin_tokens_parse_and_authenticate() -> None:
     for bad in ("alice", "alice:short", ":0123456789abcdefXYZ"):
         with pytest.raises(ValueError):
             parse_tokens(bad)
+
+
+async def test_admin_api_answers_503_while_redis_is_paused(redis_server: RedisServer) -> None:
+    token = "ops-token-0123456789abcdef"
+    store = open_store(redis_server.url, timeout_s=0.05)
+    book = store.approval_book()
+    opened = (await book.gate(binding(), 60, 1, "")).approval
+    headers = {"Authorization": f"Bearer {token}"}
+    client = TestClient(TestServer(admin_app(book, {token: "ops"})))
+    await client.start_server()
+    try:
+        listed = await client.get("/approvals", headers=headers)
+        assert [a["id"] for a in (await listed.json())["approvals"]] == [opened.id]
+        redis_server.pause()
+        try:
+            for method, path in (
+                ("GET", "/approvals"),
+                ("GET", f"/approvals/{opened.id}"),
+                ("POST", f"/approvals/{opened.id}/approve"),
+            ):
+                resp = await client.request(method, path, headers=headers)
+                assert resp.status == 503, (method, path)
+                assert await resp.json() == {"error": "approval store unavailable"}
+        finally:
+            redis_server.resume()
+        approved = await client.post(f"/approvals/{opened.id}/approve", headers=headers)
+        assert approved.status == 200 and (await approved.json())["operator"] == "ops"
+    finally:
+        await client.close()
+        await store.close()

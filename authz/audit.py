@@ -17,8 +17,8 @@ Decision lines are written to stdout directly rather than through ``logging``, w
 per-record machinery (caller lookup, record object, handler lock) would double their cost
 on every check. Rarer audit events (approvals, :func:`approval_event`) go through the
 ``mcp_authz.audit`` logger, which writes its messages verbatim to the same stdout at the
-same level. The service's
-operational logs go to stderr through ``logging``, as JSON or text.
+same level. The service's operational logs go to stderr through ``logging``, as JSON or
+text.
 """
 
 from __future__ import annotations

@@ -61,9 +61,9 @@ class RedisStore:
     With ``wait_replicas`` N > 0, an allowed check (and any approval change) is only
     reported once N replicas hold its record (``WAIT`` right behind the script, in the same
     round trip). Redis replicates asynchronously, so without it a failover can drop the last
-    few records and let a later call through over its limit; with it, a record the master could not
-    replicate (e.g. an old master that Sentinel has already replaced) is a 503, and the
-    connection is reopened so the next call asks Sentinel where the master is now.
+    few records and let a later call through over its limit; with it, a record the master
+    could not replicate (e.g. an old master that Sentinel has already replaced) is a 503,
+    and the connection is reopened so the next call asks Sentinel where the master is now.
     """
 
     def __init__(

@@ -1,9 +1,10 @@
-"""The operator side of approvals: the admin HTTP API, its tokens, webhook notices, audit.
+"""The admin API of approvals, its tokens, and the watcher of their expiries.
 
 The API is JSON over HTTP on the ``--http`` port under ``/admin/v1/``, and exists only when
 admin tokens are configured. Each token has a name, which becomes the operator recorded on
 the decision. The shipped Envoy config routes only ``/mcp`` to the MCP server and nothing to
-this port, so an agent's MCP traffic cannot reach it.
+this port, so an agent's MCP traffic cannot reach it. Its client is
+:mod:`authz.admin_client`; webhook notices are :mod:`authz.notify`'s.
 """
 
 from __future__ import annotations
@@ -12,25 +13,21 @@ import asyncio
 import hmac
 import json
 import logging
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import Gauge
 
-from authz.approvals import Approval, ApprovalBook, NotPending, State
+from authz import audit
+from authz.approvals import ApprovalBook, NotPending, State
 from authz.store import StoreUnavailable
 
-audit = logging.getLogger("mcp_authz.audit")
 log = logging.getLogger("mcp_authz")
 
-WEBHOOK_ATTEMPTS = 3
-WEBHOOK_TIMEOUT_S = 2.0
+# The operator an admin request's token names.
+OPERATOR = web.RequestKey("operator", str)
 
 
 def parse_tokens(text: str) -> dict[str, str]:
@@ -69,82 +66,6 @@ def operator_of(header: str, tokens: Mapping[str, str]) -> str | None:
     return found
 
 
-def audit_event(event: str, approval: Approval, operator: str = "") -> None:
-    """One structured line per approval event; argument values never exist here."""
-    audit.info(
-        "%s",
-        json.dumps(
-            {
-                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "event": f"approval_{event}",
-                "approval_id": approval.id,
-                "grant": approval.grant,
-                "tool": approval.tool,
-                "arguments_sha256": approval.arguments_sha256,
-                "operator": operator or approval.operator or None,
-            },
-            separators=(",", ":"),
-        ),
-    )
-
-
-def notice(approval: Approval) -> dict[str, Any]:
-    """The webhook body: enough to decide where to look, never an argument value."""
-    return {
-        "id": approval.id,
-        "grant": approval.grant,
-        "tool": approval.tool,
-        "argument_names": list(approval.argument_names),
-        "arguments_sha256": approval.arguments_sha256,
-        "expires_at": approval.expires_at,
-        "notify": approval.notify,
-        "approve": f"mcp-authz approvals approve {approval.id}",
-        "reject": f"mcp-authz approvals reject {approval.id} --reason TEXT",
-    }
-
-
-async def send_notice(url: str, approval: Approval) -> bool:
-    """POST the notice with retries and a timeout. A failure is logged, never fatal: the
-    request stays pending either way, so a webhook can neither allow nor block a call."""
-    timeout = aiohttp.ClientTimeout(total=WEBHOOK_TIMEOUT_S)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
-        for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
-            try:
-                async with session.post(url, json=notice(approval)) as resp:
-                    if resp.status < 300:
-                        return True
-                    problem = f"HTTP {resp.status}"
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                problem = type(exc).__name__
-            log.warning(
-                "approval webhook attempt %d/%d for %s failed: %s",
-                attempt,
-                WEBHOOK_ATTEMPTS,
-                approval.id,
-                problem,
-            )
-            await asyncio.sleep(0.2 * attempt)
-    return False
-
-
-def approval_events(webhook_url: str) -> Callable[[str, Approval], None]:
-    """The engine's approval callback: audit every event; notify the webhook of requests.
-
-    The notice is sent in the background: the check that opened the request is answered
-    at once, and a slow or failing webhook changes no decision.
-    """
-    sending: set[asyncio.Task[bool]] = set()
-
-    def on_event(event: str, approval: Approval) -> None:
-        audit_event(event, approval)
-        if event == "requested" and webhook_url:
-            task = asyncio.get_running_loop().create_task(send_notice(webhook_url, approval))
-            sending.add(task)
-            task.add_done_callback(sending.discard)
-
-    return on_event
-
-
 async def watch_expiries(
     book: ApprovalBook, pending: Gauge | None, interval_s: float = 2.0
 ) -> None:
@@ -152,7 +73,7 @@ async def watch_expiries(
     while True:
         try:
             for approval in await book.expired():
-                audit_event("expired", approval)
+                audit.approval_event("expired", approval)
             if pending is not None:
                 live = await book.live()
                 pending.set(sum(1 for a in live if a.state is State.PENDING))
@@ -173,8 +94,12 @@ def admin_app(book: ApprovalBook, tokens: Mapping[str, str]) -> web.Application:
                 status=401,
                 headers={"WWW-Authenticate": "Bearer"},
             )
-        request["operator"] = operator
-        response: web.StreamResponse = await handler(request)
+        request[OPERATOR] = operator
+        try:
+            response: web.StreamResponse = await handler(request)
+        except StoreUnavailable as exc:
+            log.warning("approvals: %s", exc)
+            return web.json_response({"error": "approval store unavailable"}, status=503)
         return response
 
     async def list_approvals(_: web.Request) -> web.Response:
@@ -194,14 +119,14 @@ def admin_app(book: ApprovalBook, tokens: Mapping[str, str]) -> web.Application:
             except json.JSONDecodeError:
                 return web.json_response({"error": "body must be JSON"}, status=400)
             reason = str(body.get("reason", "")) if isinstance(body, dict) else ""
-        operator = request["operator"]
+        operator = request[OPERATOR]
         try:
             approval = await book.decide(request.match_info["id"], approve, operator, reason[:500])
         except NotPending as exc:
             return web.json_response({"error": str(exc)}, status=409)
         if approval is None:
             return web.json_response({"error": "no such approval (or it expired)"}, status=404)
-        audit_event("approved" if approve else "rejected", approval, operator)
+        audit.approval_event("approved" if approve else "rejected", approval, operator)
         return web.json_response(approval.public())
 
     async def approve(request: web.Request) -> web.Response:
@@ -216,28 +141,3 @@ def admin_app(book: ApprovalBook, tokens: Mapping[str, str]) -> web.Application:
     app.router.add_post("/approvals/{id}/approve", approve)
     app.router.add_post("/approvals/{id}/reject", reject)
     return app
-
-
-def admin_request(
-    base_url: str, token: str, method: str, path: str, body: Mapping[str, Any] | None = None
-) -> tuple[int, Any]:
-    """Call the admin API (used by ``mcp-authz approvals``); returns (status, JSON body).
-
-    The standard library's urllib is enough for a handful of synchronous CLI calls.
-    """
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(  # noqa: S310 (the operator's own admin URL)
-        base_url.rstrip("/") + "/admin/v1" + path,
-        data=data,
-        method=method,
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310
-            return resp.status, json.loads(resp.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        payload = exc.read()
-        try:
-            return exc.code, json.loads(payload or b"null")
-        except json.JSONDecodeError:
-            return exc.code, {"error": payload.decode(errors="replace")[:200]}

@@ -15,9 +15,10 @@ WARNING, so ``--audit-level warning`` keeps only the (would-be) denials.
 
 Decision lines are written to stdout directly rather than through ``logging``, whose
 per-record machinery (caller lookup, record object, handler lock) would weigh on every
-check. Rarer audit events (approvals) go through the ``mcp_authz.audit`` logger,
-which writes its messages verbatim to the same stdout at the same level. The service's
-operational logs go to stderr through ``logging``, as JSON or text.
+check. Rarer audit events (approvals, :func:`approval_event`) go through the
+``mcp_authz.audit`` logger, which writes its messages verbatim to the same stdout at the
+same level. The service's operational logs go to stderr through ``logging``, as JSON or
+text.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any, TextIO
 
 import orjson
 
+from authz.approvals import Approval
 from authz.engine import CheckResult
 
 AUDIT_LOGGER = "mcp_authz.audit"
@@ -139,3 +141,18 @@ def record(result: CheckResult, request_id: str, latency_s: float) -> None:
         _sink.stream.flush()
     except (OSError, ValueError) as exc:  # a closed or broken stdout must not fail checks
         log.error("audit line not written: %s", type(exc).__name__)
+
+
+def approval_event(event: str, approval: Approval, operator: str = "") -> None:
+    """The audit line of an approval event (``requested``, ``approved``, ``rejected``,
+    ``consumed``, ``expired``); argument values never exist here."""
+    line = {
+        "time": _iso_time(time.time()),
+        "event": f"approval_{event}",
+        "approval_id": approval.id,
+        "grant": approval.grant,
+        "tool": approval.tool,
+        "arguments_sha256": approval.arguments_sha256,
+        "operator": operator or approval.operator or None,
+    }
+    logging.getLogger(AUDIT_LOGGER).info("%s", json.dumps(line, separators=(",", ":")))

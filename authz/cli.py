@@ -20,8 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from authz import admin, tls, tooling
-from authz.approvals import open_book
+from authz import admin, admin_client, notify, tls, tooling
 from authz.audit import AUDIT_LEVELS, LOG_FORMATS, configure_logging
 from authz.engine import Engine
 from authz.metrics import Metrics
@@ -211,13 +210,13 @@ def _approvals(args: argparse.Namespace) -> int:
         )
         return 2
     if args.verb == "list":
-        status, body = admin.admin_request(args.url, token, "GET", "/approvals")
+        status, body = admin_client.admin_request(args.url, token, "GET", "/approvals")
     elif args.verb == "show":
-        status, body = admin.admin_request(args.url, token, "GET", f"/approvals/{args.id}")
+        status, body = admin_client.admin_request(args.url, token, "GET", f"/approvals/{args.id}")
     else:
         payload = {"reason": args.reason} if args.verb == "reject" else {}
         path = f"/approvals/{args.id}/{args.verb}"
-        status, body = admin.admin_request(args.url, token, "POST", path, payload)
+        status, body = admin_client.admin_request(args.url, token, "POST", path, payload)
     if status >= 300:
         print(f"mcp-authz approvals: {status}: {body.get('error', body)}", file=sys.stderr)
         return 1
@@ -302,7 +301,7 @@ def _serve(args: argparse.Namespace) -> int:
     metrics = Metrics(approvals=bool(admin_tokens))
     try:
         counters = open_store(args.redis or "memory://", timeout_s=args.store_timeout_ms / 1000)
-        book = open_book(args.redis or "memory://") if admin_tokens else None
+        book = counters.approval_book() if admin_tokens else None
     except ValueError as exc:
         print(f"mcp-authz serve: --redis: {exc}", file=sys.stderr)
         return 2
@@ -315,7 +314,7 @@ def _serve(args: argparse.Namespace) -> int:
             grant_header=args.grant_header,
             fail_open=args.fail_open,
             approvals=book,
-            approval_events=admin.approval_events(args.approval_webhook),
+            approval_events=notify.approval_events(args.approval_webhook),
         )
     except PolicyError as exc:
         print(f"{args.policy}: invalid policy, refusing to start", file=sys.stderr)

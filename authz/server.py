@@ -193,7 +193,5 @@ async def serve(engine: Engine, settings: Settings, metrics: Metrics) -> None:
     await asyncio.sleep(settings.drain_seconds)
     await server.stop(grace=STOP_GRACE_S)
     await runner.cleanup()
-    await engine.store.close()
-    if engine.approvals is not None:
-        await engine.approvals.close()
+    await engine.store.close()  # the approvals too: they live on the store's connection
     log.info("stopped")

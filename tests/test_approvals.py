@@ -1,28 +1,35 @@
-"""Approvals: the book contract (a real redis-server and in memory), the engine, tokens."""
+"""Approvals: the book contract (in memory; a real redis-server over TCP, a Unix socket and
+TLS; a real Redis Cluster), the engine, tokens."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
-from authz.admin import operator_of, parse_tokens
-from authz.approvals import (
-    ApprovalBook,
-    Binding,
-    MemoryApprovals,
-    NotPending,
-    RedisApprovals,
-    State,
-    Verdict,
-)
+from authz.admin import admin_app, operator_of, parse_tokens
+from authz.approvals import ApprovalBook, Binding, NotPending, State, Verdict
 from authz.engine import Engine, Reason
 from authz.mcp import HttpRequest
 from authz.policy import compile_policy
-from authz.store import open_store
-from tests.support.redis_server import RedisServer
+from authz.store import StoreUnavailable, open_store
+from authz.store.memory_approvals import MemoryApprovals
+from tests.support.redis_server import (
+    ClusterSetup,
+    RedisServer,
+    free_port,
+    make_tls_files,
+    running_cluster,
+    running_redis,
+    tls_supported,
+)
 
 
 def binding(args_digest: str = "a" * 64, grant: str = "b-1") -> Binding:
@@ -35,15 +42,58 @@ def binding(args_digest: str = "a" * 64, grant: str = "b-1") -> Binding:
     )
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSetup]:
+    with running_cluster(tmp_path_factory.mktemp("cluster")) as setup:
+        yield setup
+
+
+@pytest.fixture
+def unix_redis(tmp_path: Path) -> Iterator[str]:
+    """A redis-server on a Unix socket (and a loopback port nobody uses); its URL."""
+    socket = tmp_path / "redis.sock"
+    server = RedisServer(
+        port=free_port(),
+        directory=tmp_path,
+        extra=["--unixsocket", str(socket), "--unixsocketperm", "700"],
+    )
+    server.start()
+    try:
+        yield f"unix://{socket}"
+    finally:
+        server.terminate()
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[str]:
+    """A TLS-only redis-server; its ``rediss://`` URL."""
+    if not tls_supported():
+        message = "redis-server lacks TLS: `make test` installs Debian's redis-server"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    with running_redis(tmp_path, tls=make_tls_files(tmp_path / "tls")) as server:
+        yield server.url
+
+
+@pytest.fixture(params=["memory", "redis", "unix", "tls", "cluster"])
 async def book(request: pytest.FixtureRequest) -> AsyncIterator[ApprovalBook]:
+    """A book as ``serve`` gets it: from the counter store the URL names."""
     if request.param == "memory":
-        yield MemoryApprovals()
-        return
-    server: RedisServer = request.getfixturevalue("redis_server")
-    redis_book = RedisApprovals(server.url)
-    yield redis_book
-    await redis_book.close()
+        url = "memory://"
+    elif request.param == "redis":
+        url = request.getfixturevalue("redis_server").url
+    elif request.param in ("unix", "tls"):
+        url = request.getfixturevalue(f"{request.param}_redis")
+    else:
+        setup: ClusterSetup = request.getfixturevalue("cluster")
+        for node in setup.nodes:
+            with node.client() as client:
+                client.flushall()
+        url = setup.url
+    store = open_store(url, timeout_s=2.0)
+    yield store.approval_book()
+    await store.close()
 
 
 async def test_pending_is_not_duplicated(book: ApprovalBook) -> None:
@@ -112,8 +162,20 @@ async def test_expiry_is_reported_once(book: ApprovalBook) -> None:
     assert (await book.gate(binding(), 60, 1, "")).verdict is Verdict.CREATED
 
 
+async def test_an_expired_request_replaced_by_a_new_one_is_still_reported(
+    book: ApprovalBook,
+) -> None:
+    opened = (await book.gate(binding(), 0.3, 1, "")).approval
+    await asyncio.sleep(0.45)
+    again = await book.gate(binding(), 60, 1, "")
+    assert again.verdict is Verdict.CREATED and again.approval.id != opened.id
+    assert [a.id for a in await book.expired()] == [opened.id]
+    assert [a.id for a in await book.live()] == [again.approval.id]
+
+
 async def test_replicas_share_state(redis_server: RedisServer) -> None:
-    one, two = RedisApprovals(redis_server.url), RedisApprovals(redis_server.url)
+    stores = [open_store(redis_server.url, timeout_s=2.0) for _ in range(2)]
+    one, two = (store.approval_book() for store in stores)
     try:
         opened = (await one.gate(binding(), 60, 1, "")).approval
         assert (await two.gate(binding(), 60, 1, "")).verdict is Verdict.PENDING
@@ -122,8 +184,59 @@ async def test_replicas_share_state(redis_server: RedisServer) -> None:
         # Exactly one of ten concurrent identical calls consumes the single use.
         assert [g.verdict for g in results].count(Verdict.APPROVED) == 1
     finally:
-        await one.close()
-        await two.close()
+        for store in stores:
+            await store.close()
+
+
+async def test_listing_is_one_round_trip(redis_server: RedisServer) -> None:
+    store = open_store(redis_server.url, timeout_s=2.0)
+    book = store.approval_book()
+    try:
+        for n in range(20):
+            await book.gate(binding(f"{n:064x}"), 60, 1, "")
+        with redis_server.client() as client:
+            client.config_resetstat()
+            listed = await book.live()
+            stats = client.info("commandstats")
+    finally:
+        await store.close()
+    assert len(listed) == 20
+    inspecting = ("cmdstat_info", "cmdstat_config")  # this test's own commands
+    ours = {name: s["calls"] for name, s in stats.items() if name not in inspecting}
+    assert ours == {"cmdstat_hvals": 1}, ours
+
+
+async def test_a_paused_redis_fails_within_the_store_timeout(redis_server: RedisServer) -> None:
+    """The book answers on the store's timeout and maps the failure as the counters do."""
+    store = open_store(redis_server.url, timeout_s=0.05)
+    book = store.approval_book()
+    try:
+        await book.gate(binding(), 60, 1, "")  # connected, scripts loaded
+        redis_server.pause()
+        try:
+            with pytest.raises(StoreUnavailable, match="timed out"):
+                await asyncio.wait_for(book.gate(binding(), 60, 1, ""), timeout=5)
+            with pytest.raises(StoreUnavailable):
+                await asyncio.wait_for(book.live(), timeout=5)
+        finally:
+            redis_server.resume()
+        assert (await book.gate(binding(), 60, 1, "")).verdict is Verdict.PENDING
+    finally:
+        await store.close()
+
+
+def test_the_engine_and_the_policy_import_no_io_library() -> None:
+    code = (
+        "import sys, authz.engine, authz.policy, authz.approvals, authz.store; "
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('redis', 'hiredis', 'aiohttp', 'grpc')); "
+        "assert not loaded, loaded"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
 
 
 APPROVAL_POLICY = {
@@ -188,3 +301,33 @@ def test_admin_tokens_parse_and_authenticate() -> None:
     for bad in ("alice", "alice:short", ":0123456789abcdefXYZ"):
         with pytest.raises(ValueError):
             parse_tokens(bad)
+
+
+async def test_admin_api_answers_503_while_redis_is_paused(redis_server: RedisServer) -> None:
+    token = "ops-token-0123456789abcdef"
+    store = open_store(redis_server.url, timeout_s=0.05)
+    book = store.approval_book()
+    opened = (await book.gate(binding(), 60, 1, "")).approval
+    headers = {"Authorization": f"Bearer {token}"}
+    client = TestClient(TestServer(admin_app(book, {token: "ops"})))
+    await client.start_server()
+    try:
+        listed = await client.get("/approvals", headers=headers)
+        assert [a["id"] for a in (await listed.json())["approvals"]] == [opened.id]
+        redis_server.pause()
+        try:
+            for method, path in (
+                ("GET", "/approvals"),
+                ("GET", f"/approvals/{opened.id}"),
+                ("POST", f"/approvals/{opened.id}/approve"),
+            ):
+                resp = await client.request(method, path, headers=headers)
+                assert resp.status == 503, (method, path)
+                assert await resp.json() == {"error": "approval store unavailable"}
+        finally:
+            redis_server.resume()
+        approved = await client.post(f"/approvals/{opened.id}/approve", headers=headers)
+        assert approved.status == 200 and (await approved.json())["operator"] == "ops"
+    finally:
+        await client.close()
+        await store.close()

@@ -30,6 +30,7 @@ from tests.support.stack import (
     envoy_config,
     envoy_proc,
     free_port,
+    mcp_stack,
     running,
     upstream_proc,
     wait_ready,
@@ -318,3 +319,65 @@ def test_admin_api_refuses_wrong_or_missing_tokens(stack: ApprovalStack) -> None
     assert ok.status_code == 200 and "approvals" in ok.json()
     # The agent's own bearer token is no admin token.
     assert httpx.get(url, headers=bearer()).status_code == 401
+
+
+async def test_paused_redis_answers_store_unavailable_with_an_audit_line(tmp_path: Path) -> None:
+    """Redis frozen (SIGSTOP): a call that needs an approval gets mcp-authz's documented
+    503 ``store_unavailable`` JSON-RPC reply within the store timeout, not Envoy's empty
+    503 after its own ext_authz timeout, and the decision is audited."""
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(POLICY))
+    tokens = tmp_path / "admin-tokens"
+    tokens.write_text(TOKEN + "\n")
+    with (
+        running_redis(tmp_path) as redis,
+        mcp_stack(
+            tmp_path,
+            policy,
+            ["--redis", redis.url],
+            "--admin-tokens-file",
+            str(tokens),
+            "--store-timeout-ms",
+            "50",
+        ) as stack,
+    ):
+        agent = bearer()
+        # The connection is open and the scripts are loaded before Redis freezes.
+        with pytest.raises(McpCallError):
+            await sdk_call_tool(stack.url, "delete_app", {"app_name": "a"}, agent)
+        redis.pause()
+        try:
+            resp = httpx.post(
+                stack.url,
+                content=json.dumps(
+                    {
+                        "jsonrpc": "2.0",
+                        "id": 7,
+                        "method": "tools/call",
+                        "params": {"name": "delete_app", "arguments": {"app_name": "b"}},
+                    }
+                ),
+                headers={
+                    "content-type": "application/json",
+                    "accept": "application/json, text/event-stream",
+                    **agent,
+                },
+                timeout=10,
+            )
+        finally:
+            redis.resume()
+        audit_lines = [
+            json.loads(line)
+            for line in stack.authz.output().splitlines()
+            if line.startswith("{") and '"decision"' in line
+        ]
+    assert resp.status_code == 503
+    assert "x-mcp-authz-reason" in resp.headers, "answered by mcp-authz, not by Envoy"
+    error = resp.json()["error"]
+    assert error["code"] == -32053 and error["data"]["reason"] == "store_unavailable"
+    assert resp.json()["id"] == 7
+    assert "approval store unavailable" in error["message"]
+    assert any(
+        line["tool"] == "delete_app" and line["reason"] == "store_unavailable"
+        for line in audit_lines
+    ), audit_lines

@@ -1,5 +1,7 @@
 """Redis topologies operators outgrow one Redis into, each with real `mcp-authz` processes:
-TLS (``rediss://``), Sentinel with a failover, and a three-master Redis Cluster.
+TLS (``rediss://``), Sentinel with a failover, and a three-master Redis Cluster; on
+Sentinel and Cluster, approvals too (requested through one process, approved through
+another's admin API, used through that one).
 
 Every deployment is real and on loopback: redis-server with TLS and certificates this
 test makes, a master + replica + sentinel, a cluster created with ``redis-cli --cluster``.
@@ -21,6 +23,7 @@ from typing import Any
 import grpc
 import pytest
 
+from authz.admin_client import admin_request
 from authz.pb import external_auth_pb2, external_auth_pb2_grpc
 from authz.store import StoreUnavailable, open_store
 from authz.store.redis import parse_multi_host_url
@@ -112,6 +115,86 @@ def grant_of(reply: external_auth_pb2.CheckResponse) -> str:
     return next(
         h.header.value for h in reply.ok_response.headers if h.header.key == "x-mcp-authz-grant"
     )
+
+
+# --- Approvals ------------------------------------------------------------------------------
+
+ADMIN_TOKEN = "topology-admin-token-0123456789"
+
+
+@contextmanager
+def approval_processes(tmp: Path, url: str) -> Iterator[list[tuple[int, int]]]:
+    """Two mcp-authz processes with approvals on one store URL; yields their (gRPC, HTTP)
+    ports."""
+    policy_file = tmp / "approval-policy.json"
+    document = {
+        "version": "1",
+        "default": "deny",
+        "tools": {EXPORT: {"action": "require_approval", "approval": {"uses": 1}}},
+    }
+    policy_file.write_text(json.dumps(document))
+    tokens = tmp / "admin-tokens"
+    tokens.write_text(f"ops:{ADMIN_TOKEN}\n")
+    ports = [(free_port(), free_port()) for _ in range(2)]
+    with ExitStack() as stack:
+        for grpc_port, http_port in ports:
+            proc = authz_proc(
+                tmp,
+                policy_file,
+                grpc_port,
+                http_port,
+                ["--redis", url],
+                *("--store-timeout-ms", "1000", "--admin-tokens-file", str(tokens)),
+            )
+            stack.enter_context(running(proc, grpc_port))
+        yield ports
+
+
+def _approval_id(reply: external_auth_pb2.CheckResponse) -> str:
+    data = json.loads(reply.denied_response.body)["error"]["data"]
+    assert data["reason"] == "approval_required", data
+    return str(data["approvalId"])
+
+
+async def approve_on_one_use_on_another(tmp: Path, url: str) -> None:
+    """Request through process one, list and approve through process two's admin API, use
+    the approval through process two; the next identical call needs a new approval."""
+    with approval_processes(tmp, url) as ports:
+        admin_url = f"http://127.0.0.1:{ports[1][1]}"
+        async with stubs([grpc for grpc, _ in ports]) as (one, two):
+            check = tool_check(EXPORT, ARGS, "needs-approval")
+            first = await one.Check(check, timeout=10)
+            assert verdict(first) == 403
+            approval_id = _approval_id(first)
+            assert _approval_id(await two.Check(check, timeout=10)) == approval_id
+            status, listed = await asyncio.to_thread(
+                admin_request, admin_url, ADMIN_TOKEN, "GET", "/approvals"
+            )
+            assert status == 200 and [a["id"] for a in listed["approvals"]] == [approval_id]
+            status, approved = await asyncio.to_thread(
+                admin_request, admin_url, ADMIN_TOKEN, "POST", f"/approvals/{approval_id}/approve"
+            )
+            assert (status, approved["state"], approved["operator"]) == (200, "approved", "ops")
+            assert verdict(await two.Check(check, timeout=10)) == 200
+            again = await one.Check(check, timeout=10)
+            assert verdict(again) == 403 and _approval_id(again) != approval_id
+
+
+async def test_sentinel_approvals_are_shared_by_every_process(tmp_path: Path) -> None:
+    with running_sentinel(tmp_path, replicas=1) as setup:
+        await approve_on_one_use_on_another(tmp_path, setup.url)
+        with setup.master.client() as client:
+            keys = sorted(k.decode() for k in client.keys("mcpauthz:{approvals}:*"))
+    assert keys == [f"mcpauthz:{{approvals}}:{k}" for k in ("bindings", "expiries", "records")]
+
+
+async def test_cluster_approvals_are_shared_by_every_process(tmp_path: Path) -> None:
+    with running_cluster(tmp_path) as cluster:
+        await approve_on_one_use_on_another(tmp_path, cluster.url)
+        node = cluster.node_for("mcpauthz:{approvals}:records")
+        with node.client() as client:
+            keys = sorted(k.decode() for k in client.keys("mcpauthz:{approvals}:*"))
+    assert keys == [f"mcpauthz:{{approvals}}:{k}" for k in ("bindings", "expiries", "records")]
 
 
 # --- TLS -----------------------------------------------------------------------------------

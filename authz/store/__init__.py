@@ -11,7 +11,11 @@ One small interface, backends chosen by URL (as the `limits` library does):
   (``authz.store.cluster``).
 
 All implement the same algorithm (a sliding log, see ``window.lua``), so one contract test
-suite runs against each.
+suite runs against each. Each also keeps the approvals (:mod:`authz.approvals`) beside its
+counters, through the same connection, timeout and error mapping.
+
+This module and :mod:`authz.approvals` import no I/O library: the engine imports them, and
+the backends (and redis-py) are imported only when a URL names them.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 import msgspec
+
+from authz.approvals import ApprovalBook
 
 
 # Frozen msgspec Structs, as in authz.mcp: built on every limited check.
@@ -81,7 +87,16 @@ class CounterStore(Protocol):
     async def close(self) -> None: ...
 
 
-def open_store(url: str, timeout_s: float = 0.05) -> CounterStore:
+class Backend(CounterStore, Protocol):
+    """A counter store as :func:`open_store` builds it, which can also keep approvals."""
+
+    def approval_book(self) -> ApprovalBook:
+        """The approvals kept beside these counters: in the same place, through the same
+        connection, bounded by the same timeout, failing as :class:`StoreUnavailable`."""
+        ...
+
+
+def open_store(url: str, timeout_s: float = 0.05) -> Backend:
     """Build the store a URL names; ``timeout_s`` bounds every store call."""
     scheme = urlsplit(url).scheme
     if scheme == "memory":

@@ -1,53 +1,65 @@
 -- One approval-gated call: report the open request, consume one approved use, or open a
 -- new request, atomically (two replicas never both consume the last use).
 --
--- KEYS[1]  b:<binding>  hash: the approval for this exact call (see authz/approvals.py)
--- KEYS[2]  i:<new id>   points from the new request's id to its binding (written if opened)
--- KEYS[3]  index        sorted set: approval id -> expiry (ms), for listing and expiry reports
--- ARGV[1]  now (ms)   ARGV[2]  ttl (ms)   ARGV[3]  the binding key
--- ARGV[4..] field, value pairs of the request to open if none is live
--- Returns {verdict, field, value, ...}: verdict is created, pending, approved or rejected.
+-- Every approval key carries the hash tag {approvals}, so all of them live in one Redis
+-- Cluster slot and every script names its keys (approvals are a human's pace: one slot
+-- carries them easily).
+-- KEYS[1]  records    hash: approval id -> the approval as JSON (its public form plus
+--                     "binding"; see authz/approvals.py)
+-- KEYS[2]  bindings   hash: binding key -> the id of the approval for that exact call
+-- KEYS[3]  expiries   sorted set: approval id -> expiry (ms), to report each expiry once
+-- ARGV[1]  now (ms)   ARGV[2]  the binding key
+-- ARGV[3]  the request to open if none is live (JSON)   ARGV[4]  its expiry (ms)
+-- Returns {verdict, approval JSON}: verdict is created, pending, approved or rejected.
 
-local h = KEYS[1]
-local now = tonumber(ARGV[1])
+local records, bindings, expiries = KEYS[1], KEYS[2], KEYS[3]
+local now, binding = tonumber(ARGV[1]), ARGV[2]
 
-local function reply(verdict)
-  local out = {verdict}
-  for _, item in ipairs(redis.call('HGETALL', h)) do
-    out[#out + 1] = item
-  end
-  return out
-end
-
-if redis.call('EXISTS', h) == 1 then
-  local state = redis.call('HGET', h, 'state')
-  local expires_ms = tonumber(redis.call('HGET', h, 'expires_at')) * 1000
-  if expires_ms > now then
-    if state == 'pending' then
-      return reply('pending')
-    elseif state == 'rejected' then
-      return reply('rejected')
-    elseif state == 'approved' then
-      if redis.call('HINCRBY', h, 'uses_left', -1) <= 0 then
-        redis.call('HSET', h, 'state', 'consumed')
-      end
-      return reply('approved')
+-- `expires_at`, not a key's TTL, decides whether a request is live; the replicas take
+-- expired records out (approval_expired.lua). The keys' TTL only makes them go once every
+-- approval in them is over, even with no replica left to do that: a request approved just
+-- before it expired lives one more ttl, and a minute of grace follows for the report.
+local function keep(ttl_ms)
+  local ms = 2 * ttl_ms + 60000
+  for _, key in ipairs(KEYS) do
+    if redis.call('PTTL', key) < ms then
+      redis.call('PEXPIRE', key, ms)
     end
   end
-  -- Consumed or expired: that request is over; the call needs a new one.
-  redis.call('DEL', h)
 end
 
-local fields = {}
-for i = 4, #ARGV do
-  fields[#fields + 1] = ARGV[i]
+local id = redis.call('HGET', bindings, binding)
+if id then
+  local raw = redis.call('HGET', records, id)
+  if raw then
+    local approval = cjson.decode(raw)
+    if approval.expires_at * 1000 > now then
+      if approval.state == 'pending' or approval.state == 'rejected' then
+        return {approval.state, raw}
+      elseif approval.state == 'approved' then
+        approval.uses_left = approval.uses_left - 1
+        if approval.uses_left <= 0 then
+          approval.state = 'consumed'
+        end
+        raw = cjson.encode(approval)
+        redis.call('HSET', records, id, raw)
+        return {'approved', raw}
+      end
+    end
+    if approval.state == 'consumed' then
+      -- Used up: that request is over, and not reported as expired.
+      redis.call('HDEL', records, id)
+      redis.call('ZREM', expiries, id)
+    end
+    -- An expired one stays for approval_expired.lua to report; either way the call
+    -- needs a new request.
+  end
 end
-redis.call('HSET', h, unpack(fields))
--- Records outlive their expiry by a minute so the expiry can still be reported in full;
--- `expires_at`, not the key's TTL, decides whether a request is live.
-local keep_ms = tonumber(ARGV[2]) + 60000
-redis.call('PEXPIRE', h, keep_ms)
-local id = redis.call('HGET', h, 'id')
-redis.call('SET', KEYS[2], ARGV[3], 'PX', keep_ms)
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), id)
-return reply('created')
+
+local request = cjson.decode(ARGV[3])
+local expires_ms = tonumber(ARGV[4])
+redis.call('HSET', records, request.id, ARGV[3])
+redis.call('HSET', bindings, binding, request.id)
+redis.call('ZADD', expiries, expires_ms, request.id)
+keep(expires_ms - now)
+return {'created', ARGV[3]}

@@ -30,31 +30,32 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from importlib.resources import files
 from typing import Any
 
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.commands.core import AsyncScript
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError
 
+from authz.approvals import ApprovalBook
 from authz.store import Charge, Outcome
+from authz.store.connection import Arg, Script
 from authz.store.redis import (
     DEFAULT_PORT,
     STORE_ERRORS,
-    WINDOW_SCRIPT,
+    WINDOW,
     Nonces,
     outcome_of,
     parse_multi_host_url,
     script_call,
     unavailable,
 )
+from authz.store.redis_approvals import RedisApprovals
 
 log = logging.getLogger("mcp_authz.store")
 
-_ROLLBACK_SCRIPT = files("authz.store").joinpath("rollback.lua").read_text(encoding="utf-8")
+ROLLBACK = Script.named("rollback.lua")
 
 # Enough concurrent calls for a burst of checks; beyond it callers queue (within their
 # timeout) instead of failing outright.
@@ -82,8 +83,6 @@ class ClusterStore:
     def __init__(self, client: RedisCluster, timeout_s: float = 0.05) -> None:
         self._client = client
         self._timeout_s = timeout_s
-        self._reserve = client.register_script(WINDOW_SCRIPT)
-        self._rollback = client.register_script(_ROLLBACK_SCRIPT)
         self._nonces = Nonces()
         # Calls beyond this many wait (within their timeout) rather than open more sockets.
         self._running = asyncio.Semaphore(MAX_CONNECTIONS)
@@ -105,7 +104,7 @@ class ClusterStore:
                 await self._client.initialize()
                 for indexes, keys, args in calls:
                     reserved.append((keys, args))
-                    outcome = outcome_of(await self._run(self._reserve, keys, args))
+                    outcome = outcome_of(await self._run(WINDOW, keys, args))
                     if not outcome.allowed:
                         reserved.pop()  # a refusal records nothing
                         break
@@ -120,7 +119,31 @@ class ClusterStore:
         await self._roll_back(reserved)
         return _refusal(charges, remaining, indexes, outcome)
 
-    async def _run(self, script: AsyncScript, keys: list[str], args: list[str | int]) -> Any:
+    async def script(
+        self, operation: str, script: Script, keys: Sequence[str], args: Sequence[Arg]
+    ) -> Any:
+        """Run ``script`` on the node of ``keys``' slot (they share one) and return its reply."""
+        try:
+            async with asyncio.timeout(self._timeout_s), self._running:
+                await self._client.initialize()
+                return await self._run(script, keys, args)
+        except STORE_ERRORS as exc:
+            raise unavailable(operation, exc) from exc
+
+    async def command(self, operation: str, *command: Arg) -> Any:
+        """Run one command on the node of its key and return its reply."""
+        try:
+            async with asyncio.timeout(self._timeout_s), self._running:
+                await self._client.initialize()
+                return await self._client.execute_command(*command)
+        except STORE_ERRORS as exc:
+            raise unavailable(operation, exc) from exc
+
+    def approval_book(self) -> ApprovalBook:
+        """Approvals in this cluster (in one slot), through this store's client."""
+        return RedisApprovals(self)
+
+    async def _run(self, script: Script, keys: Sequence[str], args: Sequence[Arg]) -> Any:
         """``EVALSHA`` on the node of ``keys``' slot, loading the script there if needed.
 
         redis-py's own fallback loads a missing script on every primary, which fails while
@@ -130,7 +153,7 @@ class ClusterStore:
             return await self._client.evalsha(script.sha, len(keys), *keys, *args)
         except NoScriptError:
             node = self._client.get_node_from_key(keys[0])
-            await self._client.execute_command("SCRIPT LOAD", script.script, target_nodes=node)
+            await self._client.execute_command("SCRIPT LOAD", script.text, target_nodes=node)
             return await self._client.evalsha(script.sha, len(keys), *keys, *args)
 
     async def _roll_back(self, reserved: list[tuple[list[str], list[str | int]]]) -> None:
@@ -142,7 +165,7 @@ class ClusterStore:
             async with asyncio.timeout(self._timeout_s), self._running:
                 await self._client.initialize()
                 results = await asyncio.gather(
-                    *(self._run(self._rollback, keys, args) for keys, args in reserved),
+                    *(self._run(ROLLBACK, keys, args) for keys, args in reserved),
                     return_exceptions=True,
                 )
         except STORE_ERRORS as exc:
@@ -161,12 +184,7 @@ class ClusterStore:
 
     async def ping(self) -> None:
         """Raise :class:`StoreUnavailable` unless the cluster answers ``PING`` in time."""
-        try:
-            async with asyncio.timeout(self._timeout_s):
-                await self._client.initialize()
-                await self._client.ping()
-        except STORE_ERRORS as exc:
-            raise unavailable("ping", exc) from exc
+        await self.command("ping", "PING")
 
     async def close(self) -> None:
         """Finish the rollbacks still running, then close every connection."""

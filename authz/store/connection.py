@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib.resources import files
 from typing import Any, cast
 
 import hiredis
@@ -32,6 +34,28 @@ from redis.asyncio.connection import SSLConnection
 # An argument of a Redis command, as hiredis packs it.
 Arg = str | bytes | int | float
 Address = Callable[[], Awaitable[tuple[str, int]]]
+
+
+@dataclass(frozen=True)
+class Script:
+    """A Lua script of this package as Redis knows it: its text and its SHA-1 id."""
+
+    text: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        sha = hashlib.sha1(self.text.encode()).hexdigest()  # noqa: S324 (Redis's script id)
+        object.__setattr__(self, "sha", sha)
+
+    @classmethod
+    def named(cls, name: str) -> Script:
+        """The script in ``authz/store/<name>``."""
+        return cls(files("authz.store").joinpath(name).read_text(encoding="utf-8"))
+
+    @property
+    def load(self) -> list[Arg]:
+        """The ``SCRIPT LOAD`` command that makes Redis know it."""
+        return ["SCRIPT", "LOAD", self.text]
 
 
 class ReplyError(Exception):

@@ -13,7 +13,9 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
+from authz.approvals import ApprovalBook
 from authz.store import Charge, Outcome
+from authz.store.memory_approvals import MemoryApprovals
 
 
 class _Log:
@@ -100,6 +102,10 @@ class MemoryStore:
         """Forget every count."""
         self._logs.clear()
         self._schedule.clear()
+
+    def approval_book(self) -> ApprovalBook:
+        """Approvals in this process too."""
+        return MemoryApprovals()
 
     def _record(self, charge: Charge, now_ms: int) -> None:
         log = self._logs.get(charge.key)

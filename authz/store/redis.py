@@ -1,8 +1,9 @@
 """Redis counter store: every replica shares the counts, one Lua script per check.
 
 The whole check-and-record runs inside ``window.lua`` so an acquire is atomic across
-replicas and costs exactly one round trip (an ``EVALSHA``; redis-py reloads the script by
-itself after a ``NOSCRIPT``, e.g. when Redis restarted).
+replicas and costs exactly one round trip (an ``EVALSHA``; the script is loaded again
+after a ``NOSCRIPT``, e.g. when Redis restarted). The approvals kept beside the counters
+(``authz.store.redis_approvals``) go through the same connection, timeout and errors.
 
 This module also reads the store URLs that name several hosts (Sentinel and Cluster), which
 redis-py has no ``from_url`` for; see :func:`parse_multi_host_url`.
@@ -10,13 +11,11 @@ redis-py has no ``from_url`` for; see :func:`parse_multi_host_url`.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib.resources import files
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
@@ -27,14 +26,14 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from authz.approvals import ApprovalBook
 from authz.store import Charge, Outcome, StoreUnavailable
-from authz.store.connection import Arg, PipelinedConnection, ReplyError, endpoint_of
+from authz.store.connection import Arg, PipelinedConnection, ReplyError, Script, endpoint_of
+from authz.store.redis_approvals import RedisApprovals
 
 log = logging.getLogger("mcp_authz.store")
 
-WINDOW_SCRIPT = files("authz.store").joinpath("window.lua").read_text(encoding="utf-8")
-WINDOW_SHA = hashlib.sha1(WINDOW_SCRIPT.encode()).hexdigest()  # noqa: S324 (Redis's script id)
-LOAD_WINDOW_SCRIPT: list[Arg] = ["SCRIPT", "LOAD", WINDOW_SCRIPT]
+WINDOW = Script.named("window.lua")
 
 # Suffix of the companion key holding a counter's running total. It follows the key, so a
 # `{hash-tag}` in the key also places the total in the same Redis Cluster slot.
@@ -59,12 +58,12 @@ class RedisStore:
     the next call opens a new one, so the store recovers by itself once Redis is back. All
     checks share one pipelined connection (:mod:`authz.store.connection`).
 
-    With ``wait_replicas`` N > 0, an allowed check is only reported allowed once N replicas
-    hold its record (``WAIT`` right behind the script, in the same round trip). Redis
-    replicates asynchronously, so without it a failover can drop the last few records and
-    let a later call through over its limit; with it, a record the master could not
-    replicate (e.g. an old master that Sentinel has already replaced) is a 503, and the
-    connection is reopened so the next call asks Sentinel where the master is now.
+    With ``wait_replicas`` N > 0, an allowed check (and any approval change) is only
+    reported once N replicas hold its record (``WAIT`` right behind the script, in the same
+    round trip). Redis replicates asynchronously, so without it a failover can drop the last
+    few records and let a later call through over its limit; with it, a record the master
+    could not replicate (e.g. an old master that Sentinel has already replaced) is a 503,
+    and the connection is reopened so the next call asks Sentinel where the master is now.
     """
 
     def __init__(
@@ -89,13 +88,50 @@ class RedisStore:
         if not charges:
             return Outcome(allowed=True, remaining=())
         keys, args = script_call(charges, now_ms, self._nonces.next())
-        evalsha: list[Arg] = ["EVALSHA", WINDOW_SHA, len(keys), *keys, *args]
-        commands = [evalsha, *self._wait]
+        replies = await self._run("acquire", WINDOW, keys, args)
+        if self._wait_replicas and int(replies[0][0]) == 1:
+            self._replicated("acquire", replies[1])
+        return outcome_of(replies[0])
+
+    async def script(
+        self, operation: str, script: Script, keys: Sequence[str], args: Sequence[Arg]
+    ) -> Any:
+        """Run ``script`` and return its reply; with ``wait_replicas``, only once that many
+        replicas hold what it wrote."""
+        replies = await self._run(operation, script, keys, args)
+        if self._wait_replicas:
+            self._replicated(operation, replies[1])
+        return replies[0]
+
+    async def command(self, operation: str, *command: Arg) -> Any:
+        """Run one command and return its reply."""
+        try:
+            (reply,) = await self._connection.execute(command)
+        except STORE_ERRORS as exc:
+            raise unavailable(operation, exc) from exc
+        if isinstance(reply, ReplyError):
+            raise unavailable(operation, reply)
+        return reply
+
+    async def ping(self) -> None:
+        """Raise :class:`StoreUnavailable` unless Redis answers ``PING`` in time."""
+        await self.command("ping", "PING")
+
+    def approval_book(self) -> ApprovalBook:
+        """Approvals in this Redis, on this store's connection."""
+        return RedisApprovals(self)
+
+    async def _run(
+        self, operation: str, script: Script, keys: Sequence[str], args: Sequence[Arg]
+    ) -> list[Any]:
+        """``EVALSHA`` (then ``WAIT`` when replicas must hold its writes) in one round trip,
+        loading the script first if Redis does not know it."""
+        commands = [["EVALSHA", script.sha, len(keys), *keys, *args], *self._wait]
         try:
             replies = await self._connection.execute(*commands)
             if _noscript(replies[0]):
                 # Nothing ran (Redis restarted or failed over): load the script, run again.
-                await self._connection.execute(LOAD_WINDOW_SCRIPT)
+                await self._connection.execute(script.load)
                 replies = await self._connection.execute(*commands)
             for reply in replies:
                 if isinstance(reply, ReplyError):
@@ -103,24 +139,16 @@ class RedisStore:
                         self._connection.reset()
                     raise reply
         except STORE_ERRORS as exc:
-            raise unavailable("acquire", exc) from exc
-        if self._wait_replicas and int(replies[0][0]) == 1:
-            acked = int(replies[1])
-            if acked < self._wait_replicas:
-                self._connection.reset()  # the next call asks Sentinel again
-                raise StoreUnavailable(
-                    f"redis acquire: recorded on {acked} of {self._wait_replicas} replicas in time"
-                )
-        return outcome_of(replies[0])
+            raise unavailable(operation, exc) from exc
+        return replies
 
-    async def ping(self) -> None:
-        """Raise :class:`StoreUnavailable` unless Redis answers ``PING`` in time."""
-        try:
-            (reply,) = await self._connection.execute(["PING"])
-        except STORE_ERRORS as exc:
-            raise unavailable("ping", exc) from exc
-        if isinstance(reply, ReplyError):
-            raise unavailable("ping", reply)
+    def _replicated(self, operation: str, acked: Any) -> None:
+        """Raise :class:`StoreUnavailable` unless ``WAIT`` saw enough replicas in time."""
+        if int(acked) < self._wait_replicas:
+            self._connection.reset()  # the next call asks Sentinel again
+            raise StoreUnavailable(
+                f"redis {operation}: recorded on {acked} of {self._wait_replicas} replicas in time"
+            )
 
     async def close(self) -> None:
         """Close the connection (and those to the sentinels)."""
@@ -254,7 +282,7 @@ def open_redis(url: str, timeout_s: float) -> RedisStore:
     bare, own = _take_own_options(url)
     endpoint = endpoint_of(dict(parse_url(bare)))
     return RedisStore(
-        PipelinedConnection(endpoint, timeout_s, on_connect=[LOAD_WINDOW_SCRIPT]),
+        PipelinedConnection(endpoint, timeout_s, on_connect=[WINDOW.load]),
         timeout_s,
         wait_replicas=_wait_replicas(own),
     )
@@ -295,7 +323,7 @@ def open_sentinel(url: str, timeout_s: float) -> RedisStore:
 
     return RedisStore(
         PipelinedConnection(
-            endpoint_of(connection, address=master), timeout_s, on_connect=[LOAD_WINDOW_SCRIPT]
+            endpoint_of(connection, address=master), timeout_s, on_connect=[WINDOW.load]
         ),
         timeout_s,
         wait_replicas=_wait_replicas(parsed.own),

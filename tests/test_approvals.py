@@ -22,7 +22,7 @@ from authz.engine import Engine, Reason
 from authz.mcp import HttpRequest
 from authz.policy import compile_policy
 from authz.store import open_store
-from tests.support.redis_server import RedisServer
+from devstack.redis_server import RedisServer
 
 
 def binding(args_digest: str = "a" * 64, grant: str = "b-1") -> Binding:

@@ -45,9 +45,9 @@ import pytest
 import redis
 import yaml
 
+from devstack.redis_server import redis_server_binary
+from devstack.stack import ROOT, Proc, free_port, running
 from tests.support.clients import McpCallError, sdk_call_tool
-from tests.support.redis_server import redis_server_binary
-from tests.support.stack import ROOT, Proc, free_port, running
 
 K8S = ROOT / "k8s"
 BIN = Path(sys.executable).parent

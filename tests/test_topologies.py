@@ -24,8 +24,8 @@ import pytest
 from authz.pb import external_auth_pb2, external_auth_pb2_grpc
 from authz.store import StoreUnavailable, open_store
 from authz.store.redis import parse_multi_host_url
-from tests.support.checks import tool_check
-from tests.support.redis_server import (
+from devstack.checks import tool_check
+from devstack.redis_server import (
     RedisServer,
     make_tls_files,
     running_cluster,
@@ -34,8 +34,8 @@ from tests.support.redis_server import (
     tls_supported,
     wait_until,
 )
+from devstack.stack import authz_proc, free_port, running
 from tests.support.reliability import record
-from tests.support.stack import authz_proc, free_port, running
 
 EXPORT, ARGS = "start_dicom_export_job", {"datastoreId": "d"}
 

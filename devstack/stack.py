@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
 

@@ -59,8 +59,9 @@ soak: $(STAMP)
 	SOAK_SECONDS=300 MCP_AUTHZ_RELIABILITY_REPORT=1 $(BIN)/pytest -q tests/test_soak.py \
 	  -p no:cacheprovider
 
+# POLICY=path (JSON or YAML) runs the stack with another policy than examples/policy.json.
 run: $(STAMP)
-	$(BIN)/python examples/run_stack.py
+	$(BIN)/python examples/run_stack.py $(if $(POLICY),--policy '$(POLICY)')
 
 # The benchmark of issue #8 (about 9 minutes; writes bench/results.md). The load generator
 # is wrk from Debian's package: installed here when missing (needs root), as are taskset

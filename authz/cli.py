@@ -118,10 +118,19 @@ def _approvals(args: argparse.Namespace) -> int:
         payload = {"reason": args.reason} if args.verb == "reject" else {}
         path = f"/approvals/{args.id}/{args.verb}"
         status, body = admin.admin_request(args.url, token, "POST", path, payload)
+    if status == 404 and body == {"error": "404: Not Found"}:  # no admin API mounted
+        print(
+            "mcp-authz approvals: approvals are not enabled on this server "
+            "(no admin tokens configured)",
+            file=sys.stderr,
+        )
+        return 1
     if status >= 300:
         print(f"mcp-authz approvals: {status}: {body.get('error', body)}", file=sys.stderr)
         return 1
     if args.verb == "list":
+        if not body["approvals"]:
+            print("no approvals: none pending, none decided recently")
         for item in body["approvals"]:
             names = ",".join(item["argument_names"])
             print(

@@ -83,13 +83,15 @@ def _truthy(text: str) -> bool:
 @dataclass(frozen=True)
 class _Flag:
     """One ``serve`` flag: ``--name`` on the command line, ``MCP_AUTHZ_NAME`` in the
-    environment, read with ``parse``."""
+    environment, read with ``parse``; ``setting`` names the :class:`Settings` field it fills
+    as is (None: :func:`from_arguments` derives fields from it)."""
 
     name: str
     help: str
     parse: Callable[[str], Any] = str
     choices: tuple[str, ...] | None = None
     switch: bool = False
+    setting: str | None = None
 
     @property
     def dest(self) -> str:
@@ -112,10 +114,15 @@ _FLAGS = (
         "'memory' keeps counters in this process (one replica only)",
         choices=("redis", "memory"),
     ),
-    _Flag("grpc", f"gRPC HOST:PORT (default {_default('grpc_address')})"),
+    _Flag(
+        "grpc",
+        f"gRPC HOST:PORT (default {_default('grpc_address')})",
+        setting="grpc_address",
+    ),
     _Flag(
         "http",
         f"health, metrics and admin API HOST:PORT (default {_default('http_address')})",
+        setting="http_address",
     ),
     _Flag(
         "grpc-tls-cert",
@@ -126,12 +133,14 @@ _FLAGS = (
     _Flag(
         "grant-header",
         "take the grant id from this header (set by Envoy after verifying the caller)",
+        setting="grant_header",
     ),
     _Flag(
         "fail-open",
         "allow calls that need a counter when the store is down (default: deny, 503)",
         parse=_truthy,
         switch=True,
+        setting="fail_open",
     ),
     _Flag(
         "store-timeout-ms",
@@ -144,12 +153,14 @@ _FLAGS = (
         "on SIGTERM, keep answering this long after reporting NOT_SERVING "
         f"(default {_default('drain_seconds'):g})",
         parse=float,
+        setting="drain_seconds",
     ),
     _Flag(
         "reload-interval",
         "re-read the policy file this often, in seconds, and reload it when it changed "
         f"(default {_default('reload_interval_s'):g}; 0: only on SIGHUP)",
         parse=float,
+        setting="reload_interval_s",
     ),
     _Flag(
         "workers",
@@ -165,17 +176,24 @@ _FLAGS = (
     _Flag(
         "approval-webhook",
         "POST a notice (never argument values) here when an approval request opens",
+        setting="approval_webhook",
     ),
-    _Flag("log-level", f"operational logs (stderr; default {_default('log_level')})"),
+    _Flag(
+        "log-level",
+        f"operational logs (stderr; default {_default('log_level')})",
+        setting="log_level",
+    ),
     _Flag(
         "log-format",
         "operational logs as JSON lines (default) or text",
         choices=tuple(LOG_FORMATS),
+        setting="log_format",
     ),
     _Flag(
         "audit-level",
         "audit lines on stdout: info, every decision (default); warning, denials only",
         choices=tuple(AUDIT_LEVELS),
+        setting="audit_level",
     ),
 )
 
@@ -240,19 +258,7 @@ def from_arguments(arguments: Mapping[str, Any], environ: Mapping[str, str]) -> 
         )
     except (OSError, ValueError) as exc:
         raise SettingsError(f"admin tokens: {exc}") from None
-    renamed = {
-        "grpc": "grpc_address",
-        "http": "http_address",
-        "grant_header": "grant_header",
-        "fail_open": "fail_open",
-        "drain_seconds": "drain_seconds",
-        "reload_interval": "reload_interval_s",
-        "approval_webhook": "approval_webhook",
-        "log_level": "log_level",
-        "log_format": "log_format",
-        "audit_level": "audit_level",
-    }
-    optional = {field: given[flag] for flag, field in renamed.items() if flag in given}
+    optional = {f.setting: given[f.dest] for f in _FLAGS if f.setting and f.dest in given}
     if timeout_ms is not None:
         optional["store_timeout_s"] = timeout_ms / 1000
     return Settings(

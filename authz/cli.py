@@ -40,7 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("serve", help="run the ext_authz gRPC service")
+    run = sub.add_parser(
+        "serve",
+        help="run the ext_authz gRPC service",
+        description="Run the ext_authz gRPC service. Every flag can also be set as "
+        "MCP_AUTHZ_<FLAG> (--grant-header: MCP_AUTHZ_GRANT_HEADER); a flag given wins.",
+    )
     settings.add_arguments(run)
 
     check = sub.add_parser(

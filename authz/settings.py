@@ -39,7 +39,7 @@ class Settings:
     # Take the grant id from this header (set by Envoy after verifying the caller).
     grant_header: str | None = None
     fail_open: bool = False
-    # The bound on every call to the counter store and the approvals beside it.
+    # The bound on every call to the counter store.
     store_timeout_s: float = 0.05
     # On SIGTERM, keep answering this long after reporting NOT_SERVING.
     drain_seconds: float = 0.0
@@ -144,8 +144,7 @@ _FLAGS = (
     ),
     _Flag(
         "store-timeout-ms",
-        "bound on every store call, approvals included "
-        f"(default {_default('store_timeout_s') * 1000:g})",
+        f"bound on every store call (default {_default('store_timeout_s') * 1000:g})",
         parse=int,
     ),
     _Flag(

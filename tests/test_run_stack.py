@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -273,6 +274,7 @@ def test_every_port_is_on_loopback_only(stack: LocalStack) -> None:
         assert found and found <= loopback, name
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="no curl on PATH to paste into")
 def test_the_readme_curl_sequence_works(stack: LocalStack) -> None:
     script = readme_block("### Trying the local stack", "sh").replace(
         "127.0.0.1:8080", f"127.0.0.1:{stack.ports['listener']}"

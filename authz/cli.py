@@ -1,9 +1,8 @@
 """The ``mcp-authz`` command: ``serve``, and ``check-policy``, ``explain`` and ``test`` for
 policy authors (see :mod:`authz.tooling`).
 
-Every ``serve`` flag can also come from an ``MCP_AUTHZ_<FLAG>`` environment variable
-(``--grant-header`` is ``MCP_AUTHZ_GRANT_HEADER``), which is how the Kubernetes manifests
-configure it; a flag on the command line wins over the environment.
+``serve`` reads its flags and ``MCP_AUTHZ_*`` variables into one :class:`Settings`
+(:mod:`authz.settings`).
 """
 
 from __future__ import annotations
@@ -14,32 +13,25 @@ import functools
 import json
 import logging
 import os
-import ssl
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from authz import admin, admin_client, notify, tls, tooling
-from authz.audit import AUDIT_LEVELS, LOG_FORMATS, configure_logging
+from authz import admin_client, notify, settings, tooling
+from authz.audit import configure_logging
 from authz.engine import Engine
 from authz.metrics import Metrics
-from authz.policy import PolicyError, load_policy
-from authz.server import Settings, serve
+from authz.policy import Policy, PolicyError, load_policy
+from authz.server import serve
+from authz.settings import ENV_PREFIX, Settings
 from authz.store import open_store
 from authz.store.instrumented import InstrumentedStore
-from authz.tls import TlsFiles
 from authz.workers import supervise
-
-ENV_PREFIX = "MCP_AUTHZ_"
 
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(ENV_PREFIX + name.upper().replace("-", "_"), default)
-
-
-def _env_flag(name: str) -> bool:
-    return (_env(name) or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,99 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("serve", help="run the ext_authz gRPC service")
-    run.add_argument("--policy", default=_env("policy"), help="policy file (JSON)")
-    run.add_argument(
-        "--redis",
-        default=_env("redis"),
-        help="counter store URL: redis://, rediss://, unix://, redis+sentinel://, "
-        "redis+cluster:// (README: Redis topologies)",
+    run = sub.add_parser(
+        "serve",
+        help="run the ext_authz gRPC service",
+        description="Run the ext_authz gRPC service. Every flag can also be set as "
+        "MCP_AUTHZ_<FLAG> (--grant-header: MCP_AUTHZ_GRANT_HEADER); a flag given wins.",
     )
-    run.add_argument(
-        "--store",
-        choices=["redis", "memory"],
-        default=_env("store"),
-        help="'memory' keeps counters in this process (one replica only)",
-    )
-    run.add_argument("--grpc", default=_env("grpc", "127.0.0.1:9001"), help="gRPC HOST:PORT")
-    run.add_argument("--http", default=_env("http", "127.0.0.1:9002"), help="health HOST:PORT")
-    run.add_argument(
-        "--grpc-tls-cert",
-        default=_env("grpc-tls-cert"),
-        help="serve gRPC over TLS with this certificate chain (PEM; reloaded when it changes)",
-    )
-    run.add_argument(
-        "--grpc-tls-key", default=_env("grpc-tls-key"), help="the key of --grpc-tls-cert (PEM)"
-    )
-    run.add_argument(
-        "--grpc-tls-client-ca",
-        default=_env("grpc-tls-client-ca"),
-        help="mTLS: require client certificates issued by this CA (PEM)",
-    )
-    run.add_argument(
-        "--grant-header",
-        default=_env("grant-header"),
-        help="take the grant id from this header (set by Envoy after verifying the caller)",
-    )
-    run.add_argument(
-        "--fail-open",
-        action="store_true",
-        default=_env_flag("fail-open"),
-        help="allow calls that need a counter when the store is down (default: deny, 503)",
-    )
-    run.add_argument(
-        "--store-timeout-ms",
-        type=int,
-        default=int(_env("store-timeout-ms", "50") or 50),
-        help="bound on every store call (default 50)",
-    )
-    run.add_argument(
-        "--drain-seconds",
-        type=float,
-        default=float(_env("drain-seconds", "0") or 0),
-        help="on SIGTERM, keep answering this long after reporting NOT_SERVING",
-    )
-    run.add_argument(
-        "--reload-interval",
-        type=float,
-        default=float(_env("reload-interval", "1") or 1),
-        help="re-read the policy file this often, in seconds, and reload it when it changed "
-        "(default 1; 0: only on SIGHUP)",
-    )
-    run.add_argument(
-        "--workers",
-        type=int,
-        default=int(_env("workers", "1") or 1),
-        help="serving processes sharing the ports (SO_REUSEPORT) under a supervising parent "
-        "that restarts them (default 1: this process serves); more than 1 needs --redis",
-    )
-    run.add_argument(
-        "--admin-tokens-file",
-        default=_env("admin-tokens-file"),
-        help="enable approvals and the admin API: a file of 'name:token' lines (the name is "
-        "recorded as the operator); or set MCP_AUTHZ_ADMIN_TOKENS to the same entries",
-    )
-    run.add_argument(
-        "--approval-webhook",
-        default=_env("approval-webhook", ""),
-        help="POST a notice (never argument values) here when an approval request opens",
-    )
-    run.set_defaults(reuse_port=False)
-    run.add_argument(
-        "--log-level", default=_env("log-level", "INFO"), help="operational logs (stderr)"
-    )
-    run.add_argument(
-        "--log-format",
-        choices=LOG_FORMATS,
-        default=_env("log-format", "json"),
-        help="operational logs as JSON lines (default) or text",
-    )
-    run.add_argument(
-        "--audit-level",
-        choices=list(AUDIT_LEVELS),
-        default=_env("audit-level", "info"),
-        help="audit lines on stdout: info, every decision (default); warning, denials only",
-    )
+    settings.add_arguments(run)
 
     check = sub.add_parser(
         "check-policy",
@@ -217,10 +123,19 @@ def _approvals(args: argparse.Namespace) -> int:
         payload = {"reason": args.reason} if args.verb == "reject" else {}
         path = f"/approvals/{args.id}/{args.verb}"
         status, body = admin_client.admin_request(args.url, token, "POST", path, payload)
+    if status == 404 and body == {"error": "404: Not Found"}:  # no admin API mounted
+        print(
+            "mcp-authz approvals: approvals are not enabled on this server "
+            "(no admin tokens configured)",
+            file=sys.stderr,
+        )
+        return 1
     if status >= 300:
         print(f"mcp-authz approvals: {status}: {body.get('error', body)}", file=sys.stderr)
         return 1
     if args.verb == "list":
+        if not body["approvals"]:
+            print("no approvals: none pending, none decided recently")
         for item in body["approvals"]:
             names = ",".join(item["argument_names"])
             print(
@@ -240,24 +155,6 @@ def _header(text: str) -> tuple[str, str]:
     return name.strip(), value.strip()
 
 
-def _grpc_tls(args: argparse.Namespace) -> TlsFiles | str | None:
-    """The gRPC listener's TLS files, checked to load; or the error text."""
-    if not (args.grpc_tls_cert or args.grpc_tls_key or args.grpc_tls_client_ca):
-        return None
-    if not (args.grpc_tls_cert and args.grpc_tls_key):
-        return "--grpc-tls-cert and --grpc-tls-key go together (--grpc-tls-client-ca needs both)"
-    files = TlsFiles(
-        cert=Path(args.grpc_tls_cert),
-        key=Path(args.grpc_tls_key),
-        client_ca=Path(args.grpc_tls_client_ca) if args.grpc_tls_client_ca else None,
-    )
-    try:
-        tls.load(files)
-    except (OSError, ssl.SSLError, ValueError) as exc:
-        return f"gRPC TLS files do not load: {exc}"
-    return files
-
-
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop when it is installed (10-20% more checks per CPU-second in bench/), else
     asyncio's own loop."""
@@ -269,77 +166,59 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level, args.log_format, args.audit_level)
-    if not args.policy:
-        print("mcp-authz serve: --policy (or MCP_AUTHZ_POLICY) is required", file=sys.stderr)
-        return 2
-    if args.redis and args.store == "memory":
-        print("mcp-authz serve: choose --redis URL or --store memory, not both", file=sys.stderr)
-        return 2
-    if not args.redis and args.store != "memory":
-        print(
-            "mcp-authz serve: a counter store is required: --redis URL or --store memory",
-            file=sys.stderr,
-        )
-        return 2
-    if args.workers < 1 or (args.workers > 1 and not args.redis):
-        print(
-            "mcp-authz serve: --workers must be 1, or more with --redis (with the memory "
-            "store every worker would keep its own counters)",
-            file=sys.stderr,
-        )
-        return 2
-    grpc_tls = _grpc_tls(args)
-    if isinstance(grpc_tls, str):
-        print(f"mcp-authz serve: {grpc_tls}", file=sys.stderr)
-        return 2
     try:
-        admin_tokens = admin.load_tokens(args.admin_tokens_file, _env("admin-tokens"))
-    except (OSError, ValueError) as exc:
-        print(f"mcp-authz serve: admin tokens: {exc}", file=sys.stderr)
+        config = settings.from_arguments(vars(args), os.environ)
+    except settings.SettingsError as exc:
+        print(f"mcp-authz serve: {exc}", file=sys.stderr)
         return 2
-    metrics = Metrics(approvals=bool(admin_tokens))
+    if config.workers == 1:
+        return _serve_process(config)
+    # The parent serves nothing: it loads the policy only to refuse a bad one at once,
+    # instead of in every worker; each worker builds its own engine, store and metrics.
+    configure_logging(config.log_level, config.log_format, config.audit_level)
+    if _load(config) is None:
+        return 1
+    return supervise(
+        config.workers, functools.partial(_serve_process, config), config.drain_seconds
+    )
+
+
+def _load(config: Settings) -> Policy | None:
     try:
-        counters = open_store(args.redis or "memory://", timeout_s=args.store_timeout_ms / 1000)
-        book = counters.approval_book() if admin_tokens else None
+        return load_policy(config.policy_path)
+    except PolicyError as exc:
+        print(f"{config.policy_path}: invalid policy, refusing to start", file=sys.stderr)
+        for error in exc.errors:
+            print(f"  {error}", file=sys.stderr)
+        return None
+
+
+def _serve_process(config: Settings) -> int:
+    """One serving process: the only one, or a worker (which runs this in a fresh
+    interpreter, loading the policy through the same path)."""
+    configure_logging(config.log_level, config.log_format, config.audit_level)
+    policy = _load(config)
+    if policy is None:
+        return 1
+    metrics = Metrics(approvals=bool(config.admin_tokens))
+    try:
+        counters = open_store(config.store_url, timeout_s=config.store_timeout_s)
+        book = counters.approval_book() if config.admin_tokens else None
     except ValueError as exc:
         print(f"mcp-authz serve: --redis: {exc}", file=sys.stderr)
         return 2
-    store = InstrumentedStore(counters, metrics.store_duration, metrics.store_errors)
-    try:
-        policy = load_policy(args.policy)
-        engine = Engine(
-            policy,
-            store,
-            grant_header=args.grant_header,
-            fail_open=args.fail_open,
-            approvals=book,
-            approval_events=notify.approval_events(args.approval_webhook),
-        )
-    except PolicyError as exc:
-        print(f"{args.policy}: invalid policy, refusing to start", file=sys.stderr)
-        for error in exc.errors:
-            print(f"  {error}", file=sys.stderr)
-        return 1
-    if args.workers > 1:
-        # The policy is valid; each worker runs this function again as a single process
-        # on the shared ports, loading the policy through the same path.
-        worker = argparse.Namespace(**{**vars(args), "workers": 1, "reuse_port": True})
-        return supervise(args.workers, functools.partial(_serve, worker))
+    engine = Engine(
+        policy,
+        InstrumentedStore(counters, metrics.store_duration, metrics.store_errors),
+        grant_header=config.grant_header,
+        fail_open=config.fail_open,
+        approvals=book,
+        approval_events=notify.approval_events(config.approval_webhook),
+    )
     for warning in policy.warnings:
         logging.getLogger("mcp_authz").warning("policy warning: %s", warning)
-    settings = Settings(
-        grpc_address=args.grpc,
-        http_address=args.http,
-        drain_seconds=args.drain_seconds,
-        policy_path=args.policy,
-        reload_interval_s=args.reload_interval,
-        reuse_port=args.reuse_port,
-        grpc_tls=grpc_tls,
-        admin_tokens=admin_tokens,
-    )
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(serve(engine, settings, metrics))
+        runner.run(serve(engine, config, metrics))
     return 0
 
 

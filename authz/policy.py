@@ -331,7 +331,10 @@ class _StrictYamlLoader(yaml.SafeLoader):
 
 
 def parse_policy_text(text: str, syntax: str = "json") -> object:
-    """Parse a policy in JSON or YAML (``syntax``), refusing duplicate keys."""
+    """Parse a policy in JSON or YAML (``syntax``; ``auto``: JSON when it is an object in
+    braces, else YAML), refusing duplicate keys."""
+    if syntax == "auto":
+        syntax = "json" if text.lstrip("\ufeff \t\r\n").startswith("{") else "yaml"
     if syntax == "yaml":
         try:
             return yaml.load(text, Loader=_StrictYamlLoader)  # noqa: S506 (a SafeLoader)
@@ -348,8 +351,12 @@ def parse_policy_text(text: str, syntax: str = "json") -> object:
 
 
 def syntax_of(path: str | Path) -> str:
-    """``yaml`` for ``.yaml``/``.yml`` files, else ``json``."""
-    return "yaml" if Path(path).suffix.lower() in (".yaml", ".yml") else "json"
+    """``yaml`` for ``.yaml``/``.yml`` files, ``json`` for ``.json``; ``auto`` for any other
+    name (the Kubernetes manifests mount the policy as ``policy``, JSON or YAML)."""
+    suffix = Path(path).suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        return "yaml"
+    return "json" if suffix == ".json" else "auto"
 
 
 def _literal_prefix(key: str) -> str:
@@ -760,7 +767,7 @@ def policy_from_bytes(raw: bytes, syntax: str = "json") -> Policy:
 
 
 def load_policy(path: str | Path) -> Policy:
-    """Read, validate and compile a policy file (YAML for .yaml/.yml, else JSON)."""
+    """Read, validate and compile a policy file (see :func:`syntax_of`)."""
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:

@@ -13,7 +13,6 @@ import logging
 import signal
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import grpc
 from aiohttp import web
@@ -24,33 +23,14 @@ from authz.engine import Engine
 from authz.metrics import Metrics
 from authz.pb import external_auth_pb2, external_auth_pb2_grpc
 from authz.reload import watch_policy
+from authz.settings import Settings
 from authz.store import StoreUnavailable
-from authz.tls import TlsFiles
 
 log = logging.getLogger("mcp_authz")
 
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
 # After the drain, checks still in flight get this long to finish before the server stops.
-STOP_GRACE_S = 5.0
-
-
-@dataclass(frozen=True)
-class Settings:
-    grpc_address: str = "127.0.0.1:9001"
-    http_address: str = "127.0.0.1:9002"
-    drain_seconds: float = 0.0
-    # The policy file to watch for hot reload ("" = none); re-read every reload_interval_s
-    # seconds (<= 0: only on SIGHUP).
-    policy_path: str = ""
-    reload_interval_s: float = 1.0
-    # Share the gRPC and HTTP ports with the other workers of ``--workers N``
-    # (SO_REUSEPORT). Off for a single process, which then refuses a port another process
-    # holds instead of silently splitting the traffic with it (gRPC's default on Linux).
-    reuse_port: bool = False
-    # TLS (and with a client CA, mTLS) on the gRPC listener; None: plaintext, for loopback.
-    grpc_tls: TlsFiles | None = None
-    # Admin API tokens (token -> operator name); empty: no admin API.
-    admin_tokens: Mapping[str, str] = field(default_factory=dict)
+IN_FLIGHT_GRACE_S = 5.0
 
 
 class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
@@ -191,7 +171,7 @@ async def serve(engine: Engine, settings: Settings, metrics: Metrics) -> None:
     draining.set()
     await health_servicer.enter_graceful_shutdown()
     await asyncio.sleep(settings.drain_seconds)
-    await server.stop(grace=STOP_GRACE_S)
+    await server.stop(grace=IN_FLIGHT_GRACE_S)
     await runner.cleanup()
     await engine.store.close()  # the approvals too: they live on the store's connection
     log.info("stopped")

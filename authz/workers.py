@@ -45,8 +45,8 @@ RESTART_DELAY_MAX_S = 30.0
 STABLE_AFTER_S = 10.0
 # This many quick deaths in a row of one worker: stop everything and exit non-zero.
 CRASH_LOOP_DEATHS = 5
-# How long the workers get to drain and stop after SIGTERM before they are killed.
-STOP_GRACE_S = 60.0
+# After SIGTERM, a worker still running this long beyond its --drain-seconds is killed.
+KILL_AFTER_DRAIN_S = 60.0
 
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _PR_SET_PDEATHSIG = 1  # prctl(2)
@@ -69,6 +69,7 @@ class _Slot:
 class _Supervisor:
     target: Callable[[], int]
     slots: list[_Slot]
+    drain_seconds: float
     context: multiprocessing.context.SpawnContext = field(
         default_factory=lambda: multiprocessing.get_context("spawn")
     )
@@ -137,7 +138,7 @@ class _Supervisor:
             if self.stop_requested_at is not None:
                 if all(slot.process is None for slot in self.slots):
                     return status
-                if now - self.stop_requested_at > STOP_GRACE_S:
+                if now - self.stop_requested_at > self.drain_seconds + KILL_AFTER_DRAIN_S:
                     self.kill_all("did not stop within the grace period")
             else:
                 for slot in self.slots:
@@ -180,13 +181,16 @@ def _worker_main(target: Callable[[], int], parent: int) -> None:
     sys.exit(target())
 
 
-def supervise(workers: int, target: Callable[[], int]) -> int:
+def supervise(workers: int, target: Callable[[], int], drain_seconds: float = 0.0) -> int:
     """Run ``target`` in ``workers`` spawned processes until asked to stop; the exit status.
+    ``drain_seconds``: how long the workers keep answering after SIGTERM.
 
     ``target`` must be picklable (a module-level function, or a ``functools.partial`` of
     one): each worker unpickles it in a fresh interpreter and exits with what it returns.
     """
-    supervisor = _Supervisor(target=target, slots=[_Slot(i) for i in range(workers)])
+    supervisor = _Supervisor(
+        target=target, slots=[_Slot(i) for i in range(workers)], drain_seconds=drain_seconds
+    )
     for signum in _FORWARDED:
         signal.signal(signum, supervisor.forward)
     log.info("supervising %d workers (pid %d)", workers, os.getpid())

@@ -49,8 +49,8 @@ import redis
 import yaml
 
 from bench import instructions, micro, mix
-from tests.support.redis_server import RedisServer, redis_server_binary, running_redis
-from tests.support.stack import ENVOY_YAML, Proc, free_port, running, wait_for_port
+from devstack.redis_server import RedisServer, redis_server_binary, running_redis
+from devstack.stack import ENVOY_YAML, Proc, free_port, running, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -7,8 +7,8 @@ One input is one request: byte 0 picks the policy (default deny or default allow
 HTTP method and which hostile headers ride along; the rest is the body. Each input runs
 through ``envoy.http_request`` → ``Engine.check`` → ``envoy.check_response`` and must give a
 well-formed, documented CheckResponse, never an exception, and never an allow for a body
-that contains a denied call under any reading (``tests/support/hostile.py``). Empty corpus
-directories are seeded with the bypass corpus of ``tests/test_bypass.py``.
+that contains a denied call under any reading (``devstack/hostile.py``). Empty corpus
+directories are seeded with the bypass corpus of ``devstack/corpus.py``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ sys.path.insert(0, str(ROOT))
 with atheris.instrument_imports(include=["authz"]):
     from authz import engine, envoy, grants, mcp, policy  # noqa: F401 (instrumented)
 
-from tests.support.checks import check_request  # noqa: E402
-from tests.support.hostile import (  # noqa: E402
+from devstack.checks import check_request  # noqa: E402
+from devstack.corpus import CORPUS, LOOKALIKES  # noqa: E402
+from devstack.hostile import (  # noqa: E402
     ALLOWED_TOOL,
     DENIED_TOOL,
     assert_well_formed,
@@ -64,8 +65,6 @@ def test_one_input(data: bytes) -> None:
 
 def seed(directories: list[Path]) -> None:
     """Write the bypass corpus into empty corpus directories: a head start for libFuzzer."""
-    from tests.test_bypass import CORPUS, LOOKALIKES
-
     for directory in directories:
         if any(directory.iterdir()):
             continue

@@ -5,7 +5,7 @@ The figures behind the `resources:` of k8s/base/deployment.yaml (see k8s/README.
     apt-get install wrk           # the load generator
     .venv/bin/python k8s/measure_resources.py [--seconds 10] [--connections 16]
 
-Runs the test stack (tests/support/stack.py: Envoy with envoy/envoy.yaml and --concurrency 1,
+Runs the test stack (devstack/stack.py: Envoy with envoy/envoy.yaml and --concurrency 1,
 mcp-authz with examples/policy.json and a local redis-server, the demo MCP upstream), then
 samples each process's CPU time and RSS from /proc every 0.25 s: 5 s idle, then two bounded
 wrk runs against Envoy's listener on 127.0.0.1:
@@ -31,8 +31,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support.redis_server import running_redis  # noqa: E402
-from tests.support.stack import mcp_stack  # noqa: E402
+from devstack.redis_server import running_redis  # noqa: E402
+from devstack.stack import mcp_stack  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 

@@ -21,7 +21,7 @@ from authz.mcp import HttpRequest
 from authz.policy import compile_policy
 from authz.store import StoreUnavailable, open_store
 from authz.store.memory_approvals import MemoryApprovals
-from tests.support.redis_server import (
+from devstack.redis_server import (
     ClusterSetup,
     RedisServer,
     free_port,
@@ -264,7 +264,7 @@ async def test_engine_events_and_batches() -> None:
     book = MemoryApprovals()
     engine = Engine(
         compile_policy(APPROVAL_POLICY),
-        open_store("memory://"),
+        open_store("memory://", timeout_s=1.0),
         approvals=book,
         approval_events=lambda event, approval: events.append((event, approval.id)),
     )
@@ -284,7 +284,7 @@ async def test_engine_events_and_batches() -> None:
 
 
 async def test_without_a_book_require_approval_just_denies() -> None:
-    engine = Engine(compile_policy(APPROVAL_POLICY), open_store("memory://"))
+    engine = Engine(compile_policy(APPROVAL_POLICY), open_store("memory://", timeout_s=1.0))
     decision = (
         await engine.check(_post(_call("start_dicom_export_job", datastoreId="d")))
     ).decision

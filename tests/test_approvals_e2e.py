@@ -21,9 +21,8 @@ import httpx
 import pytest
 from aiohttp import web
 
-from tests.support.clients import McpCallError, sdk_call_tool
-from tests.support.redis_server import running_redis
-from tests.support.stack import (
+from devstack.redis_server import running_redis
+from devstack.stack import (
     BIN,
     Proc,
     authz_proc,
@@ -35,6 +34,7 @@ from tests.support.stack import (
     upstream_proc,
     wait_ready,
 )
+from tests.support.clients import McpCallError, sdk_call_tool
 
 pytestmark = pytest.mark.e2e
 

@@ -61,7 +61,7 @@ def written(sink: io.StringIO) -> list[dict[str, Any]]:
 async def test_logged_arguments_are_those_of_the_batch_element_decided(
     lines: io.StringIO,
 ) -> None:
-    engine = Engine(POLICY, open_store("memory://"), clock=lambda: 1_000)
+    engine = Engine(POLICY, open_store("memory://", timeout_s=1.0), clock=lambda: 1_000)
     batch = [call("logged", 1, region="eu"), call("logged", 2, region="us")]
     result = await engine.check(post(batch))
     assert result.decision.reason is Reason.ARGUMENTS_INVALID and result.decision.element == 1
@@ -73,7 +73,7 @@ async def test_logged_arguments_are_those_of_the_batch_element_decided(
 
 
 async def test_a_rate_limited_call_logs_the_counter_that_refused(lines: io.StringIO) -> None:
-    engine = Engine(POLICY, open_store("memory://"), clock=lambda: 1_000)
+    engine = Engine(POLICY, open_store("memory://", timeout_s=1.0), clock=lambda: 1_000)
     assert (await engine.check(post(call("logged", 1, region="eu")))).decision.allowed
     result = await engine.check(post(call("logged", 2, region="eu")))
     assert result.decision.reason is Reason.RATE_LIMITED
@@ -86,7 +86,7 @@ async def test_a_rate_limited_call_logs_the_counter_that_refused(lines: io.Strin
 async def test_an_allowed_call_is_logged_under_its_rule_without_arguments_by_default(
     lines: io.StringIO,
 ) -> None:
-    engine = Engine(POLICY, open_store("memory://"))
+    engine = Engine(POLICY, open_store("memory://", timeout_s=1.0))
     result = await engine.check(post(call("quiet", 1, secret="patient-jane-doe")))
     assert result.decision.allowed and result.policy is POLICY
     audit.record(result, "req-2", 0.001)

@@ -1,13 +1,19 @@
-"""Build artefacts that must not drift: generated protobuf code and the Envoy config."""
+"""Build artefacts that must not drift: generated protobuf code, the Envoy config, and
+RELIABILITY.md (written on purpose only)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
 import yaml
+
+from tests import conftest
+from tests.support import reliability
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTOS = ["authz/pb/core.proto", "authz/pb/http_status.proto", "authz/pb/external_auth.proto"]
@@ -95,3 +101,35 @@ def test_envoy_config_fails_closed_and_reads_the_body() -> None:
     upstream_routes = [r for r in routes if "route" in r]
     assert [r["match"] for r in upstream_routes] == [{"path": "/mcp"}]
     assert upstream_routes[0]["route"]["timeout"] == "0s"
+
+
+def test_reliability_report_is_written_only_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plain test run records figures but leaves the tracked RELIABILITY.md alone;
+    ``make reliability`` (the variable set) renders them into it."""
+    monkeypatch.setattr(reliability, "RECORDS", tmp_path / "records")
+    monkeypatch.setattr(reliability, "REPORT", tmp_path / "RELIABILITY.md")
+    reliability.record("A section", "what was measured", {"requests": 10, "lost": 0})
+    monkeypatch.delenv(reliability.REPORT_ENV, raising=False)
+    conftest.pytest_sessionfinish()
+    assert not (tmp_path / "RELIABILITY.md").exists()
+    monkeypatch.setenv(reliability.REPORT_ENV, "1")
+    conftest.pytest_sessionfinish()
+    report = (tmp_path / "RELIABILITY.md").read_text()
+    assert "## A section" in report and "| requests | 10 |" in report
+
+
+def test_make_reliability_runs_every_test_that_records() -> None:
+    """The Makefile's list is exactly the test files that record a figure, so none of
+    RELIABILITY.md's sections goes stale unnoticed."""
+    makefile = (ROOT / "Makefile").read_text()
+    match = re.search(r"^RELIABILITY_TESTS := ((?:.*\\\n)*.*)$", makefile, re.MULTILINE)
+    assert match, "Makefile: RELIABILITY_TESTS is missing"
+    listed = set(match.group(1).replace("\\", " ").split())
+    recording = {
+        f"tests/{path.name}"
+        for path in (ROOT / "tests").glob("test_*.py")
+        if re.search(r"^\s*record\(", path.read_text(), re.MULTILINE)
+    }
+    assert listed == recording

@@ -18,6 +18,8 @@ from typing import Any
 import httpx
 import pytest
 
+from devstack.redis_server import running_redis
+from devstack.stack import Stack, mcp_stack
 from tests.support.clients import (
     McpCallError,
     fastmcp_call_tool,
@@ -25,8 +27,6 @@ from tests.support.clients import (
     sdk_call_tool,
     sdk_list_tools,
 )
-from tests.support.redis_server import running_redis
-from tests.support.stack import Stack, mcp_stack
 
 pytestmark = pytest.mark.e2e
 

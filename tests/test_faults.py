@@ -22,9 +22,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.redis_server import RedisServer, running_redis
+from devstack.redis_server import RedisServer, running_redis
+from devstack.stack import Stack, mcp_stack
 from tests.support.reliability import record
-from tests.support.stack import Stack, mcp_stack
 
 pytestmark = pytest.mark.e2e
 

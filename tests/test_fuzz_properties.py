@@ -27,8 +27,8 @@ from authz import mcp
 from authz.engine import Reason
 from authz.metrics import Metrics
 from authz.server import AuthorizationService
-from tests.support.checks import check_request
-from tests.support.hostile import (
+from devstack.checks import check_request
+from devstack.hostile import (
     ALLOWED_TOOL,
     DENIED_TOOL,
     POLICIES,

@@ -28,10 +28,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from authz.pb import external_auth_pb2_grpc
-from tests.support.checks import check_request
-from tests.support.load import client_headers, stateless, tool_call
-from tests.support.reliability import record
-from tests.support.stack import (
+from devstack.checks import check_request
+from devstack.stack import (
     BIN,
     Proc,
     authz_proc,
@@ -42,6 +40,8 @@ from tests.support.stack import (
     upstream_proc,
     wait_ready,
 )
+from tests.support.load import client_headers, stateless, tool_call
+from tests.support.reliability import record
 
 pytestmark = pytest.mark.e2e
 

@@ -45,9 +45,9 @@ import pytest
 import redis
 import yaml
 
+from devstack.redis_server import redis_server_binary
+from devstack.stack import ROOT, Proc, free_port, running
 from tests.support.clients import McpCallError, sdk_call_tool
-from tests.support.redis_server import redis_server_binary
-from tests.support.stack import ROOT, Proc, free_port, running
 
 K8S = ROOT / "k8s"
 BIN = Path(sys.executable).parent
@@ -511,7 +511,7 @@ def test_configmap_keys_match_mounts_and_references_resolve(name: str) -> None:
     # The policy is mounted as a directory (no subPath) from a ConfigMap with a fixed name,
     # so the kubelet updates the file in place and mcp-authz can hot-reload it.
     policy = config_maps["mcp-authz-policy"]
-    assert json.loads(policy["data"]["policy.json"]) == json.loads(
+    assert json.loads(policy["data"]["policy"]) == json.loads(
         (ROOT / "examples/policy.json").read_text()
     )
     for _, spec in pod_specs(docs):
@@ -674,6 +674,46 @@ def test_policy_in_the_configmap_passes_check_policy(name: str, tmp_path: Path) 
     )
     assert run.returncode == 0, run.stderr
     assert ": ok" in run.stdout
+
+
+@needs_kubectl
+def test_a_yaml_policy_fits_the_manifests(tmp_path: Path) -> None:
+    """An overlay's own YAML policy, under the documented key, is what mcp-authz loads
+    (mounted as policy.json it once failed with "invalid JSON")."""
+    overlay = ROOT / ".pytest_cache" / "k8s-yaml-policy"
+    overlay.mkdir(parents=True, exist_ok=True)
+    (overlay / "policy.yaml").write_text(
+        "# an operator's policy\n"
+        'version: "1"\n'
+        "default: deny\n"
+        "tools:\n"
+        "  yaml_only_tool: {action: allow}\n"
+    )
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(KUSTOMIZATIONS["prod"], overlay)],
+                "configMapGenerator": [
+                    {
+                        "name": "mcp-authz-policy",
+                        "behavior": "replace",
+                        "files": ["policy=policy.yaml"],
+                    }
+                ],
+            }
+        )
+    )
+    docs = list(_render_dir(overlay))
+    authz = containers(find(docs, "Deployment", "mcp-ecs"))["mcp-authz"]
+    files = materialize_config_maps(docs, authz, tmp_path)
+    policy = files[arg_after(authz, "--policy")]
+    run = subprocess.run(
+        [str(BIN / "mcp-authz"), "check-policy", policy], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert ": ok" in run.stdout and "yaml_only_tool" in run.stdout
 
 
 def materialize_config_maps(

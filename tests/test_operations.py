@@ -30,10 +30,10 @@ from authz.metrics import Metrics
 from authz.pb import external_auth_pb2, external_auth_pb2_grpc
 from authz.policy import compile_policy
 from authz.server import AUTHZ_SERVICE
-from tests.support.checks import json_check
-from tests.support.redis_server import running_redis
+from devstack.checks import json_check
+from devstack.redis_server import running_redis
+from devstack.stack import ROOT, Stack, authz_proc, free_port, mcp_stack, running
 from tests.support.reliability import record
-from tests.support.stack import ROOT, Stack, authz_proc, free_port, mcp_stack, running
 
 pytestmark = pytest.mark.e2e
 

@@ -21,13 +21,7 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.support.clients import (
-    McpCallError,
-    fastmcp_call_tool,
-    sdk_call_tool,
-    sdk_list_tools,
-)
-from tests.support.stack import (
+from devstack.stack import (
     ROOT,
     Stack,
     authz_proc,
@@ -38,6 +32,12 @@ from tests.support.stack import (
     running,
     upstream_proc,
     wait_ready,
+)
+from tests.support.clients import (
+    McpCallError,
+    fastmcp_call_tool,
+    sdk_call_tool,
+    sdk_list_tools,
 )
 
 pytestmark = pytest.mark.e2e

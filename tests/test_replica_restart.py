@@ -20,17 +20,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.support.load import (
-    Kind,
-    client_headers,
-    stateless,
-    steady_load,
-    tool_call,
-    with_check_timeout,
-)
-from tests.support.redis_server import running_redis
-from tests.support.reliability import record
-from tests.support.stack import (
+from devstack.redis_server import running_redis
+from devstack.stack import (
     Proc,
     authz_proc,
     envoy_config,
@@ -41,6 +32,15 @@ from tests.support.stack import (
     wait_for_port,
     wait_ready,
 )
+from tests.support.load import (
+    Kind,
+    client_headers,
+    stateless,
+    steady_load,
+    tool_call,
+    with_check_timeout,
+)
+from tests.support.reliability import record
 
 pytestmark = pytest.mark.e2e
 

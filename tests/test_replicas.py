@@ -13,10 +13,10 @@ import grpc
 import pytest
 
 from authz.pb import external_auth_pb2, external_auth_pb2_grpc
-from tests.support.checks import tool_check
-from tests.support.redis_server import running_redis
+from devstack.checks import tool_check
+from devstack.redis_server import running_redis
+from devstack.stack import authz_proc, free_port, running
 from tests.support.reliability import record
-from tests.support.stack import authz_proc, free_port, running
 
 EXPORT, ARGS = "start_dicom_export_job", {"datastoreId": "d"}
 

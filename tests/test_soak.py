@@ -17,17 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.load import (
-    Kind,
-    client_headers,
-    stateless,
-    steady_load,
-    tool_call,
-    with_check_timeout,
-)
-from tests.support.redis_server import running_redis
-from tests.support.reliability import record
-from tests.support.stack import (
+from devstack.redis_server import running_redis
+from devstack.stack import (
     authz_proc,
     envoy_config,
     envoy_proc,
@@ -36,6 +27,15 @@ from tests.support.stack import (
     upstream_proc,
     wait_ready,
 )
+from tests.support.load import (
+    Kind,
+    client_headers,
+    stateless,
+    steady_load,
+    tool_call,
+    with_check_timeout,
+)
+from tests.support.reliability import record
 
 pytestmark = pytest.mark.e2e
 

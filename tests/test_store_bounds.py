@@ -9,7 +9,7 @@ import time
 
 from authz.store import Charge, open_store
 from authz.store.memory import MemoryStore
-from tests.support.redis_server import RedisServer, wait_until
+from devstack.redis_server import RedisServer, wait_until
 from tests.support.reliability import record
 
 GRANTS = 100_000

@@ -18,7 +18,7 @@ import pytest
 from redis.crc import key_slot
 
 from authz.store import Charge, CounterStore, Outcome, StoreUnavailable, open_store
-from tests.support.redis_server import ClusterSetup, running_cluster
+from devstack.redis_server import ClusterSetup, running_cluster
 from tests.support.reliability import record
 
 T0 = 28_333_333 * 60_000

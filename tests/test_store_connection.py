@@ -18,7 +18,7 @@ import redis
 
 from authz.store import Charge, StoreUnavailable, open_store
 from authz.store.connection import PipelinedConnection, endpoint_of
-from tests.support.redis_server import RedisServer, free_port
+from devstack.redis_server import RedisServer, free_port
 
 PASSWORD = "s3cret-for-tests"
 

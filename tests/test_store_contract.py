@@ -20,7 +20,7 @@ import pytest
 
 from authz.store import Charge, CounterStore, Outcome, StoreUnavailable, open_store
 from authz.store.memory import MemoryStore
-from tests.support.redis_server import RedisServer
+from devstack.redis_server import RedisServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from authz import tooling
-from tests.support.stack import free_port, running, upstream_proc
+from devstack.stack import free_port, running, upstream_proc
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

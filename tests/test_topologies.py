@@ -27,8 +27,8 @@ from authz.admin_client import admin_request
 from authz.pb import external_auth_pb2, external_auth_pb2_grpc
 from authz.store import StoreUnavailable, open_store
 from authz.store.redis import parse_multi_host_url
-from tests.support.checks import tool_check
-from tests.support.redis_server import (
+from devstack.checks import tool_check
+from devstack.redis_server import (
     RedisServer,
     make_tls_files,
     running_cluster,
@@ -37,8 +37,8 @@ from tests.support.redis_server import (
     tls_supported,
     wait_until,
 )
+from devstack.stack import authz_proc, free_port, running
 from tests.support.reliability import record
-from tests.support.stack import authz_proc, free_port, running
 
 EXPORT, ARGS = "start_dicom_export_job", {"datastoreId": "d"}
 
@@ -441,7 +441,7 @@ def test_multi_host_urls_are_read_like_redis_py_reads_one() -> None:
 )
 def test_bad_store_urls_are_refused_with_the_reason(url: str, error: str) -> None:
     with pytest.raises(ValueError, match=error):
-        open_store(url)
+        open_store(url, timeout_s=1.0)
 
 
 async def test_unreachable_sentinel_fails_closed() -> None:

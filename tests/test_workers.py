@@ -20,9 +20,9 @@ import grpc
 import pytest
 
 from authz.pb import external_auth_pb2_grpc
-from tests.support.checks import tool_check
-from tests.support.redis_server import RedisServer
-from tests.support.stack import BIN, ROOT, free_port, wait_for_port
+from devstack.checks import tool_check
+from devstack.redis_server import RedisServer
+from devstack.stack import BIN, ROOT, free_port, wait_for_port
 
 pytestmark = pytest.mark.e2e
 

@@ -28,6 +28,10 @@ import msgspec
 
 from authz.approvals import ApprovalBook
 
+# How long a store call may take before the check is answered 503 (or let through under
+# --fail-open): the default of --store-timeout-ms, well inside Envoy's ext_authz timeout.
+DEFAULT_TIMEOUT_S = 0.05
+
 
 # Frozen msgspec Structs, as in authz.mcp: built on every limited check.
 class Charge(msgspec.Struct, frozen=True):
@@ -96,7 +100,7 @@ class Backend(CounterStore, Protocol):
         ...
 
 
-def open_store(url: str, timeout_s: float = 0.05) -> Backend:
+def open_store(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Backend:
     """Build the store a URL names; ``timeout_s`` bounds every store call."""
     scheme = urlsplit(url).scheme
     if scheme == "memory":

@@ -80,7 +80,7 @@ class ClusterStore:
     the same reason a ``MOVED`` only patches the slot map (``reinitialize_steps=0``).
     """
 
-    def __init__(self, client: RedisCluster, timeout_s: float = 0.05) -> None:
+    def __init__(self, client: RedisCluster, timeout_s: float) -> None:
         self._client = client
         self._timeout_s = timeout_s
         self._nonces = Nonces()

@@ -69,7 +69,7 @@ class RedisStore:
     def __init__(
         self,
         connection: PipelinedConnection,
-        timeout_s: float = 0.05,
+        timeout_s: float,
         wait_replicas: int = 0,
         sentinel: Sentinel | None = None,
     ) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.redis_server import RedisServer, running_redis
+from devstack.redis_server import RedisServer, running_redis
 
 __all__ = ["redis_server"]
 

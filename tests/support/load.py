@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.support.stack import Proc
+from devstack.stack import Proc
 
 PROTOCOL_VERSION = "2025-11-25"
 

@@ -1,4 +1,5 @@
-"""CheckRequests as Envoy builds them, for tests that talk gRPC to mcp-authz directly."""
+"""CheckRequests as Envoy builds them, for the tests and the fuzzer that talk to the
+decision path directly."""
 
 from __future__ import annotations
 

@@ -524,7 +524,7 @@ def running_cluster(tmpdir: Path, masters: int = 3) -> Iterator[ClusterSetup]:
 
 
 def _cluster_ready(client: redis.Redis, masters: int) -> bool:
-    info = client.execute_command("CLUSTER INFO")
+    info = client.execute_command("CLUSTER INFO")  # type: ignore[no-untyped-call]
     if isinstance(info, bytes):
         info = dict(line.split(":", 1) for line in info.decode().splitlines() if ":" in line)
     return info["cluster_state"] == "ok" and int(info["cluster_known_nodes"]) == masters

@@ -1,7 +1,8 @@
-"""Real processes on loopback for end-to-end tests: Envoy, mcp-authz, an MCP upstream.
+"""Real processes on loopback: Envoy, mcp-authz, the demo MCP upstream.
 
-Every process gets free ports, logs to a file in the test's temp dir, and is stopped by
-the context manager that started it, so a failing test leaves nothing running.
+Used by the tests, the benchmark and ``make run``. Every process logs to a file and is
+stopped by the context manager that started it, so a failure leaves nothing running; the
+tests give each process free ports.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import httpx
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
 
@@ -101,12 +102,13 @@ def envoy_config(
     upstream: int,
     admin: int,
     source: Path = ENVOY_YAML,
+    listen_address: str = "127.0.0.1",
 ) -> Path:
-    """The shipped envoy.yaml with only its ports (and the listener address) changed."""
+    """The shipped envoy.yaml with only its ports and the listener address changed."""
     config: dict[str, Any] = yaml.safe_load(source.read_text())
     config["admin"]["address"]["socket_address"]["port_value"] = admin
     listener = config["static_resources"]["listeners"][0]
-    listener["address"]["socket_address"].update(address="127.0.0.1", port_value=listen)
+    listener["address"]["socket_address"].update(address=listen_address, port_value=listen)
     ports = {
         "mcp_authz": [authz] if isinstance(authz, int) else list(authz),
         "mcp_server": [upstream],

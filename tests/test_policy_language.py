@@ -20,11 +20,11 @@ from authz.policy import (
     PolicyError,
     RuleTable,
     Scope,
-    _globs_overlap,
     compile_policy,
     load_policy,
     parse_policy_text,
 )
+from authz.policy.globs import globs_overlap
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_FILE = ROOT / "authz" / "policy.schema.json"
@@ -188,7 +188,7 @@ def test_glob_overlap_agrees_with_brute_force(a: str, b: str) -> None:
     for _ in range(len(a) + len(b)):
         words = [w + c for w in words for c in "abz"]
         found = found or any(ra.fullmatch(w) and rb.fullmatch(w) for w in words)
-    assert _globs_overlap(a, b) == found
+    assert globs_overlap(a, b) == found
 
 
 @settings(max_examples=200, deadline=None)

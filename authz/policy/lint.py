@@ -10,7 +10,18 @@ from authz.mcp import suspicious_name
 from authz.policy.globs import literal_prefix
 from authz.policy.texts import pointer_tokens
 
-_URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*(:|$)")
+_URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+# What a glob's literal prefix may be when the names it matches can still be URIs: a
+# scheme and its colon, or the start of one (``file*`` matches ``file:///a``).
+_URI_START = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*(:|$)")
+
+
+def _can_be_uri(key: str) -> bool:
+    """Whether a resource key (exact, or a glob) can match a URI, which has a scheme."""
+    if "*" not in key:
+        return _URI_SCHEME.match(key) is not None
+    prefix = literal_prefix(key)
+    return not prefix or _URI_START.match(prefix) is not None
 
 
 def never_matching(section: str, key: str, raw: Mapping[str, Any]) -> list[str]:
@@ -18,8 +29,7 @@ def never_matching(section: str, key: str, raw: Mapping[str, Any]) -> list[str]:
     where = f"{section}.{key}"
     warnings = []
     if section == "resources":
-        prefix = literal_prefix(key)
-        if prefix and not _URI_SCHEME.match(prefix):
+        if not _can_be_uri(key):
             warnings.append(
                 f"{where}: not a URI (no scheme such as file: or https:), and resource URIs "
                 "always have one, so this rule never matches"

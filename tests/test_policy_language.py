@@ -387,7 +387,7 @@ def test_argument_schemas_are_checked_at_load() -> None:
     joined = "\n".join(errors)
     for expected in (
         "tools.a.arguments.type: 'strin' is not valid",
-        "tools.b.arguments.properties.x.pattern: '(' is not a 'regex'",
+        "tools.b.arguments.properties.x.pattern: '(' is not a pattern RE2 runs: missing ): (",
         "tools.c.arguments.$ref: reference '#/$defs/missing' does not resolve",
         "tools.d.arguments.$ref: only local references (#/...) are supported",
         "tools.e.arguments.$schema: argument schemas are JSON Schema draft 2020-12",

@@ -7,7 +7,6 @@ import math
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Any
 
 import jsonschema
@@ -15,6 +14,7 @@ import jsonschema
 from authz.grants import GrantSource
 from authz.jsondoc import MAX_MEMBERS
 from authz.policy.globs import glob_regex, literal_prefix
+from authz.policy.schemas import first_errors
 from authz.policy.texts import argument_error_text, pointer_path, pointer_tokens
 
 WINDOWS_MS = {"second": 1_000, "minute": 60_000, "hour": 3_600_000, "day": 86_400_000}
@@ -131,7 +131,7 @@ class Rule:
         broke, never a value), or ``None`` when they satisfy it or there is none."""
         if self.arguments is None:
             return None
-        errors = list(islice(self.arguments.iter_errors(arguments), _MAX_ARGUMENT_ERRORS + 1))
+        errors = first_errors(self.arguments, arguments, _MAX_ARGUMENT_ERRORS + 1)
         if not errors:
             return None
         texts = sorted({argument_error_text(e) for e in errors[:_MAX_ARGUMENT_ERRORS]})

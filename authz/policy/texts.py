@@ -12,6 +12,8 @@ from collections.abc import Iterable
 
 import jsonschema
 
+from authz.policy.schemas import extra_properties
+
 _SHOWN_KEY = re.compile(r"[A-Za-z_$][A-Za-z0-9_$-]{0,63}")
 
 
@@ -48,12 +50,8 @@ def _quoted_names(names: Iterable[object]) -> str:
 
 def _extra_arguments(error: jsonschema.ValidationError) -> list[str]:
     schema = error.schema if isinstance(error.schema, dict) else {}
-    declared = schema.get("properties", {})
-    patterns = [re.compile(p) for p in schema.get("patternProperties", {})]
     instance = error.instance if isinstance(error.instance, dict) else {}
-    return sorted(
-        k for k in instance if k not in declared and not any(p.search(k) for p in patterns)
-    )
+    return sorted(extra_properties(schema, instance))
 
 
 _KEYWORD_TEXTS = {
@@ -110,6 +108,8 @@ def argument_error_text(error: jsonschema.ValidationError) -> str:
         return f"{path}: unexpected argument(s) {_quoted_names(_extra_arguments(error))}"
     if keyword is None or rule is False:
         return f"{path}: is not allowed"
+    if keyword == "format" and rule == "regex":
+        return f"{path}: is not a valid regex (RE2 syntax, within one call's allowance)"
     if keyword == "type":
         return f"{path}: must be of type {' or '.join(rule) if isinstance(rule, list) else rule}"
     if keyword in _RULE_TEXTS:

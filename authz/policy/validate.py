@@ -12,6 +12,8 @@ from typing import Any
 
 import jsonschema
 
+from authz.policy.schemas import re2_problem
+
 
 @cache
 def _format() -> dict[str, Any]:
@@ -26,8 +28,19 @@ def _validator() -> jsonschema.protocols.Validator:
     schema = _format()
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
-    # The format checker makes the metaschema check argument schemas' regexes, too.
-    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+    # The format checker makes the metaschema check argument schemas' patterns too, and
+    # they must be ones RE2 runs: that is the engine that checks calls against them.
+    checker = jsonschema.FormatChecker(())
+    checker.checkers = dict(cls.FORMAT_CHECKER.checkers)
+    checker.checks("regex", raises=ValueError)(_runs_on_re2)
+    return cls(schema, format_checker=checker)
+
+
+def _runs_on_re2(pattern: object) -> bool:
+    problem = re2_problem(pattern) if isinstance(pattern, str) else None
+    if problem is not None:
+        raise ValueError(problem)
+    return True
 
 
 def _known_fields(schema: object) -> set[str]:
@@ -94,7 +107,9 @@ def schema_errors(doc: object) -> list[tuple[tuple[str | int, ...], str]]:
     errors = []
     for err in _validator().iter_errors(doc):  # type: ignore[arg-type]
         message = err.message
-        if isinstance(err.schema, dict) and "x-error" in err.schema:
+        if err.validator == "format" and err.validator_value == "regex":
+            message = f"{err.instance!r} is not a pattern RE2 runs: {err.cause}"
+        elif isinstance(err.schema, dict) and "x-error" in err.schema:
             message = f"{err.instance!r} {err.schema['x-error']}"
         elif err.validator in ("additionalProperties", "unevaluatedProperties"):
             message = _unknown_fields(err)

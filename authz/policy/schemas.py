@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import hashlib
 import re
 from collections.abc import Iterator, Mapping
 from itertools import islice
@@ -143,10 +144,15 @@ def _json_key(value: object) -> object:
 
 
 def all_distinct(items: list[Any]) -> bool:
-    """Whether no two items are equal JSON values, in time linear in their size."""
+    """Whether no two items are equal JSON values, in time linear in their size.
+
+    Each item is kept as a digest of its canonical JSON: a fixed size per item, where
+    orjson's output may hold a buffer far larger than the item.
+    """
     seen: set[bytes] = set()
     for item in items:
-        key = orjson.dumps(_json_key(item), option=orjson.OPT_SORT_KEYS)
+        canonical = orjson.dumps(_json_key(item), option=orjson.OPT_SORT_KEYS)
+        key = hashlib.blake2b(canonical, digest_size=16).digest()
         if key in seen:
             return False
         seen.add(key)

@@ -198,6 +198,11 @@ def test_pattern_properties_and_additional_properties_run_on_re2() -> None:
             "tools.t.arguments.propertyNames.pattern: '(' is not a pattern RE2 runs: missing ): (",
         ),
         (
+            {"x-shapes": {"id": {"pattern": "(?!x)"}}, "$ref": "#/x-shapes/id"},
+            "tools.t.arguments.x-shapes.id.pattern: '(?!x)' is not a pattern RE2 runs: "
+            "invalid perl operator: (?!",
+        ),
+        (
             {"patternProperties": {"^x": {}}, "unevaluatedProperties": False},
             "tools.t.arguments.unevaluatedProperties: cannot be combined with patternProperties "
             "(tools.t.arguments.patternProperties) in one argument schema",

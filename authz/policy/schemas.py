@@ -25,7 +25,7 @@ import contextvars
 import functools
 import hashlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from itertools import islice
 from typing import Any
 
@@ -277,6 +277,16 @@ def _schema_walk(node: object, path: str) -> Iterator[tuple[str, str, object]]:
             yield from _schema_walk(value, f"{path}[{i}]")
 
 
+def _re2_problems(path: str, patterns: Iterable[str]) -> list[str]:
+    """Patterns RE2 cannot run. The metaschema check finds them wherever a schema keyword
+    can hold one; this finds those a ``$ref`` reaches elsewhere in the document."""
+    return [
+        f"{path}: {pattern!r} is not a pattern RE2 runs: {problem}"
+        for pattern in patterns
+        if (problem := re2_problem(pattern)) is not None
+    ]
+
+
 def argument_validator(
     where: str, schema: Mapping[str, Any] | bool, errors: list[str], warnings: list[str]
 ) -> jsonschema.protocols.Validator:
@@ -314,6 +324,9 @@ def argument_validator(
             )
         elif keyword == "patternProperties" and isinstance(value, dict) and value:
             pattern_properties = pattern_properties or path
+            errors += _re2_problems(path, value)
+        elif keyword == "pattern" and isinstance(value, str):
+            errors += _re2_problems(path, [value])
         elif keyword == "unevaluatedProperties":
             unevaluated_properties = unevaluated_properties or path
     if pattern_properties and unevaluated_properties:

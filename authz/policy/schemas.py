@@ -8,7 +8,7 @@ not all like that, and these are replaced:
   weighs against them) run on RE2, whose matching time is linear in the input, instead
   of Python's backtracking ``re``: an operator's ``^(a+)+$`` meets attacker-chosen text.
 - ``uniqueItems`` compares every pair of items that are objects; here each item is
-  reduced to one canonical byte string and the items are counted in a set.
+  reduced to a digest of its canonical JSON and the digests are collected in a set.
 - ``unevaluatedItems`` and ``unevaluatedProperties`` look every item up in a list of the
   evaluated ones; here in a set.
 - ``format: regex`` compiled values with Python's ``re`` (unbounded recursion, and seconds
@@ -25,7 +25,7 @@ import contextvars
 import functools
 import hashlib
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import islice
 from typing import Any
 
@@ -113,14 +113,25 @@ def _is_regex(value: object) -> bool:
     return True
 
 
-def _format_checker() -> jsonschema.FormatChecker:
+def _runs_on_re2(pattern: object) -> bool:
+    problem = re2_problem(pattern) if isinstance(pattern, str) else None
+    if problem is not None:
+        raise ValueError(problem)
+    return True
+
+
+def _format_checker(check_regex: Callable[[object], bool]) -> jsonschema.FormatChecker:
+    """Draft 2020-12's format checks, with ``regex`` checked by RE2."""
     checker = jsonschema.FormatChecker(())
     checker.checkers = dict(jsonschema.Draft202012Validator.FORMAT_CHECKER.checkers)
-    checker.checks("regex")(_is_regex)
+    checker.checks("regex", raises=ValueError)(check_regex)
     return checker
 
 
-FORMAT_CHECKER = _format_checker()
+# Arguments: a value RE2 refuses, or that overspends the call's allowance, is invalid.
+FORMAT_CHECKER = _format_checker(_is_regex)
+# Policies: an argument schema's pattern must be one RE2 runs (the error says why not).
+POLICY_FORMAT_CHECKER = _format_checker(_runs_on_re2)
 
 
 def _json_key(value: object) -> object:

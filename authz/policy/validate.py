@@ -12,7 +12,7 @@ from typing import Any
 
 import jsonschema
 
-from authz.policy.schemas import re2_problem
+from authz.policy.schemas import POLICY_FORMAT_CHECKER
 
 
 @cache
@@ -30,17 +30,7 @@ def _validator() -> jsonschema.protocols.Validator:
     cls.check_schema(schema)
     # The format checker makes the metaschema check argument schemas' patterns too, and
     # they must be ones RE2 runs: that is the engine that checks calls against them.
-    checker = jsonschema.FormatChecker(())
-    checker.checkers = dict(cls.FORMAT_CHECKER.checkers)
-    checker.checks("regex", raises=ValueError)(_runs_on_re2)
-    return cls(schema, format_checker=checker)
-
-
-def _runs_on_re2(pattern: object) -> bool:
-    problem = re2_problem(pattern) if isinstance(pattern, str) else None
-    if problem is not None:
-        raise ValueError(problem)
-    return True
+    return cls(schema, format_checker=POLICY_FORMAT_CHECKER)
 
 
 def _known_fields(schema: object) -> set[str]:

@@ -26,10 +26,10 @@ MAX_DEPTH = 128
 
 # How much one body may hold, counted before it is parsed: what a body costs to parse,
 # digest and check against a policy grows with these, and the body size alone would allow
-# far more. A member (a key and its value, in any
-# object at any level) costs the most; the policy's `max_json_members` changes that bound,
-# as Django's DATA_UPLOAD_MAX_NUMBER_FIELDS bounds form fields. An array element costs a
-# fraction of a member, so its fixed bound is higher.
+# far more. A member (a key and its value, in any object at any level) costs the most; the
+# policy's `max_json_members` changes that bound, as Django's
+# DATA_UPLOAD_MAX_NUMBER_FIELDS bounds form fields. An array element costs a fraction of a
+# member, so its fixed bound is higher.
 MAX_MEMBERS = 10_000
 MAX_ARRAY_ELEMENTS = 50_000
 

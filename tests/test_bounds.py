@@ -32,7 +32,7 @@ import pytest
 
 from authz import mcp
 from authz.engine import Decision, Engine, Reason
-from authz.mcp import MAX_ARRAY_ELEMENTS, MAX_DEPTH, MAX_MEMBERS
+from authz.jsondoc import MAX_ARRAY_ELEMENTS, MAX_DEPTH, MAX_MEMBERS
 from authz.policy import PolicyError, compile_policy
 from authz.store.memory import MemoryStore
 from tests.support.reliability import record
@@ -43,6 +43,23 @@ POLICY: dict[str, Any] = {
     "tools": {"containerize_app": {"action": "allow"}, "delete_app": {"action": "deny"}},
 }
 RAISED = {**POLICY, "max_json_members": 20_000}
+# Argument schemas whose keywords jsonschema (or Python's re) evaluated in more than linear
+# time: uniqueItems on objects, format: regex, a pattern with a nested quantifier.
+SCHEMAS: dict[str, Any] = {
+    **POLICY,
+    "tools": {
+        "import_rows": {
+            "arguments": {
+                "properties": {
+                    "rows": {"type": "array", "uniqueItems": True},
+                    "filter": {"type": "string", "format": "regex"},
+                    "filters": {"type": "array", "items": {"format": "regex"}},
+                    "name": {"type": "string", "pattern": "^(a+)+$"},
+                }
+            }
+        }
+    },
+}
 HEADERS = {"content-type": "application/json", "authorization": "Bearer bounds"}
 ONE_MIB = 1 << 20
 BOUND_MS = 50.0
@@ -252,6 +269,60 @@ CASES = [
         "at both bounds, with arrays and an integer beyond 64 bits",
         lambda: padded_call(MAX_MEMBERS, b"[]", _AT_BOTH_CAPS),
         Reason.ALLOWED,
+    ),
+]
+
+# Rows of one member each: as many as the member bound leaves room for.
+_ROWS = MAX_MEMBERS - ENVELOPE_MEMBERS - 1
+_REGEX_TEXT = "is not a valid regex"
+
+
+def _rows(repeat_last: bool) -> bytes:
+    rows = b",".join(b'{"i":%d}' % i for i in range(_ROWS - 1))
+    last = b'{"i":%d.0}' % (_ROWS - 2) if repeat_last else b'{"i":%d}' % (_ROWS - 1)
+    return call_with_arguments("import_rows", b'{"rows":[' + rows + b"," + last + b"]}")
+
+
+CASES += [
+    Case(
+        f"{_ROWS:,} objects under uniqueItems", lambda: _rows(False), Reason.ALLOWED, policy=SCHEMAS
+    ),
+    Case(
+        f"{_ROWS:,} objects under uniqueItems, the last repeated",
+        lambda: _rows(True),
+        Reason.ARGUMENTS_INVALID,
+        detail="arguments.rows: must not repeat items",
+        policy=SCHEMAS,
+    ),
+    Case(
+        "format: regex, 5,000 open parentheses",
+        lambda: call_with_arguments("import_rows", b'{"filter":"' + b"(" * 5_000 + b'"}'),
+        Reason.ARGUMENTS_INVALID,
+        detail=f"arguments.filter: {_REGEX_TEXT}",
+        policy=SCHEMAS,
+    ),
+    Case(
+        "format: regex, 1 MiB value",
+        lambda: call_with_arguments("import_rows", b'{"filter":"' + b"a" * (ONE_MIB - 200) + b'"}'),
+        Reason.ARGUMENTS_INVALID,
+        detail=f"arguments.filter: {_REGEX_TEXT}",
+        policy=SCHEMAS,
+    ),
+    Case(
+        "format: regex, 50,000 short values",
+        lambda: call_with_arguments(
+            "import_rows", b'{"filters":' + array_of(b'"a{1,9}"', MAX_ARRAY_ELEMENTS) + b"}"
+        ),
+        Reason.ARGUMENTS_INVALID,
+        detail=_REGEX_TEXT,
+        policy=SCHEMAS,
+    ),
+    Case(
+        "1 MiB against the pattern ^(a+)+$",
+        lambda: call_with_arguments("import_rows", b'{"name":"' + b"a" * (ONE_MIB - 200) + b'!"}'),
+        Reason.ARGUMENTS_INVALID,
+        detail="arguments.name: does not match the required pattern '^(a+)+$'",
+        policy=SCHEMAS,
     ),
 ]
 

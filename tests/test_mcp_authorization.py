@@ -375,7 +375,7 @@ STEP_UP = (
 class StepUp(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     """A stand-in ext_authz that denies every Check as mcp-authz will on missing scopes."""
 
-    def Check(self, request: Any, context: Any) -> external_auth_pb2.CheckResponse:  # noqa: N802
+    def Check(self, request: Any, context: Any) -> external_auth_pb2.CheckResponse:
         response = external_auth_pb2.CheckResponse()
         response.status.code = 7
         denied = response.denied_response

@@ -361,10 +361,15 @@ async def test_mcp_authorization_through_envoy(tmp_path: Path, keys: Keys) -> No
             assert resp.headers.get_list("www-authenticate") == [challenge], name
             sdk_view = as_sdk_sees_it(resp)
             assert extract_resource_metadata_from_www_auth(sdk_view) == values.metadata_url
-        # No token at all, and a valid token in the query string (the spec forbids it).
+        # No bearer token: none at all, another scheme, or a valid token in the query
+        # string (the spec forbids it).
         valid = rs256(keys, claims(values, "alice@example.com"))
-        for url in (stack.url, f"{stack.url}?access_token={valid}"):
-            resp = post(url, {})
+        for url, headers in (
+            (stack.url, {}),
+            (stack.url, {"Authorization": "Basic YWxpY2U6cHc="}),
+            (f"{stack.url}?access_token={valid}", {}),
+        ):
+            resp = post(url, headers)
             assert resp.status_code == 401
             assert resp.headers.get_list("www-authenticate") == [challenge_no_token]
             sdk_view = as_sdk_sees_it(resp)

@@ -31,7 +31,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from authz import mcp
+from authz import denials, mcp
 from authz.engine import Decision
 from authz.metrics import decision_labels
 from authz.policy import Policy
@@ -155,6 +155,8 @@ def record(
         line["fail_open"] = True
     if decision.log_arguments:
         line["arguments"] = _logged_arguments(decision, body, policy)
+    if verdict != "allow":
+        denials.recent.add(line)
     try:
         _sink.stream.write(_json_line(line))
         _sink.stream.flush()

@@ -41,7 +41,7 @@ def test_a_session_proves_its_operator_until_it_ends() -> None:
     [
         lambda c: "Ym9i." + c.split(".", 1)[1],  # bob's name on alice's signature
         lambda c: c[:-1] + ("0" if c[-1] != "0" else "1"),  # a changed signature
-        lambda c: ".".join(c.split(".")[:2] + ["00" * 16] + c.split(".")[3:]),  # new nonce
+        lambda c: ".".join([*c.split(".")[:2], "00" * 16, *c.split(".")[3:]]),  # new nonce
         lambda c: c + ".x",
         lambda c: "",
         lambda c: "!!!.1.2.3",

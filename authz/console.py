@@ -28,6 +28,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -41,6 +42,8 @@ from authz import denials
 from authz.admin import operator_of
 from authz.approvals import Approval, ApprovalBook, NotPending, State
 from authz.store import StoreUnavailable
+
+log = logging.getLogger("mcp_authz")
 
 PATH = "/console"
 COOKIE = "mcp_authz_console"
@@ -197,7 +200,9 @@ def console_app(
         token = str(form.get("token", "")).strip()
         operator = operator_of(f"Bearer {token}", tokens) if token else None
         if operator is None:
+            log.warning("console: sign-in with an unknown token refused")
             return login_form("That is not an admin token of this server.", 401)
+        log.info("console: %s signed in", operator)
         response = web.HTTPSeeOther(f"{PATH}/")
         response.set_cookie(
             COOKIE,

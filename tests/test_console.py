@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import io
 import json
+from typing import cast
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
 from authz import audit, denials
-from authz.console import SESSION_S, issue_session, session_of
+from authz.approvals import Approval, ApprovalBook
+from authz.console import PATH, SESSION_S, console_app, issue_session, session_of
 from authz.engine import Engine
 from authz.mcp import HttpRequest
 from authz.policy import compile_policy
-from authz.store import open_store
+from authz.store import StoreUnavailable, open_store
 
 TOKENS = {"alice-token-0123456789": "alice", "bob-token-0123456789ab": "bob"}
 NOW = 1_800_000_000.0
@@ -103,3 +107,35 @@ async def test_the_audit_recording_feeds_denials_only(monkeypatch: pytest.Monkey
     assert only["reason"] == "denied_by_rule" and only["decision"] == "deny"
     assert only["grant"] and only["time"]
     assert "patient-7731-MRN" not in json.dumps(only)
+
+
+class _StoreDown:
+    """A book whose store does not answer (the only fake here: Redis outages are tested
+    end to end elsewhere; this checks what the console makes of one)."""
+
+    async def live(self) -> list[Approval]:
+        raise StoreUnavailable("approvals: ConnectionError")
+
+    async def decide(
+        self, approval_id: str, approve: bool, operator: str, reason: str
+    ) -> Approval | None:
+        raise StoreUnavailable("approvals: ConnectionError")
+
+
+async def test_a_store_outage_still_shows_the_denials() -> None:
+    ring = denials.RecentDenials()
+    ring.add({"tool": "delete_app", "reason": "store_unavailable", "decision": "deny"})
+    events: list[str] = []
+    app = web.Application()
+    book = cast(ApprovalBook, _StoreDown())
+    app.add_subapp(PATH, console_app(book, TOKENS, lambda e, a: events.append(e), ring))
+    bearer = {"Authorization": "Bearer alice-token-0123456789"}
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.get(f"{PATH}/api/state", headers=bearer)
+        assert resp.status == 200
+        body = await resp.json()
+        assert body["approvals"] is None and "unavailable" in body["approvals_error"]
+        assert body["denials"][0]["reason"] == "store_unavailable"
+        decided = await client.post(f"{PATH}/api/approvals/apr_1/approve", headers=bearer, json={})
+        assert decided.status == 503
+    assert events == []

@@ -307,6 +307,12 @@ def test_a_wrong_token_sees_nothing(stack: ConsoleStack, browser: Any) -> None:
     from selenium.webdriver.common.by import By
 
     hidden = pending_id(stack, "start_dicom_export_job", {**EXPORT, "studyCount": 7}, agent())
+    sign_in(browser, stack.console_url, TOKEN)
+    row(browser, "pending", hidden)
+    browser.find_element(By.ID, "logout").click()
+    wait_for(browser, "signed out", lambda d: d.find_elements(By.ID, "token"))
+    assert hidden not in browser.page_source
+
     sign_in(browser, stack.console_url, "not-an-admin-token-at-all")
     alert = browser.find_element(By.CSS_SELECTOR, "p.error")
     assert "not an admin token" in alert.text

@@ -173,10 +173,11 @@ async function poll() {
   const storeError = byId("store-error");
   storeError.textContent = state.approvals_error || "";
   storeError.hidden = !state.approvals_error;
-  if (state.approvals) {
-    renderPending(state.approvals.filter((a) => a.state === "pending"));
-    renderDecided(state.approvals.filter((a) => a.state !== "pending").reverse());
-  }
+  // Without the store nothing can be decided: show no stale rows (the banner says why).
+  const approvals = state.approvals || [];
+  renderPending(approvals.filter((a) => a.state === "pending"));
+  renderDecided(approvals.filter((a) => a.state !== "pending").reverse());
+  if (!state.approvals) byId("pending-empty").hidden = byId("decided-empty").hidden = true;
   renderDenials(state.denials, state.denials_capacity);
 }
 

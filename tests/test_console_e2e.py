@@ -180,9 +180,16 @@ def state(stack: ConsoleStack, token: str = TOKEN) -> dict[str, Any]:
 
 
 def wait_for(driver: Any, what: str, check: Any, timeout: float = 15.0) -> Any:
+    """The first true value of ``check``; rows re-rendered meanwhile are looked up again."""
+    from selenium.common.exceptions import (
+        NoSuchElementException,
+        StaleElementReferenceException,
+    )
     from selenium.webdriver.support.ui import WebDriverWait
 
-    return WebDriverWait(driver, timeout).until(lambda d: check(d), message=what)
+    ignored = (NoSuchElementException, StaleElementReferenceException)
+    wait = WebDriverWait(driver, timeout, ignored_exceptions=ignored)
+    return wait.until(lambda d: check(d), message=what)
 
 
 def row(driver: Any, table: str, approval_id: str) -> Any:
@@ -193,6 +200,21 @@ def row(driver: Any, table: str, approval_id: str) -> Any:
         return found[0] if found else False
 
     return wait_for(driver, f"{approval_id} in #{table}", find)
+
+
+def row_text(driver: Any, table: str, key: str, *needles: str) -> str:
+    """The text of the row of ``table`` holding ``key``, once it holds every needle."""
+    from selenium.webdriver.common.by import By
+
+    def find(d: Any) -> str | bool:
+        for tr in d.find_elements(By.CSS_SELECTOR, f"#{table} tbody tr"):
+            text: str = tr.text
+            if key in text and all(needle in text for needle in needles):
+                return text
+        return False
+
+    found: str = wait_for(driver, f"a row of #{table} with {key} and {needles}", find)
+    return found
 
 
 def sign_in(driver: Any, url: str, token: str) -> None:
@@ -224,6 +246,7 @@ def test_operator_decides_in_the_browser(stack: ConsoleStack, browser: Any) -> N
 
     shown = row(browser, "pending", export)
     assert browser.execute_script("return window.sameDocument") is True, "the page reloaded"
+    assert PATIENT not in browser.page_source
     grant = next(a["grant"] for a in state(stack)["approvals"] if a["id"] == export)
     cells = [c.text for c in shown.find_elements(By.TAG_NAME, "td")]
     assert cells[:4] == [
@@ -242,26 +265,17 @@ def test_operator_decides_in_the_browser(stack: ConsoleStack, browser: Any) -> N
         for line in reversed(stack.audit_lines())
         if line["tool"] == "list_datastores" and line["decision"] == "deny"
     )
-    wait_for(
+    row_text(
         browser,
-        "the denial is listed",
-        lambda d: denial["request_id"] in d.find_element(By.ID, "denials").text,
+        "denials",
+        denial["request_id"],
+        "list_datastores",
+        "denied_by_default",
+        denial["grant"],
     )
-    denial_row = next(
-        r
-        for r in browser.find_elements(By.CSS_SELECTOR, "#denials tbody tr")
-        if denial["request_id"] in r.text
-    )
-    assert "list_datastores" in denial_row.text and "denied_by_default" in denial_row.text
-    assert denial["grant"] in denial_row.text
 
     shown.find_element(By.CSS_SELECTOR, "button.approve").click()
-    decided = row(browser, "decided", export)
-    wait_for(
-        browser,
-        "approved by alice",
-        lambda _: "approved" in decided.text and "alice" in decided.text,
-    )
+    row_text(browser, "decided", export, "approved", "alice")
     assert browser.find_elements(By.CSS_SELECTOR, f'#pending tr[data-approval-id="{export}"]') == []
 
     ARTIFACTS.mkdir(exist_ok=True)
@@ -273,9 +287,7 @@ def test_operator_decides_in_the_browser(stack: ConsoleStack, browser: Any) -> N
     pending_row = row(browser, "pending", delete)
     pending_row.find_element(By.NAME, "reason").send_keys("billing-prod is not to be deleted")
     pending_row.find_element(By.CSS_SELECTOR, "button.reject").click()
-    rejected = row(browser, "decided", delete)
-    wait_for(browser, "rejected", lambda _: "rejected" in rejected.text)
-    assert "billing-prod is not to be deleted" in rejected.text and "alice" in rejected.text
+    row_text(browser, "decided", delete, "rejected", "alice", "billing-prod is not to be deleted")
     with pytest.raises(McpCallError) as info:
         asyncio.run(
             sdk_call_tool(stack.mcp_url, "delete_app", {"app_name": "billing-prod"}, deleter)
@@ -297,7 +309,7 @@ def test_operator_decides_in_the_browser(stack: ConsoleStack, browser: Any) -> N
     ).items()
     assert any(e["event"] == "approval_rejected" and e["approval_id"] == delete for e in events)
 
-    wait_for(browser, "consumed", lambda _: "consumed" in row(browser, "decided", export).text)
+    row_text(browser, "decided", export, "consumed")
     assert PATIENT not in browser.page_source
     assert PATIENT not in json.dumps(state(stack))
     assert PATIENT not in stack.authz.output()

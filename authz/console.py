@@ -11,8 +11,9 @@ The session is a cookie holding the operator's name, its issue time and a nonce,
 with HMAC-SHA256 keyed by that operator's admin token. Every process holding the same tokens
 verifies it (replicas, ``--workers N``) without sharing session state; removing a token
 ends its sessions, and a session ends after :data:`SESSION_S` (or when the browser closes).
-A signed-out cookie cannot be revoked before then: the cookie is HttpOnly, SameSite=Strict
-and scoped to the console's path, so the page's own scripts cannot read it. Decisions are
+Signing out drops the cookie from the browser; a copy taken before stays valid until then,
+which is why the cookie is HttpOnly (the page's scripts cannot read it), SameSite=Strict
+and scoped to the console's path. Decisions are
 POSTs carrying a per-session CSRF token (derived from the session, so also stateless), sent
 in a header the page's script sets; a POST from another origin is refused outright.
 
@@ -111,7 +112,7 @@ def session_of(cookie: str, tokens: Mapping[str, str], now: float) -> Session | 
     found = None
     for token, owner in tokens.items():
         if owner == operator and hmac.compare_digest(
-            mac, _mac(token, "session", operator, issued, nonce)
+            mac.encode(), _mac(token, "session", operator, issued, nonce).encode()
         ):
             found = Session(operator, _mac(token, "csrf", nonce))
     return found
@@ -134,6 +135,7 @@ def _same_origin(request: web.Request) -> bool:
 
 def view(approval: Approval, decided_at: float | None) -> dict[str, Any]:
     """What the page shows of an approval: names and digest, never an argument value."""
+    # The record has no caller set and no decision time yet: shown once it carries them.
     public = approval.public()
     if decided_at is None and approval.state in (State.APPROVED, State.CONSUMED):
         # Approving restarts the approval's time: it expires one ttl after the decision.

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 SITE = $(shell $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 STAMP := $(VENV)/.installed
 
-.PHONY: install proto lint test reliability run bench bench-tools profile fuzz soak system-redis clean
+.PHONY: install proto lint test reliability run bench bench-tools profile fuzz soak system-redis system-browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,7 +35,15 @@ system-redis:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 	    apt-get install -y -qq --no-install-recommends redis-server; }
 
-test: lint system-redis
+# Debian's chromium and its chromedriver for the console's browser test, installed here
+# when missing (needs root; without them that test skips).
+system-browser:
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || { \
+	  test "$$(id -u)" = 0 || { echo "tests: no chromium/chromedriver, console browser test will skip"; exit 0; }; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
+
+test: lint system-redis system-browser
 	$(BIN)/pytest -q
 
 # Coverage-guided fuzzing of the decision path for FUZZ_SECONDS (the corpus stays in .fuzz/).

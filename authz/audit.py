@@ -32,6 +32,7 @@ from typing import Any, TextIO
 
 import orjson
 
+from authz import denials
 from authz.approvals import Approval
 from authz.engine import CheckResult
 
@@ -136,6 +137,8 @@ def record(result: CheckResult, request_id: str, latency_s: float) -> None:
     if decision.log_arguments:
         call = result.logged_call()
         line["arguments"] = call.arguments if call is not None else None
+    if verdict != "allow":
+        denials.recent.add(line)
     try:
         _sink.stream.write(_json_line(line))
         _sink.stream.flush()

@@ -18,7 +18,7 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from authz import admin, audit, envoy, tls
+from authz import admin, audit, console, envoy, tls
 from authz.engine import Engine
 from authz.metrics import Metrics
 from authz.pb import external_auth_pb2, external_auth_pb2_grpc
@@ -94,6 +94,10 @@ def _http_app(
     app.router.add_get("/metrics", scrape)
     if engine.approvals is not None and admin_tokens:
         app.add_subapp("/admin/v1", admin.admin_app(engine.approvals, admin_tokens))
+        app.add_subapp(
+            console.PATH,
+            console.console_app(engine.approvals, admin_tokens, engine.approval_events),
+        )
     return app
 
 

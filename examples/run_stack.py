@@ -337,6 +337,7 @@ def main() -> int:
 mcp-authz local stack is up (upstream: {upstream_name}).
   MCP endpoint (through Envoy): {listener}/mcp   (listening on {LISTEN_ADDRESS})
   mcp-authz health:             http://127.0.0.1:{http}/healthz  /readyz  /metrics
+  approvals console:            http://127.0.0.1:{http}/console/   (sign in with the token)
   approvals (admin API):        http://127.0.0.1:{http}/admin/v1/approvals
   admin token:                  {token}   (also in {RUN_DIR}/admin-token)
     .venv/bin/mcp-authz approvals --url http://127.0.0.1:{http} \\

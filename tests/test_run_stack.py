@@ -321,6 +321,14 @@ def test_approvals_are_on_with_a_printed_token(stack: LocalStack) -> None:
     assert token_file.stat().st_mode & 0o077 == 0
     assert token in stack.output()
     assert f"http://127.0.0.1:{stack.ports['http']}/admin/v1/approvals" in stack.output()
+    console = f"http://127.0.0.1:{stack.ports['http']}/console/"
+    assert console in stack.output()
+    # The printed token signs in to the console (the login form posts it, never a URL).
+    origin = f"http://127.0.0.1:{stack.ports['http']}"
+    signed_in = httpx.post(
+        f"{console}login", data={"token": token}, headers={"origin": origin}, timeout=5
+    )
+    assert signed_in.status_code == 303 and "set-cookie" in signed_in.headers
     result = subprocess.run(
         [
             *(str(BIN / "mcp-authz"), "approvals", "--token-file", str(token_file)),

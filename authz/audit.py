@@ -33,6 +33,7 @@ import orjson
 
 from authz import mcp
 from authz.engine import Decision
+from authz.listing import ListFiltered
 from authz.metrics import decision_labels
 from authz.policy import Policy
 
@@ -159,4 +160,53 @@ def record(
         _sink.stream.write(_json_line(line))
         _sink.stream.flush()
     except (OSError, ValueError) as exc:  # a closed or broken stdout must not fail checks
+        log.error("audit line not written: %s", type(exc).__name__)
+
+
+def record_list(request_id: str, grant: str | None, listed: ListFiltered, policy: Policy) -> None:
+    """The audit line of one filtered list result: how many entries were kept and hidden,
+    and the hidden tool or prompt names (never resource URIs, schemas or descriptions)."""
+    if _sink.stream is None or _sink.level > logging.INFO:
+        return
+    _write(
+        {
+            "time": _iso_time(time.time()),
+            "request_id": request_id,
+            "grant": grant,
+            "method": listed.method,
+            "decision": "list_filtered",
+            "kept": listed.kept,
+            "hidden": listed.hidden,
+            "hidden_names": list(listed.hidden_names),
+            "policy": policy.digest[:12],
+        }
+    )
+
+
+def record_list_failure(
+    request_id: str, grant: str | None, methods: tuple[str, ...], why: str
+) -> None:
+    """The audit line of a list response replaced by an error because it could not be
+    filtered (fail closed)."""
+    if _sink.stream is None or _sink.level > logging.WARNING:
+        return
+    _write(
+        {
+            "time": _iso_time(time.time()),
+            "request_id": request_id,
+            "grant": grant,
+            "method": ",".join(methods),
+            "decision": "list_failed",
+            "reason": "list_unfilterable",
+            "reason_text": why,
+        }
+    )
+
+
+def _write(line: dict[str, Any]) -> None:
+    assert _sink.stream is not None
+    try:
+        _sink.stream.write(_json_line(line))
+        _sink.stream.flush()
+    except (OSError, ValueError) as exc:  # a closed or broken stdout must not fail anything
         log.error("audit line not written: %s", type(exc).__name__)

@@ -10,7 +10,13 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-PROTOS = ["authz/pb/core.proto", "authz/pb/http_status.proto", "authz/pb/external_auth.proto"]
+# Messages only, then the two services (their gRPC stubs too), as `make proto` runs them.
+MESSAGE_PROTOS = [
+    "authz/pb/core.proto",
+    "authz/pb/http_status.proto",
+    "authz/pb/processing_mode.proto",
+]
+SERVICE_PROTOS = ["authz/pb/external_auth.proto", "authz/pb/external_processor.proto"]
 
 
 def test_generated_code_is_fresh(tmp_path: Path) -> None:
@@ -24,8 +30,8 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
         f"-I{site}",
         f"--python_out={tmp_path}",
     ]
-    subprocess.run([*base, *PROTOS[:2]], check=True, cwd=ROOT)
-    subprocess.run([*base, f"--grpc_python_out={tmp_path}", PROTOS[2]], check=True, cwd=ROOT)
+    subprocess.run([*base, *MESSAGE_PROTOS], check=True, cwd=ROOT)
+    subprocess.run([*base, f"--grpc_python_out={tmp_path}", *SERVICE_PROTOS], check=True, cwd=ROOT)
     generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py"))
     committed = sorted(
         p.relative_to(ROOT) for p in (ROOT / "authz/pb").glob("*.py") if p.name != "__init__.py"

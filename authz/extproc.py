@@ -41,6 +41,9 @@ EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 UNFILTERABLE_STATUS = 502
 UNFILTERABLE_REASON = "list_unfilterable"
 UNFILTERABLE_RPC_CODE = -32053
+# The longest list response filtered; a longer one is refused (fail closed). What filtering
+# costs grows with the body, and the event loop serves every check meanwhile.
+MAX_LIST_BYTES = 1024 * 1024
 
 _Mode = processing_mode_pb2.ProcessingMode
 _OVERWRITE = core_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -152,7 +155,7 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
             reply.response_body.SetInParent()
             return reply
         methods = tuple(exchange.requests.values())
-        if not body.end_of_stream:
+        if not body.end_of_stream or len(body.body) > MAX_LIST_BYTES:
             return self._unfilterable(exchange, request_id, grant, "over the buffer limit")
         caller = listing.Caller(
             grant=grant,

@@ -65,6 +65,40 @@ def test_wire_names_match_envoy() -> None:
     }
 
 
+def test_ext_proc_wire_names_match_envoy() -> None:
+    from authz.pb import external_processor_pb2, processing_mode_pb2
+
+    service = external_processor_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"]
+    assert service.full_name == "envoy.service.ext_proc.v3.ExternalProcessor"
+    process = service.methods_by_name["Process"]
+    assert process.client_streaming and process.server_streaming
+    request = external_processor_pb2.ProcessingRequest.DESCRIPTOR
+    assert {f.name: f.number for f in request.fields} == {
+        "request_headers": 2,
+        "response_headers": 3,
+        "request_body": 4,
+        "response_body": 5,
+        "metadata_context": 8,
+        "observability_mode": 10,
+    }
+    response = external_processor_pb2.ProcessingResponse.DESCRIPTOR
+    assert {f.name: f.number for f in response.fields} == {
+        "request_headers": 1,
+        "response_headers": 2,
+        "request_body": 3,
+        "response_body": 4,
+        "immediate_response": 7,
+        "dynamic_metadata": 8,
+        "mode_override": 9,
+    }
+    common = external_processor_pb2.CommonResponse.DESCRIPTOR
+    assert common.fields_by_name["body_mutation"].number == 3
+    assert common.fields_by_name["clear_route_cache"].number == 5
+    mode = processing_mode_pb2.ProcessingMode
+    assert mode.DESCRIPTOR.full_name == "envoy.extensions.filters.http.ext_proc.v3.ProcessingMode"
+    assert (mode.BUFFERED, mode.BUFFERED_PARTIAL, mode.SKIP) == (2, 3, 2)
+
+
 def test_envoy_config_validates() -> None:
     envoy = Path(sys.executable).parent / "envoy"
     run = subprocess.run(
@@ -99,5 +133,31 @@ def test_envoy_config_fails_closed_and_reads_the_body() -> None:
     assert admin["address"] == "127.0.0.1"
     routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
     upstream_routes = [r for r in routes if "route" in r]
-    assert [r["match"] for r in upstream_routes] == [{"path": "/mcp"}]
-    assert upstream_routes[0]["route"]["timeout"] == "0s"
+    # /mcp only (list requests take their own route there, see below), no route timeout.
+    assert {r["match"]["path"] for r in upstream_routes} == {"/mcp"}
+    assert all(set(r["match"]) <= {"path", "headers"} for r in upstream_routes)
+    assert all(r["route"]["timeout"] == "0s" for r in upstream_routes)
+
+
+def test_envoy_config_filters_only_allowed_list_responses() -> None:
+    """ext_proc runs after ext_authz, fails closed, and is switched off on every route but
+    the one ext_authz sends allowed list requests to (a client's mark is removed first)."""
+    config = yaml.safe_load((ROOT / "envoy/envoy.yaml").read_text())
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    chain = hcm["typed_config"]["http_filters"]
+    filters = {f["name"]: f.get("typed_config", {}) for f in chain}
+    names = list(filters)
+    assert names.index("envoy.filters.http.ext_authz") < names.index("envoy.filters.http.ext_proc")
+    assert filters["envoy.filters.http.ext_authz"]["clear_route_cache"] is True
+    removed = filters["envoy.filters.http.header_mutation"]["mutations"]["request_mutations"]
+    assert {"remove": "x-mcp-authz-list"} in removed
+    proc = filters["envoy.filters.http.ext_proc"]
+    assert proc["failure_mode_allow"] is False
+    assert proc["grpc_service"]["envoy_grpc"]["cluster_name"] == "mcp_authz"
+    routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    for route in routes:
+        per_filter = route.get("typed_per_filter_config", {}).get("envoy.filters.http.ext_proc")
+        listing = [h["name"] for h in route["match"].get("headers", [])] == ["x-mcp-authz-list"]
+        assert listing == (per_filter is None), route["match"]
+        if per_filter is not None:
+            assert per_filter["disabled"] is True

@@ -185,8 +185,11 @@ def test_caller_without_a_grant_sees_no_tools(demo: tuple[Stack, int]) -> None:
 
 def test_prompts_and_resources_are_filtered_by_their_rules(demo: tuple[Stack, int]) -> None:
     stack, _ = demo
-    prompts = post(stack.url, rpc("prompts/list"), bearer()).json()["result"]["prompts"]
+    response = post(stack.url, rpc("prompts/list"), bearer())
+    prompts = response.json()["result"]["prompts"]
     assert [p["name"] for p in prompts] == ["deploy_checklist"]
+    length = response.headers.get("content-length")  # the body changed: dropped or right
+    assert length is None or int(length) == len(response.content)
     resources = post(stack.url, rpc("resources/list"), bearer()).json()["result"]["resources"]
     assert [r["uri"] for r in resources] == ["ecs://clusters/default"]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
 # Messages only, then the two services (their gRPC stubs too), as `make proto` runs them.
 MESSAGE_PROTOS = [
     "authz/pb/core.proto",
@@ -154,10 +155,18 @@ def test_envoy_config_filters_only_allowed_list_responses() -> None:
     proc = filters["envoy.filters.http.ext_proc"]
     assert proc["failure_mode_allow"] is False
     assert proc["grpc_service"]["envoy_grpc"]["cluster_name"] == "mcp_authz"
+    # By default nothing is sent (no stream even where no route applies) ...
+    assert set(proc["processing_mode"].values()) <= {"SKIP", "NONE"}
     routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
     for route in routes:
-        per_filter = route.get("typed_per_filter_config", {}).get("envoy.filters.http.ext_proc")
-        listing = [h["name"] for h in route["match"].get("headers", [])] == ["x-mcp-authz-list"]
-        assert listing == (per_filter is None), route["match"]
-        if per_filter is not None:
-            assert per_filter["disabled"] is True
+        per_filter = route["typed_per_filter_config"]["envoy.filters.http.ext_proc"]
+        if [h["name"] for h in route["match"].get("headers", [])] == ["x-mcp-authz-list"]:
+            # ... but on the list route: the request (ids) and the whole response.
+            mode = per_filter["overrides"]["processing_mode"]
+            assert mode["request_body_mode"] == "BUFFERED"
+            assert mode["response_body_mode"] == "BUFFERED_PARTIAL"
+        else:
+            assert per_filter == {
+                "@type": PER_ROUTE,
+                "disabled": True,
+            }

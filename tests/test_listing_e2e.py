@@ -290,6 +290,18 @@ def test_unfilterable_list_response_fails_closed(
     assert "delete_app" not in response.text and "t1" not in response.text
 
 
+@pytest.mark.parametrize("client", ["sdk", "fastmcp"])
+async def test_clients_surface_the_fail_closed_error(
+    scripted: tuple[Stack, int, str], client: str
+) -> None:
+    stack, _, _ = scripted
+    list_tools = sdk_list_tools if client == "sdk" else fastmcp_list_tools
+    with pytest.raises(McpCallError) as info:
+        await list_tools(stack.url, {**bearer(), "x-test-form": "bad-json"}, mode="legacy")
+    assert info.value.code == -32053
+    assert info.value.data == {"reason": "list_unfilterable"}
+
+
 def test_streamed_tool_call_is_not_buffered(scripted: tuple[Stack, int, str]) -> None:
     """The first progress notification of a long call reaches the client while the
     upstream still holds the result: it is only released after the client has read it."""

@@ -154,7 +154,6 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
             reply = external_processor_pb2.ProcessingResponse()
             reply.response_body.SetInParent()
             return reply
-        methods = tuple(exchange.requests.values())
         if not body.end_of_stream or len(body.body) > MAX_LIST_BYTES:
             return self._unfilterable(exchange, request_id, grant, "over the buffer limit")
         caller = listing.Caller(
@@ -182,8 +181,6 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
         for listed in filtered.lists:
             self.metrics.record_list(listed.kind, "filtered", listed.hidden)
             audit.record_list(request_id, grant, listed, policy)
-        if len(filtered.lists) < len(methods):
-            log.info("list response without a result for every list request")
         reply = external_processor_pb2.ProcessingResponse()
         reply.response_body.response.body_mutation.body = filtered.body
         return reply

@@ -56,7 +56,7 @@ class _Exchange:
     headers: Mapping[str, str] = field(default_factory=dict)
     metadata: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     body: mcp.Body | None = None
-    requests: Mapping[str | int, str] = field(default_factory=dict)
+    requests: Mapping[str, str] = field(default_factory=dict)
     content_type: str = ""
 
 

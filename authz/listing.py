@@ -19,7 +19,7 @@ filtered (two parsers can disagree on a document's duplicate keys; they cannot o
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import msgspec
@@ -116,12 +116,23 @@ class Filtered(msgspec.Struct, frozen=True):
     lists: tuple[ListFiltered, ...]
 
 
-def list_requests(body: mcp.Body) -> dict[str | int, str]:
-    """The list requests of a request body: their JSON-RPC id and method."""
+def id_key(value: object) -> str | None:
+    """A JSON-RPC id as the list filter matches it: ``1``, ``1.0`` and ``"1"`` alike, so a
+    response whose id a lax client would take for a list request's is filtered too."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value) if isinstance(value, str | int) else None
+
+
+def list_requests(body: mcp.Body) -> dict[str, str]:
+    """The list requests of a request body: their JSON-RPC id (see :func:`id_key`) and
+    method."""
     return {
-        m.id: m.method
+        key: m.method
         for m in body.messages
-        if m.kind is mcp.Kind.REQUEST and m.method in LISTS and m.id is not None
+        if m.kind is mcp.Kind.REQUEST and m.method in LISTS and (key := id_key(m.id)) is not None
     }
 
 
@@ -132,7 +143,7 @@ def media_type(content_type: str) -> str:
 def filter_response(
     policy: Policy,
     caller: Caller,
-    requests: Mapping[str | int, str],
+    requests: Mapping[str, str],
     content_type: str,
     body: bytes,
     protocol_version: str = "",
@@ -161,7 +172,7 @@ def _decode(raw: bytes) -> Any:
 def _filter_json(
     policy: Policy,
     caller: Caller,
-    requests: Mapping[str | int, str],
+    requests: Mapping[str, str],
     body: bytes,
     private: bool,
 ) -> Filtered:
@@ -173,7 +184,7 @@ def _filter_json(
 def _filter_document(
     policy: Policy,
     caller: Caller,
-    requests: Mapping[str | int, str],
+    requests: Mapping[str, str],
     doc: object,
     private: bool,
 ) -> list[ListFiltered]:
@@ -189,19 +200,19 @@ def _filter_document(
 def _filter_message(
     policy: Policy,
     caller: Caller,
-    requests: Mapping[str | int, str],
+    requests: Mapping[str, str],
     message: object,
     private: bool,
 ) -> ListFiltered | None:
-    """Filter ``message`` in place if it is the result of one of ``requests``."""
-    if not isinstance(message, dict) or "method" in message:
-        return None  # a request or notification of the server's, not a response
-    msg_id = message.get("id")
-    if isinstance(msg_id, bool) or not isinstance(msg_id, str | int):
-        return None
-    method = requests.get(msg_id)
-    if method is None or "result" not in message:
-        return None  # another response, or an error reply: nothing listed
+    """Filter ``message`` in place if it is the result of one of ``requests``: anything
+    with a ``result`` and such an id (even if it also has a ``method``, which a lax client
+    might overlook)."""
+    if not isinstance(message, dict) or "result" not in message:
+        return None  # a request or notification of the server's, or an error reply
+    key = id_key(message.get("id"))
+    method = requests.get(key) if key is not None else None
+    if method is None:
+        return None  # the response to another request
     result = message["result"]
     member, key, _ = LISTS[method]
     entries = result.get(member) if isinstance(result, dict) else None
@@ -227,55 +238,60 @@ def _filter_message(
 def _filter_event_stream(
     policy: Policy,
     caller: Caller,
-    requests: Mapping[str | int, str],
+    requests: Mapping[str, str],
     body: bytes,
     private: bool,
 ) -> Filtered:
-    """Filter the list responses among the events of a stream, as an SSE client reads
-    them (lines end in CRLF, LF or CR; an empty line ends an event; ``data`` lines are
-    joined with LF); every other event is passed on byte for byte. An event whose data is
-    not JSON fails the whole response: it could be a list a laxer parser would read."""
+    """Filter the list responses among the events of a stream; every other event is passed
+    on byte for byte. An event whose data is not JSON fails the whole response: it could be
+    a list a laxer parser would read."""
     out: list[bytes] = []
     done: list[ListFiltered] = []
-    event: list[bytes] = []  # the event's lines, terminators included
+    for lines in events(body):
+        raw = event_data(lines)
+        if not raw.strip():
+            out.extend(lines)  # a comment, a priming event or a keep-alive
+            continue
+        message = _decode(raw)
+        filtered = _filter_document(policy, caller, requests, message, private)
+        if not filtered:
+            out.extend(lines)
+            continue
+        done.extend(filtered)
+        kept = [line for line in lines if line.rstrip(b"\r\n") and not _is_data(line)]
+        out += [*kept, b"data: ", _ENCODER.encode(message), b"\n\n"]
+    return Filtered(body=b"".join(out), lists=tuple(done))
+
+
+def events(body: bytes) -> Iterator[list[bytes]]:
+    """The events of a stream as an SSE client splits them (lines end in CRLF, LF or CR;
+    an empty line ends an event), each as its lines with their terminators; the last one
+    may be unterminated."""
+    event: list[bytes] = []
     pos = 0
     for match in _SSE_LINE.finditer(body):
         line = body[pos : match.end()]
         pos = match.end()
         event.append(line)
         if line == match.group():  # an empty line: the event is complete
-            out.append(_event(policy, caller, requests, event, private, done))
+            yield event
             event = []
     if pos < len(body):
         event.append(body[pos:])
     if event:
-        out.append(_event(policy, caller, requests, event, private, done))
-    return Filtered(body=b"".join(out), lists=tuple(done))
+        yield event
 
 
-def _event(
-    policy: Policy,
-    caller: Caller,
-    requests: Mapping[str | int, str],
-    lines: list[bytes],
-    private: bool,
-    done: list[ListFiltered],
-) -> bytes:
-    data: list[bytes] = []
-    others: list[bytes] = []  # the event's other lines (id, event, retry, comments)
+def _is_data(line: bytes) -> bool:
+    return line.rstrip(b"\r\n").partition(b":")[0] == b"data"
+
+
+def event_data(lines: list[bytes]) -> bytes:
+    """An event's data as a client reads it: its ``data`` lines joined with LF, one space
+    after the colon dropped."""
+    data = []
     for line in lines:
-        content = line.rstrip(b"\r\n")
-        name, colon, value = content.partition(b":")
-        if name == b"data":
-            data.append(value[1:] if colon and value.startswith(b" ") else value)
-        elif content:
-            others.append(line)
-    raw = b"\n".join(data)
-    if not raw.strip():
-        return b"".join(lines)  # a comment, a priming event or a keep-alive
-    message = _decode(raw)
-    filtered = _filter_document(policy, caller, requests, message, private)
-    if not filtered:
-        return b"".join(lines)
-    done.extend(filtered)
-    return b"".join([*others, b"data: ", _ENCODER.encode(message), b"\n\n"])
+        if _is_data(line):
+            value = line.rstrip(b"\r\n").partition(b":")[2]
+            data.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(data)

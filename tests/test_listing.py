@@ -80,7 +80,7 @@ def test_resources_templates_and_prompts_follow_their_rules() -> None:
 
 def test_json_list_is_filtered_and_paging_kept() -> None:
     body = json.dumps(tools_reply(["allowed", "denied", "unnamed"], nextCursor="p2")).encode()
-    out = filter_response(POLICY, CALLER, {1: "tools/list"}, JSON, body)
+    out = filter_response(POLICY, CALLER, {"1": "tools/list"}, JSON, body)
     reply = json.loads(out.body)
     assert names_in(reply) == ["allowed"]
     assert reply["result"]["nextCursor"] == "p2"
@@ -92,10 +92,10 @@ def test_json_list_is_filtered_and_paging_kept() -> None:
 
 def test_results_vary_per_caller_for_2026_clients() -> None:
     body = json.dumps(tools_reply(["allowed"])).encode()
-    out = filter_response(POLICY, CALLER, {1: "tools/list"}, JSON, body, "2026-07-28")
+    out = filter_response(POLICY, CALLER, {"1": "tools/list"}, JSON, body, "2026-07-28")
     assert json.loads(out.body)["result"]["cacheScope"] == "private"
     public = json.dumps(tools_reply(["allowed"], cacheScope="public", ttlMs=60000)).encode()
-    reply = json.loads(filter_response(POLICY, CALLER, {1: "tools/list"}, JSON, public).body)
+    reply = json.loads(filter_response(POLICY, CALLER, {"1": "tools/list"}, JSON, public).body)
     assert reply["result"]["cacheScope"] == "private"
     assert reply["result"]["ttlMs"] == 60000
 
@@ -107,7 +107,7 @@ def test_batch_is_filtered_per_element() -> None:
         {"jsonrpc": "2.0", "id": 3, "result": {"tools": [{"name": "denied"}]}},  # not a list
         {"jsonrpc": "2.0", "id": 4, "error": {"code": -1, "message": "no"}},
     ]
-    requests = {1: "tools/list", 2: "prompts/list", 4: "resources/list"}
+    requests = {"1": "tools/list", "2": "prompts/list", "4": "resources/list"}
     out = filter_response(POLICY, CALLER, requests, JSON, json.dumps(batch).encode())
     replies = json.loads(out.body)
     assert names_in(replies[0]) == ["allowed"]
@@ -133,7 +133,7 @@ def test_event_stream_filters_the_list_event_and_passes_the_rest() -> None:
 
 def test_an_unterminated_last_event_is_filtered_too() -> None:
     stream = b"data: " + json.dumps(tools_reply(["denied"])).encode()
-    out = filter_response(POLICY, CALLER, {1: "tools/list"}, SSE, stream)
+    out = filter_response(POLICY, CALLER, {"1": "tools/list"}, SSE, stream)
     assert b"denied" not in out.body and out.lists[0].hidden == 1
 
 
@@ -151,7 +151,7 @@ def test_an_unterminated_last_event_is_filtered_too() -> None:
 )
 def test_what_cannot_be_read_is_refused(content_type: str, body: bytes) -> None:
     with pytest.raises(Unfilterable):
-        filter_response(POLICY, CALLER, {1: "tools/list"}, content_type, body)
+        filter_response(POLICY, CALLER, {"1": "tools/list"}, content_type, body)
 
 
 def test_list_requests_of_a_body() -> None:
@@ -165,7 +165,20 @@ def test_list_requests_of_a_body() -> None:
             ]
         ).encode()
     )
-    assert listing.list_requests(body) == {1: "tools/list", "b": "resources/templates/list"}
+    assert listing.list_requests(body) == {"1": "tools/list", "b": "resources/templates/list"}
+
+
+@pytest.mark.parametrize("response_id", [1, "1", 1.0])
+def test_ids_a_lax_client_would_match_are_filtered(response_id: object) -> None:
+    body = json.dumps(tools_reply(["allowed", "denied"], response_id)).encode()
+    out = filter_response(POLICY, CALLER, {"1": "tools/list"}, JSON, body)
+    assert b"denied" not in out.body
+
+
+def test_a_result_with_a_method_is_filtered_all_the_same() -> None:
+    reply = {**tools_reply(["allowed", "denied"]), "method": "tools/list"}
+    out = filter_response(POLICY, CALLER, {"1": "tools/list"}, JSON, json.dumps(reply).encode())
+    assert b"denied" not in out.body
 
 
 NAMES = st.sampled_from(["allowed", "denied", "approval", "read_x", "other", "trial"])
@@ -175,8 +188,42 @@ NAMES = st.sampled_from(["allowed", "denied", "approval", "read_x", "other", "tr
 def test_exactly_the_visible_entries_remain(names: list[str], form: str) -> None:
     reply = json.dumps(tools_reply(names)).encode()
     body = reply if form == JSON else b"data: " + reply + b"\n\n"
-    out = filter_response(POLICY, CALLER, {1: "tools/list"}, form, body)
+    out = filter_response(POLICY, CALLER, {"1": "tools/list"}, form, body)
     text = out.body if form == JSON else out.body[len(b"data: ") :]
     assert names_in(json.loads(text)) == [
         n for n in names if visible(POLICY, CALLER, "tools/list", n)
     ]
+
+
+# Pieces of event streams: fields, comments, data that is JSON or not, odd spacing, and
+# every line ending a client accepts.
+_LINES = st.sampled_from(
+    [
+        b"data: {}",
+        b"data:{}",
+        b"data",
+        b"data: ",
+        b'data: {"a": 1}',
+        b"data:  x",
+        b"event: message",
+        b"id: 7",
+        b": a comment",
+        b"retry: 10",
+        b"dat: no",
+        b"",
+    ]
+)
+_ENDINGS = st.sampled_from([b"\n", b"\r\n", b"\r"])
+
+
+@given(st.lists(st.tuples(_LINES, _ENDINGS), max_size=20))
+def test_events_are_split_as_the_sdk_client_splits_them(pieces: list[tuple[bytes, bytes]]) -> None:
+    """Differential: the data of each event, against httpx2's SSE parser (the one the
+    official mcp SDK client reads streams with)."""
+    from httpx2._sse import _SSEParser
+
+    stream = b"".join(line + end for line, end in pieces) + b"\n\n"
+    parser = _SSEParser()
+    theirs = [e.data for e in [*parser.decode(stream.decode()), *parser.flush()] if e.data]
+    ours = [listing.event_data(lines).decode() for lines in listing.events(stream)]
+    assert [d for d in ours if d] == theirs

@@ -59,6 +59,15 @@ class _Exchange:
     requests: Mapping[str, str] = field(default_factory=dict)
     content_type: str = ""
 
+    @property
+    def grant(self) -> str | None:
+        """The grant ext_authz derived (its header: a client's copy never gets through)."""
+        return self.headers.get(envoy.GRANT_HEADER) or None
+
+    @property
+    def request_id(self) -> str:
+        return self.headers.get("x-request-id", "")
+
 
 def _header_map(headers: core_pb2.HeaderMap) -> dict[str, str]:
     """Envoy's header map (values in ``raw_value``), repeated names joined with ","."""
@@ -119,12 +128,12 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
                 return _skip_rest()  # not marked by ext_authz: not a list request
             reply.request_headers.SetInParent()
         elif part == "request_body":
+            max_members = self.engine.policy.max_json_members
             try:
-                exchange.body = mcp.parse_body(message.request_body.body)
-            except mcp.Malformed:
-                exchange.body = None  # ext_authz allowed it, so this cannot happen
-            else:
-                exchange.requests = listing.list_requests(exchange.body)
+                exchange.body = mcp.parse_body(message.request_body.body, max_members)
+            except mcp.Malformed:  # ext_authz allowed it: only a policy swap between could
+                return self._unfilterable(exchange, "the list request is not readable")
+            exchange.requests = listing.list_requests(exchange.body)
             reply.request_body.SetInParent()
         elif part == "response_headers":
             response = _header_map(message.response_headers.headers)
@@ -148,14 +157,13 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
         self, exchange: _Exchange, body: external_processor_pb2.HttpBody
     ) -> external_processor_pb2.ProcessingResponse:
         policy = self.engine.policy
-        grant = exchange.headers.get(envoy.GRANT_HEADER) or None
-        request_id = exchange.headers.get("x-request-id", "")
         if not exchange.requests:
             reply = external_processor_pb2.ProcessingResponse()
             reply.response_body.SetInParent()
             return reply
         if not body.end_of_stream or len(body.body) > MAX_LIST_BYTES:
-            return self._unfilterable(exchange, request_id, grant, "over the buffer limit")
+            return self._unfilterable(exchange, "over the buffer limit")
+        grant, request_id = exchange.grant, exchange.request_id
         caller = listing.Caller(
             grant=grant,
             request=mcp.HttpRequest(
@@ -177,7 +185,7 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
                 protocol_version=exchange.headers.get("mcp-protocol-version", ""),
             )
         except listing.Unfilterable as exc:
-            return self._unfilterable(exchange, request_id, grant, str(exc))
+            return self._unfilterable(exchange, str(exc))
         for listed in filtered.lists:
             self.metrics.record_list(listed.kind, "filtered", listed.hidden)
             audit.record_list(request_id, grant, listed, policy)
@@ -186,12 +194,13 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
         return reply
 
     def _unfilterable(
-        self, exchange: _Exchange, request_id: str, grant: str | None, why: str
+        self, exchange: _Exchange, why: str
     ) -> external_processor_pb2.ProcessingResponse:
         """The JSON-RPC error that replaces a list response (fail closed)."""
         for method in exchange.requests.values():
             self.metrics.record_list(listing.LISTS[method][2], "failed")
-        audit.record_list_failure(request_id, grant, tuple(exchange.requests.values()), why)
+        methods = tuple(exchange.requests.values())
+        audit.record_list_failure(exchange.request_id, exchange.grant, methods, why)
         body = exchange.body
         message = f"list response could not be filtered for this caller: {why}"
         reply = external_processor_pb2.ProcessingResponse()

@@ -156,11 +156,7 @@ def record(
         line["fail_open"] = True
     if decision.log_arguments:
         line["arguments"] = _logged_arguments(decision, body, policy)
-    try:
-        _sink.stream.write(_json_line(line))
-        _sink.stream.flush()
-    except (OSError, ValueError) as exc:  # a closed or broken stdout must not fail checks
-        log.error("audit line not written: %s", type(exc).__name__)
+    _write(line)
 
 
 def record_list(request_id: str, grant: str | None, listed: ListFiltered, policy: Policy) -> None:
@@ -208,5 +204,5 @@ def _write(line: dict[str, Any]) -> None:
     try:
         _sink.stream.write(_json_line(line))
         _sink.stream.flush()
-    except (OSError, ValueError) as exc:  # a closed or broken stdout must not fail anything
+    except (OSError, ValueError) as exc:  # a closed or broken stdout must not fail checks
         log.error("audit line not written: %s", type(exc).__name__)

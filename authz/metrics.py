@@ -32,6 +32,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from authz.engine import Decision, Reason
+from authz.listing import KINDS
 from authz.policy import Policy
 from authz.store import Charge, CounterStore, Outcome
 
@@ -57,7 +58,6 @@ LATENCY_BUCKETS = (
 NEAR_LIMIT_FRACTION = 0.2
 
 RELOAD_RESULTS = ("success", "failure")
-LIST_KINDS = ("tools", "prompts", "resources", "resource_templates")
 LIST_RESULTS = ("filtered", "failed")
 STORE_OPS = ("acquire", "ping")
 
@@ -185,10 +185,10 @@ class Metrics:
         )
         self.list_responses = {
             (kind, result): list_responses.labels(kind, result)
-            for kind in LIST_KINDS
+            for kind in KINDS
             for result in LIST_RESULTS
         }
-        self.list_hidden = {kind: list_hidden.labels(kind) for kind in LIST_KINDS}
+        self.list_hidden = {kind: list_hidden.labels(kind) for kind in KINDS}
         self._decision_children: dict[tuple[str, str, str], Counter] = {}
         self._near_children: dict[str, Counter] = {}
         self._exceeded_children: dict[str, Counter] = {}

@@ -18,9 +18,10 @@ install: $(STAMP)
 # Regenerate authz/pb from proto/ (the generated code is committed; a test checks it is fresh).
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -Iproto -I$(SITE) --python_out=. \
-	  proto/authz/pb/core.proto proto/authz/pb/http_status.proto
+	  proto/authz/pb/core.proto proto/authz/pb/http_status.proto \
+	  proto/authz/pb/processing_mode.proto
 	$(BIN)/python -m grpc_tools.protoc -Iproto -I$(SITE) --python_out=. \
-	  --grpc_python_out=. proto/authz/pb/external_auth.proto
+	  --grpc_python_out=. proto/authz/pb/external_auth.proto proto/authz/pb/external_processor.proto
 
 lint: $(STAMP)
 	$(BIN)/ruff check authz devstack tests examples bench fuzz

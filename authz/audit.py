@@ -35,6 +35,8 @@ import orjson
 from authz import denials
 from authz.approvals import Approval
 from authz.engine import CheckResult
+from authz.listing import ListFiltered
+from authz.policy import Policy
 
 AUDIT_LOGGER = "mcp_authz.audit"
 LOG_FORMATS = ("json", "text")
@@ -139,6 +141,51 @@ def record(result: CheckResult, request_id: str, latency_s: float) -> None:
         line["arguments"] = call.arguments if call is not None else None
     if verdict != "allow":
         denials.recent.add(line)
+    _write(line)
+
+
+def record_list(request_id: str, grant: str | None, listed: ListFiltered, policy: Policy) -> None:
+    """The audit line of one filtered list result: how many entries were kept and hidden,
+    and the hidden tool or prompt names (never resource URIs, schemas or descriptions)."""
+    if _sink.stream is None or _sink.level > logging.INFO:
+        return
+    _write(
+        {
+            "time": _iso_time(time.time()),
+            "request_id": request_id,
+            "grant": grant,
+            "method": listed.method,
+            "decision": "list_filtered",
+            "kept": listed.kept,
+            "hidden": listed.hidden,
+            "hidden_names": list(listed.hidden_names),
+            "policy": policy.digest[:12],
+        }
+    )
+
+
+def record_list_failure(
+    request_id: str, grant: str | None, methods: tuple[str, ...], why: str
+) -> None:
+    """The audit line of a list response replaced by an error because it could not be
+    filtered (fail closed)."""
+    if _sink.stream is None or _sink.level > logging.WARNING:
+        return
+    _write(
+        {
+            "time": _iso_time(time.time()),
+            "request_id": request_id,
+            "grant": grant,
+            "method": ",".join(methods),
+            "decision": "list_failed",
+            "reason": "list_unfilterable",
+            "reason_text": why,
+        }
+    )
+
+
+def _write(line: dict[str, Any]) -> None:
+    assert _sink.stream is not None
     try:
         _sink.stream.write(_json_line(line))
         _sink.stream.flush()

@@ -26,6 +26,7 @@ from msgspec.structs import replace
 from authz import mcp
 from authz.approvals import Approval, ApprovalBook, Binding, Verdict
 from authz.grants import BEARER, GrantSource, Source, grant_of
+from authz.listing import LIST_METHODS
 from authz.policy import Action, Limit, Policy, PolicyError, Rule, Scope
 from authz.store import Charge, CounterStore, Outcome, StoreUnavailable
 
@@ -142,6 +143,9 @@ class Decision(msgspec.Struct, frozen=True):
     dry_run: bool = False
     would_deny: Reason | None = None
     approval_id: str | None = None
+    # The list methods the request asks for, in order: Envoy routes the response of an
+    # allowed one through the list filter (authz.listing).
+    lists: tuple[str, ...] = ()
 
     @property
     def allowed(self) -> bool:
@@ -671,6 +675,11 @@ def _about(
         log_arguments=is_call and rule is not None and rule.log_arguments,
         fail_open=fail_open,
         dry_run=dry_run,
+        lists=tuple(
+            m.method
+            for m in body.messages
+            if m.method in LIST_METHODS and m.kind is mcp.Kind.REQUEST
+        ),
     )
 
 

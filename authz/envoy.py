@@ -22,6 +22,11 @@ FAIL_OPEN_HEADER = "x-mcp-authz-fail-open"
 # On a call a dry-run rule would have denied: "deny:<reason code>", to the upstream (for
 # its logs) and in the response.
 DRY_RUN_HEADER = "x-mcp-authz-dry-run"
+# On an allowed list request, to the upstream: the list methods it asks for. Envoy routes
+# such a request to the route whose response goes through the list filter (ext_proc);
+# on every other allowed request the header is removed, and the removal (a header
+# mutation) makes Envoy match the route again without a copy a client may have sent.
+LIST_HEADER = "x-mcp-authz-list"
 
 # gRPC status codes (google.rpc.Code) carried in CheckResponse.status; any non-OK code
 # denies, the HTTP status Envoy sends comes from denied_response.
@@ -114,6 +119,10 @@ def check_response(
             would = f"deny:{decision.would_deny.code}"
             _add_header(ok.headers, DRY_RUN_HEADER, would)
             _add_header(ok.response_headers_to_add, DRY_RUN_HEADER, would)
+        if decision.lists:
+            _add_header(ok.headers, LIST_HEADER, ",".join(decision.lists))
+        else:
+            ok.headers_to_remove.append(LIST_HEADER)
         # Client-supplied x-mcp-authz-* headers must never reach the upstream as ours. The
         # names are joined (in C) and searched once, since most requests carry none; only
         # then are they looked at one by one.
@@ -121,7 +130,9 @@ def check_response(
             spoofed = [
                 name
                 for name in request_headers
-                if name.startswith(HEADER_PREFIX) and not (name == GRANT_HEADER and decision.grant)
+                if name.startswith(HEADER_PREFIX)
+                and not (name == GRANT_HEADER and decision.grant)
+                and name != LIST_HEADER
             ]
             ok.headers_to_remove.extend(spoofed)
         return response

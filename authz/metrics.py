@@ -31,6 +31,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from authz.engine import CheckResult, Reason
+from authz.listing import KINDS
 from authz.policy import Policy
 
 # From a check answered in memory to one waiting on Redis, and past Envoy's 250 ms
@@ -55,6 +56,7 @@ LATENCY_BUCKETS = (
 NEAR_LIMIT_FRACTION = 0.2
 
 RELOAD_RESULTS = ("success", "failure")
+LIST_RESULTS = ("filtered", "failed")
 STORE_OPS = ("acquire", "ping")
 
 # The *_created series double the series count of every counter and histogram and no
@@ -157,6 +159,26 @@ class Metrics:
             if approvals
             else None
         )
+        list_responses = Counter(
+            "mcp_authz_list_responses_total",
+            "List results through the list filter (ext_proc), by kind (tools, prompts, "
+            "resources, resource_templates) and result (filtered; failed: replaced by a "
+            "JSON-RPC error because it could not be filtered).",
+            ["kind", "result"],
+            registry=reg,
+        )
+        list_hidden = Counter(
+            "mcp_authz_list_entries_hidden_total",
+            "Entries removed from list results because the caller may not use them, by kind.",
+            ["kind"],
+            registry=reg,
+        )
+        self.list_responses = {
+            (kind, result): list_responses.labels(kind, result)
+            for kind in KINDS
+            for result in LIST_RESULTS
+        }
+        self.list_hidden = {kind: list_hidden.labels(kind) for kind in KINDS}
         self._decision_children: dict[tuple[str, str, str], Counter] = {}
         self._near_children: dict[str, Counter] = {}
         self._exceeded_children: dict[str, Counter] = {}
@@ -183,6 +205,12 @@ class Metrics:
         if child is None:
             child = children[counter] = parent.labels(counter)
         return child
+
+    def record_list(self, kind: str, result: str, hidden: int = 0) -> None:
+        """Count one list result the list filter handled, and the entries it hid."""
+        self.list_responses[kind, result].inc()
+        if hidden:
+            self.list_hidden[kind].inc(hidden)
 
     def policy_loaded(self, policy: Policy) -> None:
         """The policy in force changed (at start, or a reload succeeded)."""

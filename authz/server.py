@@ -20,8 +20,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from authz import admin, audit, console, envoy, tls
 from authz.engine import Engine
+from authz.extproc import EXT_PROC_SERVICE, ListFilterService
 from authz.metrics import Metrics
-from authz.pb import external_auth_pb2, external_auth_pb2_grpc
+from authz.pb import external_auth_pb2, external_auth_pb2_grpc, external_processor_pb2_grpc
 from authz.reload import watch_policy
 from authz.settings import Settings
 from authz.store import StoreUnavailable
@@ -111,6 +112,10 @@ async def serve(engine: Engine, settings: Settings, metrics: Metrics) -> None:
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
         AuthorizationService(engine, metrics), server
     )
+    # The list filter (Envoy ext_proc) on the same port: Envoy calls it for list responses.
+    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
+        ListFilterService(engine, metrics), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = tls.bind(server, settings.grpc_address, settings.grpc_tls)
@@ -129,7 +134,7 @@ async def serve(engine: Engine, settings: Settings, metrics: Metrics) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 20, 20)
-    for service in ("", AUTHZ_SERVICE):
+    for service in ("", AUTHZ_SERVICE, EXT_PROC_SERVICE):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
 
     runner = web.AppRunner(

@@ -26,6 +26,7 @@ from authz import mcp
 from authz.engine import CheckResult, Decision, Engine, Reason, Step, plan
 from authz.grants import grant_of
 from authz.policy import Policy, PolicyError, Rule, load_policy, parse_policy_text, syntax_of
+from authz.risk import risk_report
 from authz.store import Charge, Outcome
 from authz.store.memory import MemoryStore
 
@@ -141,14 +142,17 @@ def _print_policy(path: str, policy: Policy, out: TextIO) -> None:
         print(f"  warning: {warning}", file=out)
 
 
-async def _server_tools(url: str, headers: Mapping[str, str]) -> list[str]:
-    """Every tool a live MCP server lists (streamable HTTP, all pages)."""
+async def _server_tools(
+    url: str, headers: Mapping[str, str]
+) -> list[tuple[str, dict[str, Any] | None]]:
+    """Every tool a live MCP server lists (streamable HTTP, all pages), with its
+    annotations as the server sent them."""
     import anyio
     import httpx2
     from mcp import Client
     from mcp.client.streamable_http import streamable_http_client
 
-    names: list[str] = []
+    tools: list[tuple[str, dict[str, Any] | None]] = []
     with anyio.fail_after(LIST_TIMEOUT_S):
         async with (
             httpx2.AsyncClient(headers=dict(headers), timeout=LIST_TIMEOUT_S) as http,
@@ -160,10 +164,18 @@ async def _server_tools(url: str, headers: Mapping[str, str]) -> list[str]:
             cursor: str | None = None
             while True:
                 page = await client.list_tools(cursor=cursor)
-                names.extend(tool.name for tool in page.tools)
+                tools.extend(
+                    (
+                        tool.name,
+                        tool.annotations.model_dump(by_alias=True, exclude_none=True)
+                        if tool.annotations is not None
+                        else None,
+                    )
+                    for tool in page.tools
+                )
                 cursor = page.next_cursor
                 if not cursor:
-                    return names
+                    return tools
 
 
 def _innermost(exc: BaseException) -> BaseException:
@@ -222,8 +234,31 @@ def check_policy(
         leaf = _innermost(exc)
         print(f"{against}: cannot list tools: {type(leaf).__name__}: {leaf}", file=err)
         return 2
-    _print_against(against, policy, tools, out)
+    _print_against(against, policy, [name for name, _ in tools], out)
+    _print_risk(policy, tools, out)
     return 0
+
+
+def _print_risk(
+    policy: Policy, tools: Sequence[tuple[str, Mapping[str, Any] | None]], out: TextIO
+) -> None:
+    """Each tool's risk class from its annotations (the spec's defaults for a tool without
+    them) and the rule it resolves to; a warning for each write tool let through unchecked."""
+    rows = risk_report(policy, tools)
+    print(
+        "  risk (from the server's tool annotations; none stated: not read-only, "
+        "destructive, open-world):",
+        file=out,
+    )
+    for row in rows:
+        stated = "" if row.hints.stated else ", no annotations"
+        print(
+            f"    {row.tool}: {', '.join(row.classes)}{stated} -> {_rule_text(row.rule)}",
+            file=out,
+        )
+    for row in rows:
+        if row.warning is not None:
+            print(f"  warning: {row.warning}", file=out)
 
 
 def _request(body: bytes, headers: Mapping[str, str]) -> mcp.HttpRequest:

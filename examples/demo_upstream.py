@@ -2,7 +2,9 @@
 
 Stands in for the real awslabs ECS MCP server when it is not installed, for local
 `make run` and for the end-to-end tests. Tools only return plausible text; nothing
-calls AWS. Built with the official `mcp` SDK (`MCPServer`), served by uvicorn at `/mcp`.
+calls AWS. Some tools carry MCP annotations (read-only, destructive ...), as a real server's
+may, for the risk report of `mcp-authz check-policy --against`; the others state none.
+Built with the official `mcp` SDK (`MCPServer`), served by uvicorn at `/mcp`.
 
     python examples/demo_upstream.py --host 127.0.0.1 --port 8000 [--record PATH] [--stateless]
 
@@ -19,6 +21,7 @@ from typing import IO, Any
 
 import uvicorn
 from mcp.server.mcpserver import MCPServer
+from mcp.types import ToolAnnotations
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 GRANT_HEADER = "x-mcp-authz-grant"
@@ -26,13 +29,15 @@ GRANT_HEADER = "x-mcp-authz-grant"
 mcp = MCPServer("demo-upstream", instructions="Demo ECS / HealthImaging tools (no AWS calls).")
 
 
-@mcp.tool()
+@mcp.tool(
+    annotations=ToolAnnotations(readOnlyHint=False, destructiveHint=False, openWorldHint=False)
+)
 def containerize_app(app_path: str, port: int = 8080) -> str:
     """Generate a Dockerfile and ECS task definition for the app at `app_path`."""
     return f"Containerized {app_path}: Dockerfile and task definition created, port {port}."
 
 
-@mcp.tool()
+@mcp.tool(annotations=ToolAnnotations(destructiveHint=True))
 def delete_app(app_name: str) -> str:
     """Delete the ECS service, task definition and load balancer of `app_name`."""
     return f"Deleted ECS service, task definition and load balancer for {app_name}."
@@ -44,7 +49,7 @@ def ecs_resource_management(action: str, resource_type: str) -> str:
     return f"ecs {action} {resource_type}: 2 {resource_type}(s) matched (demo data)."
 
 
-@mcp.tool()
+@mcp.tool(annotations=ToolAnnotations(readOnlyHint=True))
 def ecs_troubleshooting_tool(app_name: str) -> str:
     """Diagnose deployment problems of `app_name`."""
     return f"Troubleshooting {app_name}: service stable, 2/2 tasks running, no failed events."
@@ -57,7 +62,7 @@ def start_dicom_export_job(datastoreId: str, outputS3Uri: str, studyCount: int =
     return f"Export job {job} started: {studyCount} study(ies) from {datastoreId} to {outputS3Uri}."
 
 
-@mcp.tool()
+@mcp.tool(annotations=ToolAnnotations(readOnlyHint=True, openWorldHint=True))
 def list_datastores() -> str:
     """List HealthImaging datastores."""
     return "Datastores: ds-0001 (ACTIVE, demo-imaging), ds-0002 (ACTIVE, demo-research)."

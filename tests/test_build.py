@@ -16,7 +16,14 @@ from tests import conftest
 from tests.support import reliability
 
 ROOT = Path(__file__).resolve().parents[1]
-PROTOS = ["authz/pb/core.proto", "authz/pb/http_status.proto", "authz/pb/external_auth.proto"]
+PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
+# Messages only, then the two services (their gRPC stubs too), as `make proto` runs them.
+MESSAGE_PROTOS = [
+    "authz/pb/core.proto",
+    "authz/pb/http_status.proto",
+    "authz/pb/processing_mode.proto",
+]
+SERVICE_PROTOS = ["authz/pb/external_auth.proto", "authz/pb/external_processor.proto"]
 
 
 def test_generated_code_is_fresh(tmp_path: Path) -> None:
@@ -30,8 +37,8 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
         f"-I{site}",
         f"--python_out={tmp_path}",
     ]
-    subprocess.run([*base, *PROTOS[:2]], check=True, cwd=ROOT)
-    subprocess.run([*base, f"--grpc_python_out={tmp_path}", PROTOS[2]], check=True, cwd=ROOT)
+    subprocess.run([*base, *MESSAGE_PROTOS], check=True, cwd=ROOT)
+    subprocess.run([*base, f"--grpc_python_out={tmp_path}", *SERVICE_PROTOS], check=True, cwd=ROOT)
     generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.py"))
     committed = sorted(
         p.relative_to(ROOT) for p in (ROOT / "authz/pb").glob("*.py") if p.name != "__init__.py"
@@ -63,6 +70,40 @@ def test_wire_names_match_envoy() -> None:
         "ok_response": 3,
         "dynamic_metadata": 4,
     }
+
+
+def test_ext_proc_wire_names_match_envoy() -> None:
+    from authz.pb import external_processor_pb2, processing_mode_pb2
+
+    service = external_processor_pb2.DESCRIPTOR.services_by_name["ExternalProcessor"]
+    assert service.full_name == "envoy.service.ext_proc.v3.ExternalProcessor"
+    process = service.methods_by_name["Process"]
+    assert process.client_streaming and process.server_streaming
+    request = external_processor_pb2.ProcessingRequest.DESCRIPTOR
+    assert {f.name: f.number for f in request.fields} == {
+        "request_headers": 2,
+        "response_headers": 3,
+        "request_body": 4,
+        "response_body": 5,
+        "metadata_context": 8,
+        "observability_mode": 10,
+    }
+    response = external_processor_pb2.ProcessingResponse.DESCRIPTOR
+    assert {f.name: f.number for f in response.fields} == {
+        "request_headers": 1,
+        "response_headers": 2,
+        "request_body": 3,
+        "response_body": 4,
+        "immediate_response": 7,
+        "dynamic_metadata": 8,
+        "mode_override": 9,
+    }
+    common = external_processor_pb2.CommonResponse.DESCRIPTOR
+    assert common.fields_by_name["body_mutation"].number == 3
+    assert common.fields_by_name["clear_route_cache"].number == 5
+    mode = processing_mode_pb2.ProcessingMode
+    assert mode.DESCRIPTOR.full_name == "envoy.extensions.filters.http.ext_proc.v3.ProcessingMode"
+    assert (mode.BUFFERED, mode.BUFFERED_PARTIAL, mode.SKIP) == (2, 3, 2)
 
 
 def test_envoy_config_validates() -> None:
@@ -99,8 +140,42 @@ def test_envoy_config_fails_closed_and_reads_the_body() -> None:
     assert admin["address"] == "127.0.0.1"
     routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
     upstream_routes = [r for r in routes if "route" in r]
-    assert [r["match"] for r in upstream_routes] == [{"path": "/mcp"}]
-    assert upstream_routes[0]["route"]["timeout"] == "0s"
+    # /mcp only (list requests take their own route there, see below), no route timeout.
+    assert {r["match"]["path"] for r in upstream_routes} == {"/mcp"}
+    assert all(set(r["match"]) <= {"path", "headers"} for r in upstream_routes)
+    assert all(r["route"]["timeout"] == "0s" for r in upstream_routes)
+
+
+def test_envoy_config_filters_only_allowed_list_responses() -> None:
+    """ext_proc runs after ext_authz, fails closed, and is switched off on every route but
+    the one ext_authz sends allowed list requests to (a client's mark is removed first)."""
+    config = yaml.safe_load((ROOT / "envoy/envoy.yaml").read_text())
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    chain = hcm["typed_config"]["http_filters"]
+    filters = {f["name"]: f.get("typed_config", {}) for f in chain}
+    names = list(filters)
+    assert names.index("envoy.filters.http.ext_authz") < names.index("envoy.filters.http.ext_proc")
+    assert filters["envoy.filters.http.ext_authz"]["clear_route_cache"] is True
+    removed = filters["envoy.filters.http.header_mutation"]["mutations"]["request_mutations"]
+    assert {"remove": "x-mcp-authz-list"} in removed
+    proc = filters["envoy.filters.http.ext_proc"]
+    assert proc["failure_mode_allow"] is False
+    assert proc["grpc_service"]["envoy_grpc"]["cluster_name"] == "mcp_authz"
+    # By default nothing is sent (no stream even where no route applies) ...
+    assert set(proc["processing_mode"].values()) <= {"SKIP", "NONE"}
+    routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    for route in routes:
+        per_filter = route["typed_per_filter_config"]["envoy.filters.http.ext_proc"]
+        if [h["name"] for h in route["match"].get("headers", [])] == ["x-mcp-authz-list"]:
+            # ... but on the list route: the request (ids) and the whole response.
+            mode = per_filter["overrides"]["processing_mode"]
+            assert mode["request_body_mode"] == "BUFFERED"
+            assert mode["response_body_mode"] == "BUFFERED_PARTIAL"
+        else:
+            assert per_filter == {
+                "@type": PER_ROUTE,
+                "disabled": True,
+            }
 
 
 def test_reliability_report_is_written_only_when_asked(

@@ -530,17 +530,41 @@ def test_client_copies_of_our_headers_are_removed_and_nothing_else() -> None:
         "not-x-mcp-authz-reason": "kept",  # the prefix inside a name is not ours
     }
     response = envoy.check_response(allowed, headers)
-    assert list(response.ok_response.headers_to_remove) == ["x-mcp-authz-reason"]
+    # The list mark is removed from every allowed request that lists nothing (see below).
+    assert list(response.ok_response.headers_to_remove) == [
+        "x-mcp-authz-list",
+        "x-mcp-authz-reason",
+    ]
     assert {h.header.key: h.header.value for h in response.ok_response.headers} == {
         "x-mcp-authz-grant": "g"
     }
     no_grant = envoy.check_response(Decision(reason=Reason.ALLOWED), headers)
     assert sorted(no_grant.ok_response.headers_to_remove) == [
         "x-mcp-authz-grant",
+        "x-mcp-authz-list",
         "x-mcp-authz-reason",
     ]
     clean = envoy.check_response(allowed, {"authorization": "Bearer t", "x-other": "1"})
-    assert list(clean.ok_response.headers_to_remove) == []
+    assert list(clean.ok_response.headers_to_remove) == ["x-mcp-authz-list"]
+
+
+async def test_allowed_list_requests_are_marked_for_the_list_filter() -> None:
+    """The mark sends the response through the list filter (Envoy re-routes on it); every
+    other allowed request has it removed, so a client's copy never picks that route."""
+    engine = Engine(POLICY, open_store("memory://", timeout_s=1.0))
+    batch = [
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
+        {"jsonrpc": "2.0", "id": 2, "method": "ping"},
+        {"jsonrpc": "2.0", "id": 3, "method": "resources/templates/list"},
+    ]
+    decision = (await engine.check(post(batch))).decision
+    assert decision.lists == ("tools/list", "resources/templates/list")
+    response = envoy.check_response(decision, {"x-mcp-authz-list": "forged"})
+    upstream = {h.header.key: h.header.value for h in response.ok_response.headers}
+    assert upstream["x-mcp-authz-list"] == "tools/list,resources/templates/list"
+    assert "x-mcp-authz-list" not in response.ok_response.headers_to_remove
+    ping = await engine.check(post({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
+    assert ping.decision.lists == ()
 
 
 # --- grants from the policy -----------------------------------------------------------------

@@ -148,13 +148,35 @@ def test_check_policy_against_a_live_server(policy_file: Path, live_server: str)
         " within counter 'exports': 1 per minute per grant; counter 'studies': 50 per day per "
         "grant, cost from arguments /studyCount",
     ]
-    assert set(report[7:]) == {
+    risk = report.index(
+        "  risk (from the server's tool annotations; none stated: not read-only, destructive, "
+        "open-world):"
+    )
+    assert set(report[7:risk]) == {
         "  unmatched: tools.describe_* matches no tool the server lists",
         "  unknown: tools.no_such_tool names a tool the server does not list",
         "  unknown: tools.session_tool names a tool the server does not list",
         "  3 tool(s) fall to default (deny): delete_app, ecs_resource_management, "
         "ecs_troubleshooting_tool",
     }
+    # Each tool's class from its annotations (the demo server states some, not all).
+    assert report[risk + 1 : risk + 7] == [
+        "    containerize_app: additive -> tools.containerize_app: allow",
+        "    delete_app: destructive, open_world -> default: deny",
+        "    ecs_resource_management: destructive, open_world, no annotations -> default: deny",
+        "    ecs_troubleshooting_tool: read_only, open_world -> default: deny",
+        "    list_datastores: read_only, open_world -> tools.list_* (pattern): deny, dry-run "
+        "(reason: rehearsal)",
+        "    start_dicom_export_job: destructive, open_world, no annotations -> "
+        "tools.start_dicom_export_job: allow, arguments checked within counter 'exports': 1 per "
+        "minute per grant; counter 'studies': 50 per day per grant, cost from arguments "
+        "/studyCount",
+    ]
+    # A write tool let through with neither a limit nor an argument schema.
+    assert report[risk + 7 :] == [
+        "  warning: tool containerize_app (tools.containerize_app): its annotations say not "
+        "read-only, and the rule has neither a limit nor an argument schema"
+    ]
 
 
 def test_check_policy_against_an_unreachable_server(policy_file: Path) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61uthz/pb/http_status.proto\x12\renvoy.type.v3\"5\n\nHttpStatus\x12\'\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x19.envoy.type.v3.StatusCode*\xce\x01\n\nStatusCode\x12\t\n\x05\x45mpty\x10\x00\x12\x07\n\x02OK\x10\xc8\x01\x12\x0f\n\nBadRequest\x10\x90\x03\x12\x11\n\x0cUnauthorized\x10\x91\x03\x12\x0e\n\tForbidden\x10\x93\x03\x12\x14\n\x0fPayloadTooLarge\x10\x9d\x03\x12\x19\n\x14UnsupportedMediaType\x10\x9f\x03\x12\x14\n\x0fTooManyRequests\x10\xad\x03\x12\x18\n\x13InternalServerError\x10\xf4\x03\x12\x17\n\x12ServiceUnavailable\x10\xf7\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61uthz/pb/http_status.proto\x12\renvoy.type.v3\"5\n\nHttpStatus\x12\'\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x19.envoy.type.v3.StatusCode*\xdf\x01\n\nStatusCode\x12\t\n\x05\x45mpty\x10\x00\x12\x07\n\x02OK\x10\xc8\x01\x12\x0f\n\nBadRequest\x10\x90\x03\x12\x11\n\x0cUnauthorized\x10\x91\x03\x12\x0e\n\tForbidden\x10\x93\x03\x12\x14\n\x0fPayloadTooLarge\x10\x9d\x03\x12\x19\n\x14UnsupportedMediaType\x10\x9f\x03\x12\x14\n\x0fTooManyRequests\x10\xad\x03\x12\x18\n\x13InternalServerError\x10\xf4\x03\x12\x0f\n\nBadGateway\x10\xf6\x03\x12\x17\n\x12ServiceUnavailable\x10\xf7\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,7 +32,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'authz.pb.http_status_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STATUSCODE']._serialized_start=101
-  _globals['_STATUSCODE']._serialized_end=307
+  _globals['_STATUSCODE']._serialized_end=324
   _globals['_HTTPSTATUS']._serialized_start=45
   _globals['_HTTPSTATUS']._serialized_end=98
 # @@protoc_insertion_point(module_scope)

@@ -32,7 +32,7 @@ import pytest
 
 from authz import mcp
 from authz.engine import Decision, Engine, Reason
-from authz.mcp import MAX_ARRAY_ELEMENTS, MAX_DEPTH, MAX_MEMBERS
+from authz.jsondoc import MAX_ARRAY_ELEMENTS, MAX_DEPTH, MAX_MEMBERS
 from authz.policy import PolicyError, compile_policy
 from authz.store.memory import MemoryStore
 from tests.support.reliability import record

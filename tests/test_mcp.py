@@ -9,7 +9,8 @@ import json
 import orjson
 import pytest
 
-from authz import mcp
+from authz import jsondoc, mcp
+from authz.jsondoc import InvalidJson
 from authz.mcp import Kind, Malformed, Problem
 
 JSON = {"content-type": "application/json"}
@@ -242,8 +243,8 @@ def test_session_id() -> None:
     ],
 )
 def test_duplicates_are_found_whatever_colons_the_strings_hold(raw: bytes) -> None:
-    with pytest.raises(Malformed, match="duplicate key"):
-        mcp.decode_json(raw)
+    with pytest.raises(InvalidJson, match="duplicate key"):
+        jsondoc.decode_json(raw)
 
 
 @pytest.mark.parametrize(
@@ -258,17 +259,17 @@ def test_duplicates_are_found_whatever_colons_the_strings_hold(raw: bytes) -> No
     ],
 )
 def test_escaped_colons_are_counted_exactly(raw: bytes, keys: list[str]) -> None:
-    assert list(mcp.decode_json(raw)) == keys
+    assert list(jsondoc.decode_json(raw)) == keys
 
 
 def test_colons_in_strings_are_no_duplicates() -> None:
-    doc = mcp.decode_json(b'{"url:":"https://x:8080/a:b","n":{"::":[":",{"k:v":":"}]}}')
+    doc = jsondoc.decode_json(b'{"url:":"https://x:8080/a:b","n":{"::":[":",{"k:v":":"}]}}')
     assert doc == {"url:": "https://x:8080/a:b", "n": {"::": [":", {"k:v": ":"}]}}
 
 
 def test_integers_beyond_64_bits_stay_exact() -> None:
     """orjson would turn them into floats; they must reach the policy exactly."""
-    doc = mcp.decode_json(
+    doc = jsondoc.decode_json(
         b'{"n":18446744073709551617,"m":-9223372036854775809,"f":1e22,'
         b'"deep":[{"x":[' + b"9" * 300 + b',0.1,"12345678901234567890"]}]}'
     )
@@ -284,7 +285,7 @@ def test_integers_beyond_64_bits_stay_exact() -> None:
 
 
 def test_the_largest_64_bit_integers_need_no_second_parse() -> None:
-    doc = mcp.decode_json(b"[18446744073709551615,-9223372036854775808,1234567890123456789]")
+    doc = jsondoc.decode_json(b"[18446744073709551615,-9223372036854775808,1234567890123456789]")
     assert doc == [2**64 - 1, -(2**63), 1234567890123456789]
     assert all(isinstance(n, int) for n in doc)
 
@@ -317,29 +318,30 @@ TRICKY = [
 def test_member_bound_counts_exactly(raw: bytes) -> None:
     """Whatever the strings hold, a body at the bound is parsed and one under it is not."""
     members = _members(json.loads(raw))
-    assert mcp.decode_json(raw, max_members=members) == json.loads(raw)
-    with pytest.raises(Malformed, match=f"more than {members - 1} object members"):
+    assert jsondoc.decode_json(raw, max_members=members) == json.loads(raw)
+    with pytest.raises(InvalidJson, match=f"more than {members - 1} object members"):
         # Colons in strings are counted too, so a bound below them forces the exact count.
-        mcp.decode_json(raw, max_members=members - 1)
-    with pytest.raises(Malformed, match="more than 1 object members"):
-        mcp.decode_json(raw.replace(b"{", b'{"pad":",:,:,:,:,:,:,:,:,:,:,:",', 1), max_members=1)
+        jsondoc.decode_json(raw, max_members=members - 1)
+    with pytest.raises(InvalidJson, match="more than 1 object members"):
+        padded = raw.replace(b"{", b'{"pad":",:,:,:,:,:,:,:,:,:,:,:",', 1)
+        jsondoc.decode_json(padded, max_members=1)
 
 
 def test_array_element_bound_counts_exactly() -> None:
     """Commas, brackets and quotes inside strings do not count as elements."""
     element = b'"[,],[,]\\",[,"'
-    at_bound = b"[[]," + b",".join([element] * (mcp.MAX_ARRAY_ELEMENTS - 3)) + b",[1]]"
-    assert _elements(json.loads(at_bound)) == mcp.MAX_ARRAY_ELEMENTS
-    assert len(mcp.decode_json(at_bound)) == mcp.MAX_ARRAY_ELEMENTS - 1
+    at_bound = b"[[]," + b",".join([element] * (jsondoc.MAX_ARRAY_ELEMENTS - 3)) + b",[1]]"
+    assert _elements(json.loads(at_bound)) == jsondoc.MAX_ARRAY_ELEMENTS
+    assert len(jsondoc.decode_json(at_bound)) == jsondoc.MAX_ARRAY_ELEMENTS - 1
     over = at_bound.replace(b"[1]", b"[1,2]")
-    with pytest.raises(Malformed, match=f"more than {mcp.MAX_ARRAY_ELEMENTS} array elements"):
-        mcp.decode_json(over)
+    with pytest.raises(InvalidJson, match=f"more than {jsondoc.MAX_ARRAY_ELEMENTS} array elements"):
+        jsondoc.decode_json(over)
 
 
 def test_orjson_writes_exactly_the_depth_the_depth_check_assumes() -> None:
     """The depth check pads a document up to orjson's writing limit: pin that limit."""
     doc: list[object] = []
-    for _ in range(mcp.ORJSON_WRITE_DEPTH - 1):
+    for _ in range(jsondoc.ORJSON_WRITE_DEPTH - 1):
         doc = [doc]
     orjson.dumps(doc)
     with pytest.raises(TypeError):
@@ -351,17 +353,17 @@ def test_the_garbage_collector_is_left_as_it_was(enabled: bool) -> None:
     was = gc.isenabled()
     (gc.enable if enabled else gc.disable)()
     try:
-        mcp.decode_json(b'[[],{"n":123456789012345678901234}]')
-        with pytest.raises(Malformed):
-            mcp.decode_json(b"[[],")
+        jsondoc.decode_json(b'[[],{"n":123456789012345678901234}]')
+        with pytest.raises(InvalidJson):
+            jsondoc.decode_json(b"[[],")
         assert gc.isenabled() is enabled
     finally:
         (gc.enable if was else gc.disable)()
 
 
 def test_depth_is_bounded() -> None:
-    ok = b"[" * mcp.MAX_DEPTH + b"]" * mcp.MAX_DEPTH
-    assert mcp.decode_json(ok) is not None
-    for depth in (mcp.MAX_DEPTH + 1, 300, 1500):
-        with pytest.raises(Malformed, match="nested too deeply"):
-            mcp.decode_json(b"[" * depth + b"]" * depth)
+    ok = b"[" * jsondoc.MAX_DEPTH + b"]" * jsondoc.MAX_DEPTH
+    assert jsondoc.decode_json(ok) is not None
+    for depth in (jsondoc.MAX_DEPTH + 1, 300, 1500):
+        with pytest.raises(InvalidJson, match="nested too deeply"):
+            jsondoc.decode_json(b"[" * depth + b"]" * depth)

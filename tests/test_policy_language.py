@@ -20,11 +20,11 @@ from authz.policy import (
     PolicyError,
     RuleTable,
     Scope,
-    _globs_overlap,
     compile_policy,
     load_policy,
     parse_policy_text,
 )
+from authz.policy.globs import globs_overlap
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_FILE = ROOT / "authz" / "policy.schema.json"
@@ -100,6 +100,81 @@ def test_published_schema_is_the_one_the_loader_uses_and_editors_can_use() -> No
         load_policy(path)
     # A field the file does not define is refused by the loader: it reads the same file.
     assert "unknown field(s) ('colour'" in errors_of(policy(tools={"t": {"colour": "red"}}))[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "version: 1\ndefault: deny\n",
+            "version: 1 is a number, not the string '1'; quote it: version: \"1\"",
+        ),
+        ("version: 1.0\ndefault: deny\n", "version: 1.0 is a number, not the string '1'; quote it"),
+        (
+            "version: yes\ndefault: deny\n",
+            "version: true is a boolean, not the string '1'; quote it",
+        ),
+        ('version: "2"\ndefault: deny\n', "version: '1' was expected"),
+    ],
+)
+def test_an_unquoted_yaml_version_says_to_quote_it(text: str, expected: str) -> None:
+    (error,) = errors_of(parse_policy_text(text, "yaml"))
+    assert error.startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("doc", "expected"),
+    [
+        (
+            policy(tool={}),
+            "(top level): unknown field(s) ('tool' was unexpected); did you mean 'tools'?",
+        ),
+        (
+            policy(tools={"t": {"limit": []}}),
+            "tools.t: unknown field(s) ('limit' was unexpected); did you mean 'limits'?",
+        ),
+        (
+            policy(
+                tools={
+                    "t": {"limits": [{"counter": "c", "window": "day", "max": 1, "scop": "grant"}]}
+                }
+            ),
+            "tools.t.limits[0]: unknown field(s) ('scop' was unexpected); did you mean 'scope'?",
+        ),
+        (
+            policy(tools={"t": {"limit": [], "reasn": "x", "colour": "red"}}),
+            "tools.t: unknown field(s) ('colour', 'limit', 'reasn' were unexpected); "
+            "did you mean 'limits' for 'limit', 'reason' for 'reasn'?",
+        ),
+        (
+            policy(resources={"file:///*": {"arguments": {}}}),
+            "resources.file:///*: unknown field(s) ('arguments' was unexpected)",
+        ),
+    ],
+)
+def test_an_unknown_field_names_the_close_known_one(doc: object, expected: str) -> None:
+    assert expected in errors_of(doc)
+
+
+@pytest.mark.parametrize(
+    ("key", "warned"),
+    [
+        ("datastore-1", True),
+        ("data store", True),
+        ("clusters/*", True),
+        ("a b:c", True),
+        ("file:///a", False),
+        ("s3:x", False),
+        ("file*", False),
+        ("*", False),
+        ("healthimaging://datastores/*", False),
+    ],
+)
+def test_every_resource_key_that_is_not_a_uri_warns(key: str, warned: bool) -> None:
+    warnings = compile_policy(policy(resources={key: {}})).warnings
+    assert [w.startswith(f"resources.{key}: not a URI") for w in warnings] == (
+        [True] if warned else []
+    )
 
 
 # --- patterns -----------------------------------------------------------------------------
@@ -188,7 +263,7 @@ def test_glob_overlap_agrees_with_brute_force(a: str, b: str) -> None:
     for _ in range(len(a) + len(b)):
         words = [w + c for w in words for c in "abz"]
         found = found or any(ra.fullmatch(w) and rb.fullmatch(w) for w in words)
-    assert _globs_overlap(a, b) == found
+    assert globs_overlap(a, b) == found
 
 
 @settings(max_examples=200, deadline=None)

@@ -1,0 +1,193 @@
+"""A validated policy document compiled into the runtime model, every error reported."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from authz.grants import GrantSource, Source
+from authz.jsondoc import MAX_MEMBERS
+from authz.policy.globs import pattern_ties
+from authz.policy.lint import never_matching
+from authz.policy.model import (
+    WINDOWS_MS,
+    Action,
+    ApprovalSpec,
+    Limit,
+    Policy,
+    PolicyError,
+    Rule,
+    RuleTable,
+    Scope,
+)
+from authz.policy.schemas import argument_validator
+from authz.policy.validate import schema_errors
+
+_UNIT_MS = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+MAX_WINDOW_MS = 366 * 86_400_000
+_SECTIONS = {"tools": "tool", "resources": "resource", "prompts": "prompt"}
+
+
+def _window_ms(text: str) -> int:
+    if text in WINDOWS_MS:
+        return WINDOWS_MS[text]
+    return int(text[:-1]) * _UNIT_MS[text[-1]]
+
+
+def _limit(where: str, raw: Mapping[str, Any], errors: list[str]) -> Limit:
+    window_ms = _window_ms(raw["window"])
+    if window_ms > MAX_WINDOW_MS:
+        errors.append(f"{where}.window: longer than 366 days")
+    cost = raw.get("cost", 1)
+    if isinstance(cost, int) and cost > raw["max"]:
+        errors.append(
+            f"{where}.cost: {cost} is more than max {raw['max']}, so every call would be refused"
+        )
+    return Limit(
+        counter=raw["counter"],
+        window_ms=window_ms,
+        max=raw["max"],
+        scope=Scope(raw.get("scope", "grant")),
+        cost=cost if isinstance(cost, int) else 1,
+        cost_pointer=cost if isinstance(cost, str) else None,
+    )
+
+
+def _rule(
+    section: str,
+    key: str,
+    raw: Mapping[str, Any],
+    policy_dry_run: bool,
+    errors: list[str],
+    warnings: list[str],
+) -> Rule:
+    where = f"{section}.{key}"
+    limits = tuple(
+        _limit(f"{where}.limits[{i}]", lim, errors) for i, lim in enumerate(raw.get("limits", ()))
+    )
+    arguments = None
+    if "arguments" in raw:
+        arguments = argument_validator(f"{where}.arguments", raw["arguments"], errors, warnings)
+    action = Action(raw.get("action", "allow"))
+    noun = _SECTIONS[section]
+    if action is Action.DENY and limits:
+        errors.append(f"{where}: a denied {noun} cannot have limits")
+    if action is Action.DENY and arguments is not None:
+        errors.append(f"{where}: a denied {noun} checks no arguments")
+    counters = [lim.counter for lim in limits]
+    if len(set(counters)) != len(counters):
+        errors.append(f"{where}.limits: the same counter is listed twice")
+    approval = None
+    if action is Action.REQUIRE_APPROVAL:
+        spec = raw.get("approval", {})
+        approval = ApprovalSpec(
+            ttl_s=_window_ms(spec.get("ttl", "15m")) / 1000,
+            uses=spec.get("uses", 1),
+            notify=spec.get("notify", ""),
+        )
+    elif "approval" in raw:
+        errors.append(f"{where}.approval: only a rule with action require_approval uses it")
+    mode = raw.get("mode")
+    return Rule(
+        where=where,
+        action=action,
+        reason=raw.get("reason"),
+        limits=limits,
+        log_arguments=raw.get("log_arguments", False),
+        arguments=arguments,
+        dry_run=policy_dry_run if mode is None else mode == "dry-run",
+        pattern="*" in key,
+        approval=approval,
+    )
+
+
+def _counter_conflicts(rules: Iterable[Rule]) -> list[str]:
+    """Rules sharing a counter share one budget, so they must agree on what it counts."""
+    seen: dict[str, tuple[str, Limit, bool]] = {}
+    errors = []
+    for rule in rules:
+        for i, lim in enumerate(rule.limits):
+            where, other, other_dry = seen.setdefault(
+                lim.counter, (f"{rule.where}.limits[{i}]", lim, rule.dry_run)
+            )
+            if (other.window_ms, other.max, other.scope) != (lim.window_ms, lim.max, lim.scope):
+                errors.append(
+                    f"{rule.where}.limits[{i}]: counter {lim.counter!r} is also defined at "
+                    f"{where} with a different window, max or scope"
+                )
+            elif other_dry != rule.dry_run:
+                errors.append(
+                    f"{rule.where}.limits[{i}]: counter {lim.counter!r} is shared with {where}, "
+                    "but one rule is in dry-run mode and the other enforces"
+                )
+    return errors
+
+
+def _grants(raw: Mapping[str, Any] | None, errors: list[str]) -> GrantSource | None:
+    if raw is None:
+        return None
+    source = Source(raw["source"])
+    for name, used_by in (
+        ("header", Source.HEADER),
+        ("claim", Source.JWT),
+        ("payload_in_metadata", Source.JWT),
+    ):
+        if name in raw and source is not used_by:
+            errors.append(f"grants.{name}: only used with source {used_by.value!r}")
+    return GrantSource(
+        source=source,
+        header=raw.get("header", ""),
+        claim=raw.get("claim", ""),
+        payload_in_metadata=raw.get("payload_in_metadata", "jwt_payload"),
+    )
+
+
+def compile_policy(doc: object, digest: str = "") -> Policy:
+    """Validate a parsed policy document and compile it, or raise :class:`PolicyError`.
+
+    Rules the schema accepts are compiled even when others are broken, so one run
+    reports the schema errors and the errors only compiling finds (ties, conflicting
+    counters, unresolvable references) together.
+    """
+    found = schema_errors(doc)
+    errors = [text for _, text in found]
+    if not isinstance(doc, dict):
+        raise PolicyError(errors)
+    broken = {path[:2] for path, _ in found}
+    dry_run = doc.get("mode") == "dry-run"
+    warnings: list[str] = []
+    tables: dict[str, RuleTable] = {}
+    for section in _SECTIONS:
+        raw_rules = doc.get(section, {})
+        if (section,) in broken or not isinstance(raw_rules, dict):
+            continue
+        rules = {
+            key: _rule(section, key, raw, dry_run, errors, warnings)
+            for key, raw in raw_rules.items()
+            if (section, key) not in broken
+        }
+        errors += pattern_ties(section, rules)
+        for key in rules:
+            warnings += never_matching(section, key, raw_rules[key])
+        tables[section] = RuleTable(rules)
+    errors += _counter_conflicts(rule for table in tables.values() for rule in table.values())
+    grants_ok = not any(path[:1] == ("grants",) for path in broken)
+    grants = _grants(doc.get("grants"), errors) if grants_ok else None
+    if errors:
+        raise PolicyError(errors)
+    if not digest:
+        digest = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+    return Policy(
+        version=doc["version"],
+        default=Rule(where="default", action=Action(doc["default"]), dry_run=dry_run),
+        tools=tables["tools"],
+        resources=tables["resources"],
+        prompts=tables["prompts"],
+        digest=digest,
+        grants=grants,
+        dry_run=dry_run,
+        warnings=tuple(warnings),
+        max_json_members=int(doc.get("max_json_members", MAX_MEMBERS)),
+    )

@@ -9,8 +9,11 @@ Bearer`` credential, or the header named by ``--grant-header``.
   its calls are then refused by whoever verifies.
 - ``header``: the value of a header Envoy sets after verifying the caller; the shipped
   Envoy config strips any client-supplied copy first.
-- ``jwt``: a claim of the payload Envoy's ``jwt_authn`` verified and passed to ext_authz as
-  metadata (``payload_in_metadata`` + ``metadata_context_namespaces``).
+- ``jwt``: a claim of the verified JWT payload (see :func:`claims_of`): the one Envoy's
+  ``jwt_authn`` passes to ext_authz as metadata (``payload_in_metadata`` +
+  ``metadata_context_namespaces``; the sidecar Envoy of ``envoy/envoy-jwt.yaml``), or the one
+  Istio's ``RequestAuthentication`` forwards in a header (``payload_in_header``, set from
+  ``outputPayloadToHeader``).
 - ``mtls``: the peer certificate's principal (URI SAN or subject) Envoy reports.
 
 Grant ids become part of Redis keys, so they are kept to a safe alphabet: a header value
@@ -19,10 +22,14 @@ outside it is no identity; a claim or principal outside it is used as ``h-<SHA-2
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import hashlib
+import json
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from authz.mcp import HttpRequest
 
@@ -35,6 +42,9 @@ _TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 # A grant id becomes part of Redis keys: keep it to a safe alphabet and out of the
 # hash-tag braces.
 _SAFE_GRANT = re.compile(r"[A-Za-z0-9._:@/+=\-]{1,128}")
+# A forwarded payload: base64url (Envoy writes it so, unpadded); the standard alphabet and
+# padding are accepted too, anything else is no payload.
+_BASE64 = re.compile(r"[A-Za-z0-9_\-+/]+={0,2}")
 
 
 class Source(enum.Enum):
@@ -52,10 +62,16 @@ class GrantSource:
     header: str = ""
     claim: str = ""
     payload_in_metadata: str = "jwt_payload"
+    # Set: the verified payload comes in this header (Istio's outputPayloadToHeader) and the
+    # metadata is not read. Only a header the proxy sets and strips from clients may be
+    # named here: whoever can set it can claim any identity.
+    payload_in_header: str = ""
 
     def describe(self) -> str:
         if self.source is Source.HEADER:
             return f"header {self.header} (set by Envoy)"
+        if self.source is Source.JWT and self.payload_in_header:
+            return f"JWT claim {self.claim!r} from the payload in header {self.payload_in_header}"
         if self.source is Source.JWT:
             return f"JWT claim {self.claim!r} from jwt_authn metadata {self.payload_in_metadata!r}"
         if self.source is Source.MTLS:
@@ -72,14 +88,60 @@ def _safe_or_hashed(value: str) -> str:
     return "h-" + hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:24]
 
 
+def claims_of(request: HttpRequest, source: GrantSource) -> dict[str, Any]:
+    """The verified JWT claims of a request, as a plain dict; empty when it carries none.
+
+    Only a ``jwt`` grant source names where verified claims are: the jwt_authn metadata
+    (numbers there are doubles, as protobuf's Struct carries them), or, with
+    ``payload_in_header``, the header holding the base64url JSON payload. A header that does
+    not decode to a JSON object gives no claims: the proxy writes it after verifying the
+    token, so anything else means it was not written by the proxy. Never raises.
+    """
+    if source.source is not Source.JWT:
+        return {}
+    if source.payload_in_header:
+        return _decoded_payload(request.headers.get(source.payload_in_header, ""))
+    payload = request.metadata.get(JWT_NAMESPACE, {}).get(source.payload_in_metadata)
+    return payload if isinstance(payload, dict) else {}
+
+
+def _decoded_payload(value: str) -> dict[str, Any]:
+    value = value.strip()
+    if not _BASE64.fullmatch(value):
+        return {}
+    data = value.rstrip("=").replace("+", "-").replace("/", "_")
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(data + "=" * (-len(data) % 4)))
+    except (binascii.Error, ValueError, RecursionError):
+        # Not base64, not UTF-8 or not JSON (UnicodeDecodeError and JSONDecodeError are
+        # ValueErrors); RecursionError: nesting deeper than the interpreter allows.
+        return {}
+    return payload if isinstance(payload, dict) else {}
+
+
+def scopes_of(claims: dict[str, Any]) -> frozenset[str]:
+    """The scopes a token grants: its ``scope`` claim (space-separated, RFC 9068), and its
+    ``scp`` claim (an array as Okta issues it, or space-separated as Microsoft Entra does).
+    """
+    scopes: set[str] = set()
+    scope = claims.get("scope")
+    if isinstance(scope, str):
+        scopes.update(scope.split())
+    scp = claims.get("scp")
+    if isinstance(scp, list):
+        scopes.update(item for item in scp if isinstance(item, str) and item)
+    elif isinstance(scp, str):
+        scopes.update(scp.split())
+    return frozenset(scopes)
+
+
 def grant_of(request: HttpRequest, source: GrantSource) -> str | None:
     """The grant id of a request, or ``None`` when it carries no usable identity."""
     if source.source is Source.HEADER:
         value = request.headers.get(source.header, "").strip()
         return value if _SAFE_GRANT.fullmatch(value) else None
     if source.source is Source.JWT:
-        payload = request.metadata.get(JWT_NAMESPACE, {}).get(source.payload_in_metadata)
-        claim = payload.get(source.claim) if isinstance(payload, dict) else None
+        claim = claims_of(request, source).get(source.claim)
         if isinstance(claim, float) and claim.is_integer():
             claim = int(claim)  # protobuf Struct carries every number as a double
         if isinstance(claim, bool) or not isinstance(claim, str | int) or claim == "":

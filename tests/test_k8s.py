@@ -45,6 +45,7 @@ import pytest
 import redis
 import yaml
 
+from authz.policy import compile_policy
 from tests.support.clients import McpCallError, sdk_call_tool
 from tests.support.redis_server import redis_server_binary
 from tests.support.stack import ROOT, Proc, free_port, running
@@ -85,18 +86,26 @@ def _render_dir(path: Path) -> tuple[dict[str, Any], ...]:
     return tuple(doc for doc in yaml.safe_load_all(run.stdout) if doc)
 
 
+# A kustomization plus an optional component, as a user would enable it.
+WITH_COMPONENT = {
+    "prod+prometheus-operator": ("prod", K8S / "components/prometheus-operator"),
+    "istio-sidecar+jwt": ("istio-sidecar", K8S / "istio/jwt"),
+    "istio-central+jwt": ("istio-central", K8S / "istio/jwt"),
+}
+
+
 @functools.cache
-def _render_with_prometheus_operator() -> tuple[dict[str, Any], ...]:
-    """prod plus the optional Prometheus Operator component, as a user would enable it."""
-    tmp = ROOT / ".pytest_cache" / "k8s-prometheus-operator"
+def _render_with_component(name: str) -> tuple[dict[str, Any], ...]:
+    base, component = WITH_COMPONENT[name]
+    tmp = ROOT / ".pytest_cache" / f"k8s-{name.replace('+', '-')}"
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "kustomization.yaml").write_text(
         yaml.safe_dump(
             {
                 "apiVersion": "kustomize.config.k8s.io/v1beta1",
                 "kind": "Kustomization",
-                "resources": [os.path.relpath(KUSTOMIZATIONS["prod"], tmp)],
-                "components": [os.path.relpath(K8S / "components/prometheus-operator", tmp)],
+                "resources": [os.path.relpath(KUSTOMIZATIONS[base], tmp)],
+                "components": [os.path.relpath(component, tmp)],
             }
         )
     )
@@ -104,8 +113,8 @@ def _render_with_prometheus_operator() -> tuple[dict[str, Any], ...]:
 
 
 def render(name: str) -> list[dict[str, Any]]:
-    if name == "prod+prometheus-operator":
-        return copy.deepcopy(list(_render_with_prometheus_operator()))
+    if name in WITH_COMPONENT:
+        return copy.deepcopy(list(_render_with_component(name)))
     return copy.deepcopy(list(_render_dir(KUSTOMIZATIONS[name])))
 
 
@@ -202,7 +211,7 @@ def is_builtin(doc: dict[str, Any]) -> bool:
 
 
 @needs_kubectl
-@pytest.mark.parametrize("name", [*KUSTOMIZATIONS, "prod+prometheus-operator"])
+@pytest.mark.parametrize("name", [*KUSTOMIZATIONS, *WITH_COMPONENT])
 def test_rendered_manifests_validate_against_kubernetes_schemas(name: str) -> None:
     docs = render(name)
     builtin = [d for d in docs if is_builtin(d)]
@@ -331,6 +340,24 @@ CRD_SPECS: dict[tuple[str, str], dict[str, Any]] = {
                 "from": [{"source": SOURCE}],
                 "to": [{"operation": OPERATION}],
                 "when": [{"key": str, "values": [str], "notValues": [str]}],
+            }
+        ],
+    },
+    ("security.istio.io/v1", "RequestAuthentication"): {
+        "selector": LABELS,
+        "jwtRules": [
+            {
+                "issuer": str,
+                "audiences": [str],
+                "jwksUri": str,
+                "jwks": str,
+                "fromHeaders": [{"name": str, "prefix": str}],
+                "fromParams": [str],
+                "fromCookies": [str],
+                "outputPayloadToHeader": str,
+                "outputClaimToHeaders": [{"header": str, "claim": str}],
+                "forwardOriginalToken": bool,
+                "timeout": DURATION,
             }
         ],
     },
@@ -817,6 +844,57 @@ def test_istio_central_topology_wiring() -> None:
     assert {p["port"] for rule in egress for p in rule["ports"]} == {53, 6379, 6380, 15012}
 
     check_mcp_workload_policies(docs, mcp, "mcp-authz-central")
+
+
+@needs_kubectl
+@pytest.mark.parametrize("name", ["istio-sidecar+jwt", "istio-central+jwt"])
+def test_istio_jwt_component(name: str) -> None:
+    """The JWT check under Istio means what envoy/envoy-jwt.yaml's does, and mcp-authz reads
+    the payload header it forwards."""
+    docs = render(name)
+    for doc in docs:
+        if not is_builtin(doc):
+            check_crd(doc)
+    labels = pod_labels(find(docs, "Deployment", "mcp-ecs"))
+    envoy = yaml.safe_load((ROOT / "envoy/envoy-jwt.yaml").read_text())
+    hcm = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    (jwt_authn,) = [
+        f["typed_config"]
+        for f in hcm["typed_config"]["http_filters"]
+        if f["name"] == "envoy.filters.http.jwt_authn"
+    ]
+    idp = jwt_authn["providers"]["idp"]
+
+    spec = find(docs, "RequestAuthentication", "mcp-ecs-jwt")["spec"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    (rule,) = spec["jwtRules"]
+    assert rule["issuer"] == idp["issuer"]
+    assert rule["audiences"] == idp["audiences"]
+    assert rule["jwksUri"] == idp["remote_jwks"]["http_uri"]["uri"]
+    assert rule["fromHeaders"] == [{"name": "Authorization", "prefix": "Bearer "}]
+    assert "fromParams" not in rule, "no token in the query string"
+
+    # mcp-authz reads the claims from the forwarded header: the grants section that the
+    # component's comment gives compiles and names it.
+    kustomization = (K8S / "istio/jwt/kustomization.yaml").read_text()
+    (grants_line,) = [line for line in kustomization.splitlines() if '"grants"' in line]
+    grants = json.loads("{" + grants_line.strip(" #") + "}")["grants"]
+    assert grants["payload_in_header"] == rule["outputPayloadToHeader"]
+    policy = compile_policy({"version": "1", "default": "deny", "grants": grants})
+    assert policy.grants is not None and policy.grants.payload_in_header == "x-jwt-payload"
+
+    # A request without any token is refused on /mcp; health paths stay open.
+    require = find(docs, "AuthorizationPolicy", "mcp-ecs-require-jwt")["spec"]
+    assert require["action"] == "DENY"
+    assert require["selector"]["matchLabels"].items() <= labels.items()
+    assert require["rules"] == [
+        {
+            "from": [{"source": {"notRequestPrincipals": ["*"]}}],
+            "to": [{"operation": {"paths": ["/mcp"]}}],
+        }
+    ]
+    custom = [p for p in find_all(docs, "AuthorizationPolicy") if p["spec"]["action"] == "CUSTOM"]
+    assert len(custom) == 1, "mcp-authz still checks every request"
 
 
 def check_mcp_workload_policies(

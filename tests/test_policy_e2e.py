@@ -383,7 +383,7 @@ async def test_grant_from_a_jwt_claim_through_envoy(tmp_path: Path) -> None:
     def token(sub: str, signer: Any = key) -> str:
         claims = {
             "iss": "https://login.example.com/",
-            "aud": "mcp-gateway",
+            "aud": "https://mcp.example.com/mcp",
             "sub": sub,
             "exp": int(time.time()) + 600,
         }

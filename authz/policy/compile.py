@@ -133,14 +133,20 @@ def _grants(raw: Mapping[str, Any] | None, errors: list[str]) -> GrantSource | N
         ("header", Source.HEADER),
         ("claim", Source.JWT),
         ("payload_in_metadata", Source.JWT),
+        ("payload_in_header", Source.JWT),
     ):
         if name in raw and source is not used_by:
             errors.append(f"grants.{name}: only used with source {used_by.value!r}")
+    if "payload_in_metadata" in raw and "payload_in_header" in raw:
+        errors.append(
+            "grants.payload_in_header: the payload comes from metadata or a header, not both"
+        )
     return GrantSource(
         source=source,
         header=raw.get("header", ""),
         claim=raw.get("claim", ""),
         payload_in_metadata=raw.get("payload_in_metadata", "jwt_payload"),
+        payload_in_header=raw.get("payload_in_header", ""),
     )
 
 

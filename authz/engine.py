@@ -27,6 +27,7 @@ from authz import mcp
 from authz.approvals import Approval, ApprovalBook, Binding, Verdict
 from authz.grants import BEARER, GrantSource, Source, grant_of
 from authz.policy import Action, Limit, Policy, PolicyError, Rule, Scope
+from authz.policy.callers import NOBODY, Caller, identity_of, recognise
 from authz.store import Charge, CounterStore, Outcome, StoreUnavailable
 
 log = logging.getLogger("mcp_authz")
@@ -67,6 +68,7 @@ class Reason(enum.Enum):
     ARGUMENTS_INVALID = ("invalid_arguments", 403, -32051)
     APPROVAL_REQUIRED = ("approval_required", 403, -32051)
     APPROVAL_REJECTED = ("approval_rejected", 403, -32051)
+    CALLER_NOT_PERMITTED = ("caller_not_permitted", 403, -32051)
     NO_GRANT = ("no_grant_identity", 403, -32051)
     RATE_LIMITED = ("rate_limited", 429, -32052)
     STORE_UNAVAILABLE = ("store_unavailable", 503, -32053)
@@ -89,6 +91,7 @@ DRY_RUNNABLE = frozenset(
     {
         Reason.DENIED_BY_RULE,
         Reason.DENIED_BY_DEFAULT,
+        Reason.CALLER_NOT_PERMITTED,
         Reason.ARGUMENTS_INVALID,
         Reason.APPROVAL_REQUIRED,
         Reason.RATE_LIMITED,
@@ -122,7 +125,10 @@ class Decision(msgspec.Struct, frozen=True):
     ``log_arguments``: the matched rule lets the audit line carry the call's arguments.
     ``dry_run``: a rule in dry-run mode governed the request. ``would_deny``: such a rule
     would have denied it (``message``, ``rule`` and ``counter`` then describe that denial),
-    and it was allowed.
+    and it was allowed. ``caller``: the caller set the caller was recognised as (the one its
+    rule's variant matched, else its first set), ``None`` for none or a policy without
+    caller sets. ``challenge``: the ``WWW-Authenticate`` value of a step-up denial (the
+    token lacks the scopes a caller set requires).
     """
 
     reason: Reason
@@ -142,6 +148,8 @@ class Decision(msgspec.Struct, frozen=True):
     dry_run: bool = False
     would_deny: Reason | None = None
     approval_id: str | None = None
+    caller: str | None = None
+    challenge: str | None = None
 
     @property
     def allowed(self) -> bool:
@@ -228,7 +236,8 @@ class Step(msgspec.Struct, frozen=True):
     lifecycle, listing, notifications and responses), why it is denied if it is, and
     otherwise the limits it spends against. ``arguments`` is what the rule's argument
     schema found: ``None`` when it was not checked, ``""`` when they satisfy it, else the
-    problems."""
+    problems. ``caller``: the caller set the rule's variant matched by; ``challenge``: the
+    step-up ``WWW-Authenticate`` value of a ``caller_not_permitted`` denial."""
 
     msg: mcp.Message
     rule: Rule | None
@@ -236,6 +245,8 @@ class Step(msgspec.Struct, frozen=True):
     text: str = ""
     spends: tuple[Spend, ...] = ()
     arguments: str | None = None
+    caller: str | None = None
+    challenge: str | None = None
 
     @property
     def dry_run(self) -> bool:
@@ -246,13 +257,15 @@ class Step(msgspec.Struct, frozen=True):
 class Plan(msgspec.Struct, frozen=True):
     """A request's decision up to the spend, under ``policy``. ``refusal`` is set when it
     was refused before any rule (transport, parsing); ``body`` is ``None`` for a bodyless
-    stream request."""
+    stream request. ``caller``: the caller set the decision names (see
+    :attr:`Decision.caller`)."""
 
     policy: Policy
     grant: str | None
     refusal: Decision | None = None
     body: mcp.Body | None = None
     steps: tuple[Step, ...] = ()
+    caller: str | None = None
 
 
 class CheckResult(msgspec.Struct, frozen=True):
@@ -294,7 +307,19 @@ def rule_for(policy: Policy, msg: mcp.Message) -> Rule:
     return policy.default
 
 
-def plan(policy: Policy, request: mcp.HttpRequest, grant: str | None) -> Plan:
+def caller_of(
+    policy: Policy, request: mcp.HttpRequest, source: GrantSource, grant: str | None
+) -> Caller:
+    """The caller sets of ``policy`` a request's caller belongs to (derived only when the
+    policy names any)."""
+    if not policy.callers:
+        return NOBODY
+    return recognise(policy.callers, identity_of(request, source, grant))
+
+
+def plan(
+    policy: Policy, request: mcp.HttpRequest, grant: str | None, caller: Caller = NOBODY
+) -> Plan:
     """Everything about a request's decision except spending: pure, consumes nothing."""
     try:
         body = _parse(request, policy.max_json_members)
@@ -305,14 +330,42 @@ def plan(policy: Policy, request: mcp.HttpRequest, grant: str | None) -> Plan:
             grant=grant,
             ids=exc.ids,
         )
-        return Plan(policy, grant, refusal=refusal)
+        return Plan(policy, grant, refusal=refusal, caller=caller.first)
     if body is None:
-        return Plan(policy, grant)
-    steps = tuple(_step(policy, msg, grant, request.headers) for msg in body.messages)
-    return Plan(policy, grant, body=body, steps=steps)
+        return Plan(policy, grant, caller=caller.first)
+    steps = tuple(_step(policy, msg, grant, request.headers, caller) for msg in body.messages)
+    named = caller.first
+    if policy.callers:
+        named = next((s.caller for s in steps if s.caller is not None), named)
+    return Plan(policy, grant, body=body, steps=steps, caller=named)
 
 
-def _step(policy: Policy, msg: mcp.Message, grant: str | None, headers: Mapping[str, str]) -> Step:
+def _not_permitted(
+    policy: Policy, rule: Rule, caller: Caller, subject: str, msg: mcp.Message
+) -> Step:
+    """A caller none of a rule's variants accepts; a step-up when a token with more scopes
+    would make it one of the caller sets a variant names."""
+    text = f"{subject} is not permitted for this caller"
+    for variant in rule.variants:
+        for name in variant.callers:
+            needed = caller.short.get(name)
+            if needed:
+                scope = " ".join(needed)
+                challenge = f'Bearer error="insufficient_scope", scope="{scope}"'
+                if policy.resource_metadata:
+                    challenge += f', resource_metadata="{policy.resource_metadata}"'
+                text += f" (it needs a token with scope {scope!r})"
+                return Step(msg, rule, Reason.CALLER_NOT_PERMITTED, text, challenge=challenge)
+    return Step(msg, rule, Reason.CALLER_NOT_PERMITTED, text)
+
+
+def _step(
+    policy: Policy,
+    msg: mcp.Message,
+    grant: str | None,
+    headers: Mapping[str, str],
+    caller: Caller,
+) -> Step:
     if msg.kind is mcp.Kind.RESPONSE or msg.method is None:
         return Step(msg, None)
     if msg.method in UNGOVERNED or msg.method.startswith("notifications/"):
@@ -321,43 +374,63 @@ def _step(policy: Policy, msg: mcp.Message, grant: str | None, headers: Mapping[
     subject = _subject(msg)
     if msg.method == "tools/call" and grant is None:
         return Step(msg, rule, Reason.NO_GRANT, f"{subject}: no grant identity")
+    matched = None
+    if rule.variants:
+        chosen = rule.variant_for(caller.sets)
+        if chosen is None:
+            return _not_permitted(policy, rule, caller, subject, msg)
+        rule, matched = chosen
     if rule.action is Action.DENY:
         if rule.where == "default":
             text = f"{subject} is not allowed by this policy (default deny)"
             return Step(msg, rule, Reason.DENIED_BY_DEFAULT, text)
         text = f"{subject} denied: {rule.reason or 'denied by policy'}"
-        return Step(msg, rule, Reason.DENIED_BY_RULE, text)
+        return Step(msg, rule, Reason.DENIED_BY_RULE, text, caller=matched)
+    limits = rule.limits
+    if policy.callers:  # a limit may apply to some caller sets only
+        limits = tuple(lim for lim in limits if _applies(lim.callers, caller.sets))
     checked = rule.argument_problems(msg.arguments) if rule.arguments is not None else None
-    costs = [limit.cost_of(msg.arguments) for limit in rule.limits]
+    costs = [limit.cost_of(msg.arguments) for limit in limits]
     problems = checked
-    if problems is None and rule.limits:
+    if problems is None and limits:
         problems = next((c for c in costs if isinstance(c, str)), None)
     arguments = None if rule.arguments is None else checked or ""
     if problems is not None:
         text = f"{subject}: invalid arguments: {problems}"
-        return Step(msg, rule, Reason.ARGUMENTS_INVALID, text, arguments=arguments)
+        return Step(msg, rule, Reason.ARGUMENTS_INVALID, text, arguments=arguments, caller=matched)
     spends = []
-    for limit, cost in zip(rule.limits, costs, strict=True):
+    for limit, cost in zip(limits, costs, strict=True):
         assert isinstance(cost, int)  # problems above returned otherwise
         if limit.scope is not Scope.GLOBAL and grant is None:
             text = f"{subject}: no grant identity"
-            return Step(msg, rule, Reason.NO_GRANT, text, arguments=arguments)
+            return Step(msg, rule, Reason.NO_GRANT, text, arguments=arguments, caller=matched)
         session = None
         if limit.scope is Scope.SESSION:
             try:
                 session = mcp.session_id(headers)
             except mcp.Malformed as exc:
                 text = f"{subject}: {exc.detail}"
-                return Step(msg, rule, Reason.MALFORMED, text, arguments=arguments)
+                return Step(msg, rule, Reason.MALFORMED, text, arguments=arguments, caller=matched)
         key = counter_key(limit, grant or "", session)
         spends.append(Spend(msg=msg, rule=rule, limit=limit, key=key, cost=cost))
     if rule.action is Action.REQUIRE_APPROVAL:
         # The spends stay on the step: an approved call still spends against its limits.
         text = f"{subject}: approval required" + (f" ({rule.reason})" if rule.reason else "")
         return Step(
-            msg, rule, Reason.APPROVAL_REQUIRED, text, spends=tuple(spends), arguments=arguments
+            msg,
+            rule,
+            Reason.APPROVAL_REQUIRED,
+            text,
+            spends=tuple(spends),
+            arguments=arguments,
+            caller=matched,
         )
-    return Step(msg, rule, spends=tuple(spends), arguments=arguments)
+    return Step(msg, rule, spends=tuple(spends), arguments=arguments, caller=matched)
+
+
+def _applies(sets: tuple[str, ...], caller_sets: frozenset[str]) -> bool:
+    """A limit (or rule) listing ``sets`` applies to a caller in ``caller_sets``."""
+    return not sets or any(name in caller_sets for name in sets)
 
 
 class Engine:
@@ -408,8 +481,10 @@ class Engine:
         denies (fail closed) with ``internal_error``, logged without the request."""
         policy = self.policy
         try:
-            grant = grant_of(request, self.grant_source(policy))
-            return await self.decide(plan(policy, request, grant))
+            source = self.grant_source(policy)
+            grant = grant_of(request, source)
+            caller = caller_of(policy, request, source, grant)
+            return await self.decide(plan(policy, request, grant, caller))
         except Exception as exc:  # a bug must deny, never allow or crash
             log.error("check failed: %s", type(exc).__name__)
             internal = Decision(
@@ -419,7 +494,14 @@ class Engine:
             return CheckResult(internal, policy)
 
     async def decide(self, planned: Plan) -> CheckResult:
-        """Deny on the first enforced denial; otherwise spend, all or nothing."""
+        """Deny on the first enforced denial; otherwise spend, all or nothing. The decision
+        names the caller set of the plan."""
+        result = await self._decide(planned)
+        if planned.caller is None:
+            return result
+        return replace(result, decision=replace(result.decision, caller=planned.caller))
+
+    async def _decide(self, planned: Plan) -> CheckResult:
         policy, steps = planned.policy, planned.steps
         if planned.refusal is not None:
             return CheckResult(planned.refusal, policy)
@@ -637,6 +719,7 @@ def _denial(step: Step, body: mcp.Body, grant: str | None) -> Decision:
         reason=step.denial,
         message=f"policy violation: {where}{step.text}",
         element=step.msg.index if body.batch else None,
+        challenge=step.challenge,
     )
 
 

@@ -90,6 +90,7 @@ def _set_metadata(response: external_auth_pb2.CheckResponse, decision: Decision)
     fields["grant"].string_value = decision.grant or ""
     fields["tool"].string_value = decision.tool or ""
     fields["would_deny"].string_value = decision.would_deny.code if decision.would_deny else ""
+    fields["caller"].string_value = decision.caller or ""
 
 
 def check_response(
@@ -134,5 +135,7 @@ def check_response(
     _add_header(denied.headers, REASON_HEADER, header_text(decision.message))
     if decision.reason is Reason.RATE_LIMITED and decision.retry_after_s is not None:
         _add_header(denied.headers, "retry-after", str(decision.retry_after_s))
+    if decision.challenge is not None:  # step-up: the token lacks a caller set's scopes
+        _add_header(denied.headers, "www-authenticate", header_text(decision.challenge))
     denied.body = decision.reply_body().decode()
     return response

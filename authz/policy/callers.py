@@ -57,8 +57,27 @@ class CallerSet:
     grants: frozenset[str] = frozenset()
     claims: tuple[tuple[str, frozenset[str]], ...] = ()
     scopes: tuple[str, ...] = ()
-    principals: tuple[re.Pattern[str], ...] = ()
+    principals: tuple[tuple[str, re.Pattern[str]], ...] = ()
     headers: tuple[tuple[str, frozenset[str]], ...] = ()
+
+    def describe(self) -> str:
+        """``claims groups=radiology-export; scopes ecs:write``: for tooling output."""
+
+        def pairs(items: tuple[tuple[str, frozenset[str]], ...]) -> str:
+            return ", ".join(f"{key}={'|'.join(sorted(values))}" for key, values in items)
+
+        parts = []
+        if self.grants:
+            parts.append(f"grants {', '.join(sorted(self.grants))}")
+        if self.claims:
+            parts.append(f"claims {pairs(self.claims)}")
+        if self.scopes:
+            parts.append(f"scopes {' '.join(self.scopes)}")
+        if self.principals:
+            parts.append(f"principals {', '.join(text for text, _ in self.principals)}")
+        if self.headers:
+            parts.append(f"headers {pairs(self.headers)}")
+        return "; ".join(parts)
 
     def _others_match(self, who: Identity) -> bool:
         """Every key but ``scopes`` matches."""
@@ -66,7 +85,7 @@ class CallerSet:
             return False
         if any(not _holds(who.claims.get(claim), values) for claim, values in self.claims):
             return False
-        if self.principals and not any(p.fullmatch(who.principal) for p in self.principals):
+        if self.principals and not any(p.fullmatch(who.principal) for _, p in self.principals):
             return False
         return all(who.headers.get(name, "") in values for name, values in self.headers)
 
@@ -152,7 +171,7 @@ def compile_caller_set(
             (claim, _values(values)) for claim, values in sorted(raw.get("claims", {}).items())
         ),
         scopes=tuple(dict.fromkeys(raw.get("scopes", ()))),
-        principals=tuple(glob_regex(p) for p in raw.get("principals", ())),
+        principals=tuple((p, glob_regex(p)) for p in raw.get("principals", ())),
         headers=tuple(
             (header, _values(values)) for header, values in sorted(raw.get("headers", {}).items())
         ),

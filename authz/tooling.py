@@ -119,7 +119,7 @@ def describe_rule(rule: Rule) -> str:
     for a rule that depends on the caller, its variants in order."""
     if rule.variants:
         return "; then ".join(
-            f"for {', '.join(v.callers) if v.callers else 'any caller'}: {describe_rule(v)}"
+            f"for {', '.join(v.callers) if v.callers else 'any other caller'}: {describe_rule(v)}"
             for v in rule.variants
         ) + ("" if not rule.variants[-1].callers else "; any other caller: not permitted")
     parts = [rule.action.value]
@@ -184,7 +184,9 @@ def _cell(policy: Policy, tool: str, sets: frozenset[str]) -> str:
             unit = "" if lim.cost_pointer is None and lim.cost == 1 else " units"
             shared = " global" if lim.scope is Scope.GLOBAL else ""
             text += f" {lim.max}{unit}/{lim.window_text}{shared}"
-    return text + (" (dry-run)" if rule.dry_run and rule.action is not Action.ALLOW else "")
+    if rule.arguments is not None:
+        text += ", args checked"
+    return text + (" (dry-run)" if rule.dry_run else "")
 
 
 def _print_matrix(policy: Policy, tools: Sequence[str], out: TextIO) -> None:

@@ -261,6 +261,7 @@ def test_explain_cli_reads_the_body_from_stdin(policy_file: Path) -> None:
     ("policy", "cases", "count"),
     [
         ("ecs.policy.yaml", "ecs.cases.yaml", 12),
+        ("ecs-callers.policy.yaml", "ecs-callers.cases.yaml", 17),
         ("healthimaging.policy.json", "healthimaging.cases.yaml", 18),
     ],
 )

@@ -354,7 +354,6 @@ def _not_permitted(
                 challenge = f'Bearer error="insufficient_scope", scope="{scope}"'
                 if policy.resource_metadata:
                     challenge += f', resource_metadata="{policy.resource_metadata}"'
-                text += f" (it needs a token with scope {scope!r})"
                 return Step(msg, rule, Reason.CALLER_NOT_PERMITTED, text, challenge=challenge)
     return Step(msg, rule, Reason.CALLER_NOT_PERMITTED, text)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from authz.grants import GrantSource, Source
 from authz.jsondoc import MAX_MEMBERS
-from authz.policy.callers import CallerSet, compile_caller_set
+from authz.policy.callers import compile_caller_set
 from authz.policy.globs import pattern_ties
 from authz.policy.lint import key_never_matching, never_matching
 from authz.policy.model import (
@@ -244,18 +244,16 @@ def compile_policy(doc: object, digest: str = "") -> Policy:
     errors += _counter_conflicts(every_rule)
     grants_ok = not any(path[:1] == ("grants",) for path in broken)
     grants = _grants(doc.get("grants"), errors) if grants_ok else None
-    callers: dict[str, CallerSet] = {}
-    if ("callers",) not in broken and isinstance(doc.get("callers"), dict):
-        # A broken grants section is reported already: check the sets as if it were jwt.
-        source = grants if grants_ok else GrantSource(Source.JWT)
-        callers = {
-            name: compile_caller_set(name, raw, source, errors)
-            for name, raw in doc["callers"].items()
-            if ("callers", name) not in broken
-        }
-        errors += _unknown_callers(every_rule, doc["callers"])
-    else:
-        errors += _unknown_callers(every_rule, {})
+    raw_callers = doc.get("callers")
+    raw_callers = raw_callers if isinstance(raw_callers, dict) else {}
+    # A broken grants section is reported already: check the sets as if it were jwt.
+    source = grants if grants_ok else GrantSource(Source.JWT)
+    callers = {
+        name: compile_caller_set(name, raw, source, errors)
+        for name, raw in raw_callers.items()
+        if ("callers", name) not in broken and isinstance(raw, dict)
+    }
+    errors += _unknown_callers(every_rule, raw_callers)
     resource_metadata = doc.get("resource_metadata", "")
     if resource_metadata and grants_ok and (grants is None or grants.source is not Source.JWT):
         errors.append(

@@ -513,3 +513,9 @@ def test_the_example_policy_has_three_caller_sets_at_least() -> None:
         Path(__file__).resolve().parents[1] / "examples" / "ecs-callers.policy.yaml"
     )
     assert len(policy.callers) >= 3
+
+
+def test_the_readme_documents_the_issue_policy() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Callers: who may call what", 1)[1].split("\n### ", 1)[0]
+    assert ISSUE_POLICY in section

@@ -13,6 +13,7 @@ official ``mcp`` SDK and ``fastmcp`` clients:
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -258,3 +259,17 @@ def test_callers_from_istio_s_payload_header(tmp_path: Path, keys: Keys, callers
             "approval_required"
         )
         assert {line["caller"] for line in istio.audit_lines()} == {"exporters", None, "operators"}
+
+
+def test_envoy_s_access_log_carries_the_caller(stack: JwtStack, callers: Callers) -> None:
+    post(stack, "ecs_troubleshooting_tool", {"app_name": "log"}, callers.carol)
+    assert stack.authz_log is not None
+    envoy_log = stack.authz_log.parent / "envoy.log"
+    wanted = {"operators", "exporters", "nightly"}
+    deadline = time.monotonic() + 10
+    seen: set[str] = set()
+    while not wanted <= seen and time.monotonic() < deadline:
+        time.sleep(0.1)  # Envoy flushes its access log on a timer
+        lines = [json.loads(line) for line in envoy_log.read_text().splitlines() if line[:1] == "{"]
+        seen = {line.get("authz_caller") for line in lines if line.get("authz_tool")}
+    assert wanted <= seen

@@ -340,22 +340,21 @@ def plan(
     return Plan(policy, grant, body=body, steps=steps, caller=named)
 
 
-def _not_permitted(
-    policy: Policy, rule: Rule, caller: Caller, subject: str, msg: mcp.Message
-) -> Step:
-    """A caller none of a rule's variants accepts; a step-up when a token with more scopes
-    would make it one of the caller sets a variant names."""
-    text = f"{subject} is not permitted for this caller"
-    for variant in rule.variants:
+def _step_up(policy: Policy, entry: Rule, caller: Caller, chosen: Rule | None) -> str | None:
+    """The ``WWW-Authenticate`` challenge for a caller refused by an entry with variants
+    (none matched, or ``chosen`` denies) when a token with more scopes would put it in a
+    caller set of an earlier variant; ``None`` when no scope would help."""
+    for variant in entry.variants:
+        if variant is chosen:
+            return None
         for name in variant.callers:
             needed = caller.short.get(name)
             if needed:
-                scope = " ".join(needed)
-                challenge = f'Bearer error="insufficient_scope", scope="{scope}"'
+                challenge = f'Bearer error="insufficient_scope", scope="{" ".join(needed)}"'
                 if policy.resource_metadata:
                     challenge += f', resource_metadata="{policy.resource_metadata}"'
-                return Step(msg, rule, Reason.CALLER_NOT_PERMITTED, text, challenge=challenge)
-    return Step(msg, rule, Reason.CALLER_NOT_PERMITTED, text)
+                return challenge
+    return None
 
 
 def _step(
@@ -375,16 +374,22 @@ def _step(
         return Step(msg, rule, Reason.NO_GRANT, f"{subject}: no grant identity")
     matched = None
     if rule.variants:
-        chosen = rule.variant_for(caller.sets)
+        entry, chosen = rule, rule.variant_for(caller.sets)
         if chosen is None:
-            return _not_permitted(policy, rule, caller, subject, msg)
+            text = f"{subject} is not permitted for this caller"
+            challenge = _step_up(policy, entry, caller, None)
+            return Step(msg, rule, Reason.CALLER_NOT_PERMITTED, text, challenge=challenge)
         rule, matched = chosen
+        if rule.action is Action.DENY:
+            text = f"{subject} denied: {rule.reason or 'denied by policy'}"
+            challenge = _step_up(policy, entry, caller, rule)
+            return Step(msg, rule, Reason.DENIED_BY_RULE, text, caller=matched, challenge=challenge)
     if rule.action is Action.DENY:
         if rule.where == "default":
             text = f"{subject} is not allowed by this policy (default deny)"
             return Step(msg, rule, Reason.DENIED_BY_DEFAULT, text)
         text = f"{subject} denied: {rule.reason or 'denied by policy'}"
-        return Step(msg, rule, Reason.DENIED_BY_RULE, text, caller=matched)
+        return Step(msg, rule, Reason.DENIED_BY_RULE, text)
     limits = rule.limits
     if policy.callers:  # a limit may apply to some caller sets only
         limits = tuple(lim for lim in limits if _applies(lim.callers, caller.sets))
@@ -428,7 +433,7 @@ def _step(
 
 
 def _applies(sets: tuple[str, ...], caller_sets: frozenset[str]) -> bool:
-    """A limit (or rule) listing ``sets`` applies to a caller in ``caller_sets``."""
+    """A limit listing ``sets`` applies to a caller in ``caller_sets``."""
     return not sets or any(name in caller_sets for name in sets)
 
 

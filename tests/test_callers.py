@@ -230,6 +230,16 @@ async def test_a_token_lacking_only_scopes_gets_a_step_up_challenge() -> None:
         decision = (await engine_for(gated).check(request(call("delete_app"), claims))).decision
         assert decision.reason is Reason.CALLER_NOT_PERMITTED
         assert (decision.challenge is not None) is challenged
+    # A last variant that denies everyone else: the same challenge with its denial.
+    fenced = issue_policy(
+        resource_metadata=METADATA_URL,
+        tools={"delete_app": [{"callers": ["operators"]}, {"action": "deny", "reason": "no"}]},
+    )
+    decision = (await engine_for(fenced).check(request(call("delete_app"), READER))).decision
+    assert decision.reason is Reason.DENIED_BY_RULE
+    assert decision.challenge == (
+        f'Bearer error="insufficient_scope", scope="ecs:write", resource_metadata="{METADATA_URL}"'
+    )
     # Every scope the set requires is asked for, in the policy's order.
     both = issue_policy(callers={**CALLERS, "operators": {"scopes": ["ecs:read", "ecs:write"]}})
     decision = (await engine_for(both).check(request(call("delete_app"), READER))).decision

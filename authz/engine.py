@@ -329,6 +329,7 @@ def plan(
             message=f"policy violation: malformed request: {exc.detail}",
             grant=grant,
             ids=exc.ids,
+            caller=caller.first,
         )
         return Plan(policy, grant, refusal=refusal, caller=caller.first)
     if body is None:
@@ -487,7 +488,7 @@ class Engine:
         try:
             source = self.grant_source(policy)
             grant = grant_of(request, source)
-            caller = caller_of(policy, request, source, grant)
+            caller = caller_of(policy, request, source, grant) if policy.callers else NOBODY
             return await self.decide(plan(policy, request, grant, caller))
         except Exception as exc:  # a bug must deny, never allow or crash
             log.error("check failed: %s", type(exc).__name__)
@@ -500,18 +501,12 @@ class Engine:
     async def decide(self, planned: Plan) -> CheckResult:
         """Deny on the first enforced denial; otherwise spend, all or nothing. The decision
         names the caller set of the plan."""
-        result = await self._decide(planned)
-        if planned.caller is None:
-            return result
-        return replace(result, decision=replace(result.decision, caller=planned.caller))
-
-    async def _decide(self, planned: Plan) -> CheckResult:
-        policy, steps = planned.policy, planned.steps
+        policy, steps, caller = planned.policy, planned.steps, planned.caller
         if planned.refusal is not None:
             return CheckResult(planned.refusal, policy)
         body, grant = planned.body, planned.grant
         if body is None:
-            return CheckResult(Decision(reason=Reason.ALLOWED, grant=grant), policy)
+            return CheckResult(Decision(reason=Reason.ALLOWED, grant=grant, caller=caller), policy)
         would: Decision | None = None
         spends: list[Spend] = []
         approved: list[Approval] = []
@@ -519,7 +514,7 @@ class Engine:
             if step.denial is None:
                 spends.extend(step.spends)
                 continue
-            denial = _denial(step, body, grant)
+            denial = _denial(step, body, grant, caller)
             if step.denial is Reason.APPROVAL_REQUIRED and self.approvals and not step.dry_run:
                 gated = await self._gate(self.approvals, step, denial, policy.digest)
                 if isinstance(gated, Decision):
@@ -533,7 +528,7 @@ class Engine:
         first = _first_governed(steps)
         spent = _Spent()
         if spends:
-            spent = await self._spend(spends, body, grant)
+            spent = await self._spend(spends, body, grant, caller)
             if spent.refusal is not None:
                 for approval in approved:  # the call did not happen: give the use back
                     await _refund(self.approvals, approval)
@@ -546,6 +541,7 @@ class Engine:
             first.rule,
             body,
             grant,
+            caller,
             dry_run=any(s.rule is not None and s.rule.dry_run for s in steps),
             fail_open=spent.fail_open,
         )
@@ -616,7 +612,9 @@ class Engine:
             ),
         )
 
-    async def _spend(self, spends: list[Spend], body: mcp.Body, grant: str | None) -> _Spent:
+    async def _spend(
+        self, spends: list[Spend], body: mcp.Body, grant: str | None, caller: str | None
+    ) -> _Spent:
         """Charge every spend at once.
 
         A dry-run limit that is spent leaves out the spends of its message (under
@@ -630,7 +628,7 @@ class Engine:
                 outcome = await self.store.acquire(charges, self.clock())
             except StoreUnavailable:
                 denial = replace(
-                    _about(spends[0].msg, spends[0].rule, body, grant),
+                    _about(spends[0].msg, spends[0].rule, body, grant, caller),
                     reason=Reason.STORE_UNAVAILABLE,
                     message=(
                         f"policy violation: {_subject(spends[0].msg)}: rate-limit store unavailable"
@@ -649,7 +647,7 @@ class Engine:
                 return _Spent(counters=counters, would=would)
             assert outcome.refused is not None
             refused = first[charges[outcome.refused].key]
-            denial = _rate_limited(refused, outcome, body, grant)
+            denial = _rate_limited(refused, outcome, body, grant, caller)
             if not refused.rule.dry_run:
                 left = outcome.remaining[outcome.refused]
                 state = CounterState(refused.limit.counter, left, refused.limit.max)
@@ -693,7 +691,9 @@ def _charges(spends: list[Spend]) -> tuple[list[Charge], dict[str, Spend]]:
     return charges, first
 
 
-def _rate_limited(spend: Spend, outcome: Outcome, body: mcp.Body, grant: str | None) -> Decision:
+def _rate_limited(
+    spend: Spend, outcome: Outcome, body: mcp.Body, grant: str | None, caller: str | None
+) -> Decision:
     assert outcome.refused is not None
     lim = spend.limit
     retry = max(1, math.ceil(outcome.retry_after_ms / 1000))
@@ -702,7 +702,7 @@ def _rate_limited(spend: Spend, outcome: Outcome, body: mcp.Body, grant: str | N
     allows = f"{lim.max} {unit}per {lim.window_text}"
     scope = {Scope.GLOBAL: " for all callers", Scope.SESSION: " per session"}.get(lim.scope, "")
     return replace(
-        _about(spend.msg, spend.rule, body, grant),
+        _about(spend.msg, spend.rule, body, grant, caller),
         reason=Reason.RATE_LIMITED,
         message=(
             f"policy violation: {where}{_subject(spend.msg)}: rate limit exceeded "
@@ -715,11 +715,11 @@ def _rate_limited(spend: Spend, outcome: Outcome, body: mcp.Body, grant: str | N
     )
 
 
-def _denial(step: Step, body: mcp.Body, grant: str | None) -> Decision:
+def _denial(step: Step, body: mcp.Body, grant: str | None, caller: str | None) -> Decision:
     assert step.denial is not None
     where = f"batch element {step.msg.index}: " if body.batch else ""
     return replace(
-        _about(step.msg, step.rule, body, grant),
+        _about(step.msg, step.rule, body, grant, caller),
         reason=step.denial,
         message=f"policy violation: {where}{step.text}",
         element=step.msg.index if body.batch else None,
@@ -740,6 +740,7 @@ def _about(
     rule: Rule | None,
     body: mcp.Body,
     grant: str | None,
+    caller: str | None,
     *,
     dry_run: bool = False,
     fail_open: bool = False,
@@ -749,6 +750,7 @@ def _about(
     return Decision(
         reason=Reason.ALLOWED,
         grant=grant,
+        caller=caller,
         method=msg.method,
         tool=msg.name if is_call else None,
         arguments_sha256=mcp.arguments_digest(msg.arguments) if is_call else None,

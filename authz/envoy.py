@@ -90,7 +90,8 @@ def _set_metadata(response: external_auth_pb2.CheckResponse, decision: Decision)
     fields["grant"].string_value = decision.grant or ""
     fields["tool"].string_value = decision.tool or ""
     fields["would_deny"].string_value = decision.would_deny.code if decision.would_deny else ""
-    fields["caller"].string_value = decision.caller or ""
+    if decision.caller is not None:  # only under a policy with caller sets
+        fields["caller"].string_value = decision.caller
 
 
 def check_response(

@@ -530,3 +530,19 @@ def test_the_readme_documents_the_issue_policy() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("### Callers: who may call what", 1)[1].split("\n### ", 1)[0]
     assert ISSUE_POLICY in section
+
+
+async def test_an_operator_s_approved_call_passes_and_others_never_open_a_request() -> None:
+    from authz.approvals import MemoryApprovals
+
+    book = MemoryApprovals()
+    engine = Engine(issue_policy(), open_store("memory://"), approvals=book)
+    pending = (await engine.check(request(call("delete_app", app_name="web"), OPERATOR))).decision
+    assert pending.reason is Reason.APPROVAL_REQUIRED and pending.approval_id is not None
+    # A caller the rule does not name is refused before any approval request opens.
+    refused = (await engine.check(request(call("delete_app", app_name="web"), READER))).decision
+    assert refused.reason is Reason.CALLER_NOT_PERMITTED and refused.approval_id is None
+    assert [a.id for a in await book.live()] == [pending.approval_id]
+    await book.decide(pending.approval_id, True, "ops", "")
+    allowed = (await engine.check(request(call("delete_app", app_name="web"), OPERATOR))).decision
+    assert allowed.allowed and allowed.caller == "operators"

@@ -169,10 +169,9 @@ def _print_policy(path: str, policy: Policy, out: TextIO) -> None:
 ANYONE_ELSE = "anyone else"
 
 
-def _cell(policy: Policy, tool: str, sets: frozenset[str]) -> str:
-    """What a caller in exactly ``sets`` gets from a tool: the action and the limits that
+def _cell(rule: Rule, sets: frozenset[str]) -> str:
+    """What a caller in exactly ``sets`` gets from a rule: the action and the limits that
     apply to it (``allow 10/minute``), ``not permitted``, ``approval``, ``deny``."""
-    rule = policy.rule_for_tool(tool)
     if rule.variants:
         chosen = rule.variant_for(sets)
         if chosen is None:
@@ -190,12 +189,14 @@ def _cell(policy: Policy, tool: str, sets: frozenset[str]) -> str:
 
 
 def _print_matrix(policy: Policy, tools: Sequence[str], out: TextIO) -> None:
-    """Who may call what: a row per tool, a column per caller set (a caller in that set
-    only) and one for a caller in none."""
+    """Who may call what: a row per tool (and one for any other tool, under ``default``),
+    a column per caller set (a caller in that set only) and one for a caller in none."""
     columns = [*policy.callers, ANYONE_ELSE]
+    rules = [(tool, policy.rule_for_tool(tool)) for tool in tools]
+    rules.append(("(any other tool)", policy.default))
     rows = [
-        [tool, *(_cell(policy, tool, frozenset([c]) - {ANYONE_ELSE}) for c in columns)]
-        for tool in tools
+        [name, *(_cell(rule, frozenset([c]) - {ANYONE_ELSE}) for c in columns)]
+        for name, rule in rules
     ]
     header = ["tool", *columns]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]

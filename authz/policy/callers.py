@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from authz.grants import GrantSource, claims_of, scopes_of
+from authz.grants import GrantSource, Source, claims_of, scopes_of
 from authz.mcp import HttpRequest
 from authz.policy.globs import glob_regex
 
@@ -154,7 +154,7 @@ def compile_caller_set(
     if not any(raw.get(key) for key in KEYS):
         errors.append(f"{where}: a caller set needs at least one of {', '.join(KEYS)}")
     for key in ("claims", "scopes"):
-        if raw.get(key) and (source is None or source.source.value != "jwt"):
+        if raw.get(key) and (source is None or source.source is not Source.JWT):
             carried = (
                 "the bearer token's hash or --grant-header (the policy has no grants section)"
                 if source is None

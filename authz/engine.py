@@ -25,7 +25,7 @@ from msgspec.structs import replace
 
 from authz import mcp
 from authz.approvals import Approval, ApprovalBook, Binding, Verdict
-from authz.grants import BEARER, GrantSource, Source, grant_of
+from authz.grants import BEARER, GrantSource, Source, claims_of, grant_of
 from authz.policy import Action, Limit, Policy, PolicyError, Rule, Scope
 from authz.policy.callers import NOBODY, Caller, identity_of, recognise
 from authz.store import Charge, CounterStore, Outcome, StoreUnavailable
@@ -310,11 +310,11 @@ def rule_for(policy: Policy, msg: mcp.Message) -> Rule:
 def caller_of(
     policy: Policy, request: mcp.HttpRequest, source: GrantSource, grant: str | None
 ) -> Caller:
-    """The caller sets of ``policy`` a request's caller belongs to (derived only when the
-    policy names any)."""
+    """The caller sets of ``policy`` a request's caller, known by ``grant``, belongs to
+    (derived only when the policy names any)."""
     if not policy.callers:
         return NOBODY
-    return recognise(policy.callers, identity_of(request, source, grant))
+    return recognise(policy.callers, identity_of(request, claims_of(request, source), grant))
 
 
 def plan(
@@ -487,8 +487,12 @@ class Engine:
         policy = self.policy
         try:
             source = self.grant_source(policy)
-            grant = grant_of(request, source)
-            caller = caller_of(policy, request, source, grant) if policy.callers else NOBODY
+            if policy.callers:  # the caller's identity, derived once
+                claims = claims_of(request, source)
+                grant = grant_of(request, source, claims)
+                caller = recognise(policy.callers, identity_of(request, claims, grant))
+            else:
+                grant, caller = grant_of(request, source), NOBODY
             return await self.decide(plan(policy, request, grant, caller))
         except Exception as exc:  # a bug must deny, never allow or crash
             log.error("check failed: %s", type(exc).__name__)

@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from authz.grants import GrantSource, Source, claims_of, scopes_of
+from authz.grants import GrantSource, Source, scopes_of
 from authz.mcp import HttpRequest
 from authz.policy.globs import glob_regex
 
@@ -114,11 +114,10 @@ class Caller(msgspec.Struct, frozen=True):
 NOBODY = Caller()
 
 
-def identity_of(request: HttpRequest, source: GrantSource, grant: str | None) -> Identity:
-    """The caller's identity: the grant as ``source`` derived it, the verified claims (only
-    a ``jwt`` source has any) and their scopes, the mTLS principal Envoy reported, and the
-    headers (caller sets only name headers the proxy sets)."""
-    claims = claims_of(request, source)
+def identity_of(request: HttpRequest, claims: Mapping[str, Any], grant: str | None) -> Identity:
+    """The caller's identity: its grant, its verified claims (:func:`authz.grants.claims_of`:
+    only a ``jwt`` source has any) and their scopes, the mTLS principal Envoy reported, and
+    the headers (caller sets only name headers the proxy sets)."""
     return Identity(
         grant=grant,
         claims=claims,

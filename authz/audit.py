@@ -1,13 +1,13 @@
 """The audit trail: one JSON line per decision on stdout, and the service's own logs.
 
-An audit line says who (grant), what (MCP method, tool, SHA-256 of the arguments), what
-was decided and why (decision, reason code and text, the policy entry), what it cost
-(counters touched and the budget left) and how long it took; ``request_id`` is Envoy's
-``x-request-id``, which Envoy's access log prints too, so a denial can be followed from
-one log to the other. It never carries argument values, bodies, headers or tokens: the
-traffic carries PHI (DICOM exports). The one exception is a policy rule with
-``"log_arguments": true``, an operator's explicit choice for a tool whose arguments are
-known to be harmless.
+An audit line says who (grant, and the caller set it was recognised as), what (MCP
+method, tool, SHA-256 of the arguments), what was decided and why (decision, reason code
+and text, the policy entry), what it cost (counters touched and the budget left) and how
+long it took; ``request_id`` is Envoy's ``x-request-id``, which Envoy's access log prints
+too, so a denial can be followed from one log to the other. It never carries argument
+values, bodies, headers or tokens: the traffic carries PHI (DICOM exports). The one
+exception is a policy rule with ``"log_arguments": true``, an operator's explicit choice for
+a tool whose arguments are known to be harmless.
 
 The decision is ``allow``, ``deny`` or ``dry_run_deny`` (allowed, but a rule in dry-run
 mode would have denied, with that reason). Allowed calls are audited at INFO, the others at
@@ -117,6 +117,7 @@ def record(result: CheckResult, request_id: str, latency_s: float) -> None:
         "time": _iso_time(time.time()),
         "request_id": request_id,
         "grant": decision.grant,
+        "caller": decision.caller,
         "method": decision.method,
         "tool": decision.tool,
         "decision": verdict,

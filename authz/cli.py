@@ -70,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--policy", required=True)
     explain.add_argument("--grant", help="decide as this grant id (default: from the headers)")
     explain.add_argument(
+        "--claims",
+        type=_claims,
+        metavar="JSON",
+        help='the caller\'s verified JWT claims, e.g. \'{"sub": "a", "scope": "ecs:write"}\'',
+    )
+    explain.add_argument("--principal", default="", help="the caller's mTLS principal")
+    explain.add_argument(
         "--header",
         action="append",
         type=_header,
@@ -146,6 +153,16 @@ def _approvals(args: argparse.Namespace) -> int:
         return 0
     print(json.dumps(body, indent=2))
     return 0
+
+
+def _claims(text: str) -> dict[str, object]:
+    try:
+        claims = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(claims, dict):
+        raise argparse.ArgumentTypeError("claims must be a JSON object")
+    return claims
 
 
 def _header(text: str) -> tuple[str, str]:
@@ -228,7 +245,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return tooling.check_policy(args.path, args.against, dict(args.header))
     if args.command == "explain":
         body = sys.stdin.buffer.read() if args.body == "-" else args.body.encode()
-        return tooling.explain(args.policy, body, args.grant, dict(args.header))
+        return tooling.explain(
+            args.policy,
+            body,
+            args.grant,
+            dict(args.header),
+            claims=args.claims,
+            principal=args.principal,
+        )
     if args.command == "test":
         return tooling.run_cases(args.policy, args.cases)
     if args.command == "approvals":

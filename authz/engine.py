@@ -25,9 +25,10 @@ from msgspec.structs import replace
 
 from authz import mcp
 from authz.approvals import Approval, ApprovalBook, Binding, Verdict
-from authz.grants import BEARER, GrantSource, Source, grant_of
+from authz.grants import BEARER, GrantSource, Source, claims_of, grant_of
 from authz.listing import LIST_METHODS
 from authz.policy import Action, Limit, Policy, PolicyError, Rule, Scope
+from authz.policy.callers import NOBODY, Caller, identity_of, recognise
 from authz.store import Charge, CounterStore, Outcome, StoreUnavailable
 
 log = logging.getLogger("mcp_authz")
@@ -68,6 +69,7 @@ class Reason(enum.Enum):
     ARGUMENTS_INVALID = ("invalid_arguments", 403, -32051)
     APPROVAL_REQUIRED = ("approval_required", 403, -32051)
     APPROVAL_REJECTED = ("approval_rejected", 403, -32051)
+    CALLER_NOT_PERMITTED = ("caller_not_permitted", 403, -32051)
     NO_GRANT = ("no_grant_identity", 403, -32051)
     RATE_LIMITED = ("rate_limited", 429, -32052)
     STORE_UNAVAILABLE = ("store_unavailable", 503, -32053)
@@ -90,6 +92,7 @@ DRY_RUNNABLE = frozenset(
     {
         Reason.DENIED_BY_RULE,
         Reason.DENIED_BY_DEFAULT,
+        Reason.CALLER_NOT_PERMITTED,
         Reason.ARGUMENTS_INVALID,
         Reason.APPROVAL_REQUIRED,
         Reason.RATE_LIMITED,
@@ -123,7 +126,10 @@ class Decision(msgspec.Struct, frozen=True):
     ``log_arguments``: the matched rule lets the audit line carry the call's arguments.
     ``dry_run``: a rule in dry-run mode governed the request. ``would_deny``: such a rule
     would have denied it (``message``, ``rule`` and ``counter`` then describe that denial),
-    and it was allowed.
+    and it was allowed. ``caller``: the caller set the caller was recognised as (the one its
+    rule's variant matched, else its first set), ``None`` for none or a policy without
+    caller sets. ``challenge``: the ``WWW-Authenticate`` value of a step-up denial (the
+    token lacks the scopes a caller set requires).
     """
 
     reason: Reason
@@ -146,6 +152,11 @@ class Decision(msgspec.Struct, frozen=True):
     # The list methods the request asks for, in order: Envoy routes the response of an
     # allowed one through the list filter (authz.listing).
     lists: tuple[str, ...] = ()
+    caller: str | None = None
+    # On an allowed list request: every caller set the caller belongs to, for the list
+    # filter to show it what those sets may use (the filter does not derive them again).
+    caller_sets: tuple[str, ...] = ()
+    challenge: str | None = None
 
     @property
     def allowed(self) -> bool:
@@ -232,7 +243,8 @@ class Step(msgspec.Struct, frozen=True):
     lifecycle, listing, notifications and responses), why it is denied if it is, and
     otherwise the limits it spends against. ``arguments`` is what the rule's argument
     schema found: ``None`` when it was not checked, ``""`` when they satisfy it, else the
-    problems."""
+    problems. ``caller``: the caller set the rule's variant matched by; ``challenge``: the
+    step-up ``WWW-Authenticate`` value of a ``caller_not_permitted`` denial."""
 
     msg: mcp.Message
     rule: Rule | None
@@ -240,6 +252,8 @@ class Step(msgspec.Struct, frozen=True):
     text: str = ""
     spends: tuple[Spend, ...] = ()
     arguments: str | None = None
+    caller: str | None = None
+    challenge: str | None = None
 
     @property
     def dry_run(self) -> bool:
@@ -250,13 +264,15 @@ class Step(msgspec.Struct, frozen=True):
 class Plan(msgspec.Struct, frozen=True):
     """A request's decision up to the spend, under ``policy``. ``refusal`` is set when it
     was refused before any rule (transport, parsing); ``body`` is ``None`` for a bodyless
-    stream request."""
+    stream request. ``caller``: the caller set the decision names (see
+    :attr:`Decision.caller`)."""
 
     policy: Policy
     grant: str | None
     refusal: Decision | None = None
     body: mcp.Body | None = None
     steps: tuple[Step, ...] = ()
+    caller: str | None = None
 
 
 class CheckResult(msgspec.Struct, frozen=True):
@@ -298,7 +314,19 @@ def rule_for(policy: Policy, msg: mcp.Message) -> Rule:
     return policy.default
 
 
-def plan(policy: Policy, request: mcp.HttpRequest, grant: str | None) -> Plan:
+def caller_of(
+    policy: Policy, request: mcp.HttpRequest, source: GrantSource, grant: str | None
+) -> Caller:
+    """The caller sets of ``policy`` a request's caller, known by ``grant``, belongs to
+    (derived only when the policy names any)."""
+    if not policy.callers:
+        return NOBODY
+    return recognise(policy.callers, identity_of(request, claims_of(request, source), grant))
+
+
+def plan(
+    policy: Policy, request: mcp.HttpRequest, grant: str | None, caller: Caller = NOBODY
+) -> Plan:
     """Everything about a request's decision except spending: pure, consumes nothing."""
     try:
         body = _parse(request, policy.max_json_members)
@@ -308,15 +336,42 @@ def plan(policy: Policy, request: mcp.HttpRequest, grant: str | None) -> Plan:
             message=f"policy violation: malformed request: {exc.detail}",
             grant=grant,
             ids=exc.ids,
+            caller=caller.first,
         )
-        return Plan(policy, grant, refusal=refusal)
+        return Plan(policy, grant, refusal=refusal, caller=caller.first)
     if body is None:
-        return Plan(policy, grant)
-    steps = tuple(_step(policy, msg, grant, request.headers) for msg in body.messages)
-    return Plan(policy, grant, body=body, steps=steps)
+        return Plan(policy, grant, caller=caller.first)
+    steps = tuple(_step(policy, msg, grant, request.headers, caller) for msg in body.messages)
+    named = caller.first
+    if policy.callers:
+        named = next((s.caller for s in steps if s.caller is not None), named)
+    return Plan(policy, grant, body=body, steps=steps, caller=named)
 
 
-def _step(policy: Policy, msg: mcp.Message, grant: str | None, headers: Mapping[str, str]) -> Step:
+def _step_up(policy: Policy, entry: Rule, caller: Caller, chosen: Rule | None) -> str | None:
+    """The ``WWW-Authenticate`` challenge for a caller refused by an entry with variants
+    (none matched, or ``chosen`` denies) when a token with more scopes would put it in a
+    caller set of an earlier variant; ``None`` when no scope would help."""
+    for variant in entry.variants:
+        if variant is chosen:
+            return None
+        for name in variant.callers:
+            needed = caller.short.get(name)
+            if needed:
+                challenge = f'Bearer error="insufficient_scope", scope="{" ".join(needed)}"'
+                if policy.resource_metadata:
+                    challenge += f', resource_metadata="{policy.resource_metadata}"'
+                return challenge
+    return None
+
+
+def _step(
+    policy: Policy,
+    msg: mcp.Message,
+    grant: str | None,
+    headers: Mapping[str, str],
+    caller: Caller,
+) -> Step:
     if msg.kind is mcp.Kind.RESPONSE or msg.method is None:
         return Step(msg, None)
     if msg.method in UNGOVERNED or msg.method.startswith("notifications/"):
@@ -325,43 +380,69 @@ def _step(policy: Policy, msg: mcp.Message, grant: str | None, headers: Mapping[
     subject = _subject(msg)
     if msg.method == "tools/call" and grant is None:
         return Step(msg, rule, Reason.NO_GRANT, f"{subject}: no grant identity")
+    matched = None
+    if rule.variants:
+        entry, chosen = rule, rule.variant_for(caller.sets)
+        if chosen is None:
+            text = f"{subject} is not permitted for this caller"
+            challenge = _step_up(policy, entry, caller, None)
+            return Step(msg, rule, Reason.CALLER_NOT_PERMITTED, text, challenge=challenge)
+        rule, matched = chosen
+        if rule.action is Action.DENY:
+            text = f"{subject} denied: {rule.reason or 'denied by policy'}"
+            challenge = _step_up(policy, entry, caller, rule)
+            return Step(msg, rule, Reason.DENIED_BY_RULE, text, caller=matched, challenge=challenge)
     if rule.action is Action.DENY:
         if rule.where == "default":
             text = f"{subject} is not allowed by this policy (default deny)"
             return Step(msg, rule, Reason.DENIED_BY_DEFAULT, text)
         text = f"{subject} denied: {rule.reason or 'denied by policy'}"
         return Step(msg, rule, Reason.DENIED_BY_RULE, text)
+    limits = rule.limits
+    if policy.callers:  # a limit may apply to some caller sets only
+        limits = tuple(lim for lim in limits if _applies(lim.callers, caller.sets))
     checked = rule.argument_problems(msg.arguments) if rule.arguments is not None else None
-    costs = [limit.cost_of(msg.arguments) for limit in rule.limits]
+    costs = [limit.cost_of(msg.arguments) for limit in limits]
     problems = checked
-    if problems is None and rule.limits:
+    if problems is None and limits:
         problems = next((c for c in costs if isinstance(c, str)), None)
     arguments = None if rule.arguments is None else checked or ""
     if problems is not None:
         text = f"{subject}: invalid arguments: {problems}"
-        return Step(msg, rule, Reason.ARGUMENTS_INVALID, text, arguments=arguments)
+        return Step(msg, rule, Reason.ARGUMENTS_INVALID, text, arguments=arguments, caller=matched)
     spends = []
-    for limit, cost in zip(rule.limits, costs, strict=True):
+    for limit, cost in zip(limits, costs, strict=True):
         assert isinstance(cost, int)  # problems above returned otherwise
         if limit.scope is not Scope.GLOBAL and grant is None:
             text = f"{subject}: no grant identity"
-            return Step(msg, rule, Reason.NO_GRANT, text, arguments=arguments)
+            return Step(msg, rule, Reason.NO_GRANT, text, arguments=arguments, caller=matched)
         session = None
         if limit.scope is Scope.SESSION:
             try:
                 session = mcp.session_id(headers)
             except mcp.Malformed as exc:
                 text = f"{subject}: {exc.detail}"
-                return Step(msg, rule, Reason.MALFORMED, text, arguments=arguments)
+                return Step(msg, rule, Reason.MALFORMED, text, arguments=arguments, caller=matched)
         key = counter_key(limit, grant or "", session)
         spends.append(Spend(msg=msg, rule=rule, limit=limit, key=key, cost=cost))
     if rule.action is Action.REQUIRE_APPROVAL:
         # The spends stay on the step: an approved call still spends against its limits.
         text = f"{subject}: approval required" + (f" ({rule.reason})" if rule.reason else "")
         return Step(
-            msg, rule, Reason.APPROVAL_REQUIRED, text, spends=tuple(spends), arguments=arguments
+            msg,
+            rule,
+            Reason.APPROVAL_REQUIRED,
+            text,
+            spends=tuple(spends),
+            arguments=arguments,
+            caller=matched,
         )
-    return Step(msg, rule, spends=tuple(spends), arguments=arguments)
+    return Step(msg, rule, spends=tuple(spends), arguments=arguments, caller=matched)
+
+
+def _applies(sets: tuple[str, ...], caller_sets: frozenset[str]) -> bool:
+    """A limit listing ``sets`` applies to a caller in ``caller_sets``."""
+    return not sets or any(name in caller_sets for name in sets)
 
 
 class Engine:
@@ -412,8 +493,18 @@ class Engine:
         denies (fail closed) with ``internal_error``, logged without the request."""
         policy = self.policy
         try:
-            grant = grant_of(request, self.grant_source(policy))
-            return await self.decide(plan(policy, request, grant))
+            source = self.grant_source(policy)
+            if policy.callers:  # the caller's identity, derived once
+                claims = claims_of(request, source)
+                grant = grant_of(request, source, claims)
+                caller = recognise(policy.callers, identity_of(request, claims, grant))
+            else:
+                grant, caller = grant_of(request, source), NOBODY
+            result = await self.decide(plan(policy, request, grant, caller))
+            if caller.sets and result.decision.lists and result.decision.allowed:
+                sets = tuple(sorted(caller.sets))
+                result = replace(result, decision=replace(result.decision, caller_sets=sets))
+            return result
         except Exception as exc:  # a bug must deny, never allow or crash
             log.error("check failed: %s", type(exc).__name__)
             internal = Decision(
@@ -423,13 +514,14 @@ class Engine:
             return CheckResult(internal, policy)
 
     async def decide(self, planned: Plan) -> CheckResult:
-        """Deny on the first enforced denial; otherwise spend, all or nothing."""
-        policy, steps = planned.policy, planned.steps
+        """Deny on the first enforced denial; otherwise spend, all or nothing. The decision
+        names the caller set of the plan."""
+        policy, steps, caller = planned.policy, planned.steps, planned.caller
         if planned.refusal is not None:
             return CheckResult(planned.refusal, policy)
         body, grant = planned.body, planned.grant
         if body is None:
-            return CheckResult(Decision(reason=Reason.ALLOWED, grant=grant), policy)
+            return CheckResult(Decision(reason=Reason.ALLOWED, grant=grant, caller=caller), policy)
         would: Decision | None = None
         spends: list[Spend] = []
         approved: list[Approval] = []
@@ -437,7 +529,7 @@ class Engine:
             if step.denial is None:
                 spends.extend(step.spends)
                 continue
-            denial = _denial(step, body, grant)
+            denial = _denial(step, body, grant, caller)
             if step.denial is Reason.APPROVAL_REQUIRED and self.approvals and not step.dry_run:
                 gated = await self._gate(self.approvals, step, denial, policy.digest)
                 if isinstance(gated, Decision):
@@ -451,7 +543,7 @@ class Engine:
         first = _first_governed(steps)
         spent = _Spent()
         if spends:
-            spent = await self._spend(spends, body, grant)
+            spent = await self._spend(spends, body, grant, caller)
             if spent.refusal is not None:
                 for approval in approved:  # the call did not happen: give the use back
                     await _refund(self.approvals, approval)
@@ -464,6 +556,7 @@ class Engine:
             first.rule,
             body,
             grant,
+            caller,
             dry_run=any(s.rule is not None and s.rule.dry_run for s in steps),
             fail_open=spent.fail_open,
         )
@@ -534,7 +627,9 @@ class Engine:
             ),
         )
 
-    async def _spend(self, spends: list[Spend], body: mcp.Body, grant: str | None) -> _Spent:
+    async def _spend(
+        self, spends: list[Spend], body: mcp.Body, grant: str | None, caller: str | None
+    ) -> _Spent:
         """Charge every spend at once.
 
         A dry-run limit that is spent leaves out the spends of its message (under
@@ -548,7 +643,7 @@ class Engine:
                 outcome = await self.store.acquire(charges, self.clock())
             except StoreUnavailable:
                 denial = replace(
-                    _about(spends[0].msg, spends[0].rule, body, grant),
+                    _about(spends[0].msg, spends[0].rule, body, grant, caller),
                     reason=Reason.STORE_UNAVAILABLE,
                     message=(
                         f"policy violation: {_subject(spends[0].msg)}: rate-limit store unavailable"
@@ -567,7 +662,7 @@ class Engine:
                 return _Spent(counters=counters, would=would)
             assert outcome.refused is not None
             refused = first[charges[outcome.refused].key]
-            denial = _rate_limited(refused, outcome, body, grant)
+            denial = _rate_limited(refused, outcome, body, grant, caller)
             if not refused.rule.dry_run:
                 left = outcome.remaining[outcome.refused]
                 state = CounterState(refused.limit.counter, left, refused.limit.max)
@@ -611,7 +706,9 @@ def _charges(spends: list[Spend]) -> tuple[list[Charge], dict[str, Spend]]:
     return charges, first
 
 
-def _rate_limited(spend: Spend, outcome: Outcome, body: mcp.Body, grant: str | None) -> Decision:
+def _rate_limited(
+    spend: Spend, outcome: Outcome, body: mcp.Body, grant: str | None, caller: str | None
+) -> Decision:
     assert outcome.refused is not None
     lim = spend.limit
     retry = max(1, math.ceil(outcome.retry_after_ms / 1000))
@@ -620,7 +717,7 @@ def _rate_limited(spend: Spend, outcome: Outcome, body: mcp.Body, grant: str | N
     allows = f"{lim.max} {unit}per {lim.window_text}"
     scope = {Scope.GLOBAL: " for all callers", Scope.SESSION: " per session"}.get(lim.scope, "")
     return replace(
-        _about(spend.msg, spend.rule, body, grant),
+        _about(spend.msg, spend.rule, body, grant, caller),
         reason=Reason.RATE_LIMITED,
         message=(
             f"policy violation: {where}{_subject(spend.msg)}: rate limit exceeded "
@@ -633,14 +730,15 @@ def _rate_limited(spend: Spend, outcome: Outcome, body: mcp.Body, grant: str | N
     )
 
 
-def _denial(step: Step, body: mcp.Body, grant: str | None) -> Decision:
+def _denial(step: Step, body: mcp.Body, grant: str | None, caller: str | None) -> Decision:
     assert step.denial is not None
     where = f"batch element {step.msg.index}: " if body.batch else ""
     return replace(
-        _about(step.msg, step.rule, body, grant),
+        _about(step.msg, step.rule, body, grant, caller),
         reason=step.denial,
         message=f"policy violation: {where}{step.text}",
         element=step.msg.index if body.batch else None,
+        challenge=step.challenge,
     )
 
 
@@ -657,6 +755,7 @@ def _about(
     rule: Rule | None,
     body: mcp.Body,
     grant: str | None,
+    caller: str | None,
     *,
     dry_run: bool = False,
     fail_open: bool = False,
@@ -666,6 +765,7 @@ def _about(
     return Decision(
         reason=Reason.ALLOWED,
         grant=grant,
+        caller=caller,
         method=msg.method,
         tool=msg.name if is_call else None,
         arguments_sha256=mcp.arguments_digest(msg.arguments) if is_call else None,

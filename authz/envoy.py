@@ -27,6 +27,8 @@ DRY_RUN_HEADER = "x-mcp-authz-dry-run"
 # on every other allowed request the header is removed, and the removal (a header
 # mutation) makes Envoy match the route again without a copy a client may have sent.
 LIST_HEADER = "x-mcp-authz-list"
+# With it, to the list filter: the caller sets the caller belongs to, comma-separated.
+CALLERS_HEADER = "x-mcp-authz-callers"
 
 # gRPC status codes (google.rpc.Code) carried in CheckResponse.status; any non-OK code
 # denies, the HTTP status Envoy sends comes from denied_response.
@@ -95,6 +97,8 @@ def _set_metadata(response: external_auth_pb2.CheckResponse, decision: Decision)
     fields["grant"].string_value = decision.grant or ""
     fields["tool"].string_value = decision.tool or ""
     fields["would_deny"].string_value = decision.would_deny.code if decision.would_deny else ""
+    if decision.caller is not None:  # only under a policy with caller sets
+        fields["caller"].string_value = decision.caller
 
 
 def check_response(
@@ -121,6 +125,8 @@ def check_response(
             _add_header(ok.response_headers_to_add, DRY_RUN_HEADER, would)
         if decision.lists:
             _add_header(ok.headers, LIST_HEADER, ",".join(decision.lists))
+            if decision.caller_sets:
+                _add_header(ok.headers, CALLERS_HEADER, ",".join(decision.caller_sets))
         else:
             ok.headers_to_remove.append(LIST_HEADER)
         # Client-supplied x-mcp-authz-* headers must never reach the upstream as ours. The
@@ -132,6 +138,7 @@ def check_response(
                 for name in request_headers
                 if name.startswith(HEADER_PREFIX)
                 and not (name == GRANT_HEADER and decision.grant)
+                and not (name == CALLERS_HEADER and decision.caller_sets)
                 and name != LIST_HEADER
             ]
             ok.headers_to_remove.extend(spoofed)
@@ -145,5 +152,7 @@ def check_response(
     _add_header(denied.headers, REASON_HEADER, header_text(decision.message))
     if decision.reason is Reason.RATE_LIMITED and decision.retry_after_s is not None:
         _add_header(denied.headers, "retry-after", str(decision.retry_after_s))
+    if decision.challenge is not None:  # step-up: the token lacks a caller set's scopes
+        _add_header(denied.headers, "www-authenticate", header_text(decision.challenge))
     denied.body = decision.reply_body().decode()
     return response

@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 import grpc
-from google.protobuf import json_format
 
 from authz import audit, envoy, listing, mcp
 from authz.engine import Engine
@@ -54,7 +53,6 @@ class _Exchange:
     """What one stream has learnt so far about its request and response."""
 
     headers: Mapping[str, str] = field(default_factory=dict)
-    metadata: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     body: mcp.Body | None = None
     requests: Mapping[str, str] = field(default_factory=dict)
     content_type: str = ""
@@ -120,10 +118,6 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
         part = message.WhichOneof("request")
         if part == "request_headers":
             exchange.headers = _header_map(message.request_headers.headers)
-            exchange.metadata = {
-                ns: json_format.MessageToDict(value)
-                for ns, value in message.metadata_context.filter_metadata.items()
-            }
             if envoy.LIST_HEADER not in exchange.headers:
                 return _skip_rest()  # not marked by ext_authz: not a list request
             reply.request_headers.SetInParent()
@@ -164,16 +158,8 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
         if not body.end_of_stream or len(body.body) > MAX_LIST_BYTES:
             return self._unfilterable(exchange, "over the buffer limit")
         grant, request_id = exchange.grant, exchange.request_id
-        caller = listing.Caller(
-            grant=grant,
-            request=mcp.HttpRequest(
-                method="POST",
-                headers=exchange.headers,
-                body=b"",
-                request_id=request_id,
-                metadata=exchange.metadata,
-            ),
-        )
+        sets = exchange.headers.get(envoy.CALLERS_HEADER, "")
+        caller = listing.Caller(grant=grant, sets=frozenset(filter(None, sets.split(","))))
         try:
             filtered = listing.filter_response(
                 policy,

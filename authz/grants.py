@@ -28,6 +28,7 @@ import enum
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,7 +120,7 @@ def _decoded_payload(value: str) -> dict[str, Any]:
     return payload if isinstance(payload, dict) else {}
 
 
-def scopes_of(claims: dict[str, Any]) -> frozenset[str]:
+def scopes_of(claims: Mapping[str, Any]) -> frozenset[str]:
     """The scopes a token grants: its ``scope`` claim (space-separated, RFC 9068), and its
     ``scp`` claim (an array as Okta issues it, or space-separated as Microsoft Entra does).
     """
@@ -135,13 +136,17 @@ def scopes_of(claims: dict[str, Any]) -> frozenset[str]:
     return frozenset(scopes)
 
 
-def grant_of(request: HttpRequest, source: GrantSource) -> str | None:
-    """The grant id of a request, or ``None`` when it carries no usable identity."""
+def grant_of(
+    request: HttpRequest, source: GrantSource, claims: Mapping[str, Any] | None = None
+) -> str | None:
+    """The grant id of a request, or ``None`` when it carries no usable identity.
+    ``claims``: the request's verified claims when the caller already has them (see
+    :func:`claims_of`), so a payload header is decoded once per check."""
     if source.source is Source.HEADER:
         value = request.headers.get(source.header, "").strip()
         return value if _SAFE_GRANT.fullmatch(value) else None
     if source.source is Source.JWT:
-        claim = claims_of(request, source).get(source.claim)
+        claim = (claims_of(request, source) if claims is None else claims).get(source.claim)
         if isinstance(claim, float) and claim.is_integer():
             claim = int(claim)  # protobuf Struct carries every number as a double
         if isinstance(claim, bool) or not isinstance(claim, str | int) or claim == "":

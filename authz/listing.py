@@ -60,11 +60,11 @@ class Unfilterable(Exception):
 
 
 class Caller(msgspec.Struct, frozen=True):
-    """Whom a list is filtered for: the grant ext_authz derived for the request, and the
-    request itself (headers, Envoy metadata, peer principal), which caller sets match on."""
+    """Whom a list is filtered for, as ext_authz decided the list request: its grant, and
+    the policy's caller sets it belongs to."""
 
     grant: str | None
-    request: mcp.HttpRequest
+    sets: frozenset[str] = frozenset()
 
 
 def visible(policy: Policy, caller: Caller, method: str, name: str) -> bool:
@@ -91,6 +91,11 @@ def visible(policy: Policy, caller: Caller, method: str, name: str) -> bool:
         rule = policy.rule_for_resource(_TEMPLATE_EXPRESSION.sub(_TEMPLATE_VALUE, name))
     else:
         raise ValueError(f"not a list method: {method}")
+    if rule.variants:  # a rule for some callers: the variant that decides for this one
+        chosen = rule.variant_for(caller.sets)
+        if chosen is None:
+            return False  # ext_authz refuses it: caller_not_permitted
+        rule = chosen[0]
     return rule.action is not Action.DENY or rule.dry_run
 
 

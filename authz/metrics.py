@@ -4,7 +4,9 @@ Every label value comes from a small, fixed set so a scrape stays small however 
 traffic passes: ``decision`` and ``reason`` are the codes of
 :attr:`authz.engine.Decision.labels`; ``tool`` is a tool the policy names, ``other`` for
 any other tool, or empty for a request that calls no tool (listing, lifecycle, malformed);
-``counter`` is a counter the policy defines; ``op`` and ``result`` are fixed words. Grant
+``caller`` is a caller set the policy names, or ``other`` for a caller in none (and under
+a policy without caller sets); ``counter`` is a counter the policy defines; ``op`` and
+``result`` are fixed words. Grant
 ids, argument values and request ids never become labels.
 
 ``mcp_authz_approvals_pending`` is exported only when approvals are enabled (an admin token
@@ -33,6 +35,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from authz.engine import CheckResult, Reason
 from authz.listing import KINDS
 from authz.policy import Policy
+from authz.policy.callers import OTHER
 
 # From a check answered in memory to one waiting on Redis, and past Envoy's 250 ms
 # ext_authz timeout: 100 us to 1 s.
@@ -84,9 +87,10 @@ class Metrics:
         self.decisions = Counter(
             "mcp_authz_decisions_total",
             "Authorization decisions, by decision (allow, deny, dry_run_deny: allowed, but a "
-            "rule in dry-run mode would have denied), reason code and tool (tools the policy "
-            "names; 'other' for the rest; empty when no tool is called).",
-            ["decision", "reason", "tool"],
+            "rule in dry-run mode would have denied), reason code, tool (tools the policy "
+            "names; 'other' for the rest; empty when no tool is called) and caller (the "
+            "caller set the policy recognised; 'other' for a caller in none).",
+            ["decision", "reason", "tool", "caller"],
             registry=reg,
         )
         self.check_duration = Histogram(
@@ -179,14 +183,14 @@ class Metrics:
             for result in LIST_RESULTS
         }
         self.list_hidden = {kind: list_hidden.labels(kind) for kind in KINDS}
-        self._decision_children: dict[tuple[str, str, str], Counter] = {}
+        self._decision_children: dict[tuple[str, str, str, str], Counter] = {}
         self._near_children: dict[str, Counter] = {}
         self._exceeded_children: dict[str, Counter] = {}
 
     def record_check(self, result: CheckResult, seconds: float) -> None:
         """Count one answered check under the policy it was decided by."""
         decision = result.decision
-        key = (*decision.labels, tool_label(decision.tool, result.policy))
+        key = (*decision.labels, tool_label(decision.tool, result.policy), decision.caller or OTHER)
         child = self._decision_children.get(key)
         if child is None:
             child = self._decision_children[key] = self.decisions.labels(*key)

@@ -13,6 +13,7 @@ case, 2 unusable input (an invalid cases file, an MCP server that cannot be list
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -23,9 +24,19 @@ from typing import Any, TextIO
 import jsonschema
 
 from authz import mcp
-from authz.engine import CheckResult, Decision, Engine, Reason, Step, plan
-from authz.grants import grant_of
-from authz.policy import Policy, PolicyError, Rule, load_policy, parse_policy_text, syntax_of
+from authz.engine import CheckResult, Decision, Engine, Reason, Step, caller_of, plan
+from authz.grants import JWT_NAMESPACE, GrantSource, Source, grant_of
+from authz.policy import (
+    Action,
+    Policy,
+    PolicyError,
+    Rule,
+    Scope,
+    load_policy,
+    parse_policy_text,
+    syntax_of,
+)
+from authz.policy.callers import Caller
 from authz.risk import risk_report
 from authz.store import Charge, Outcome
 from authz.store.memory import MemoryStore
@@ -57,6 +68,9 @@ CASES_SCHEMA: dict[str, Any] = {
                     "arguments": {"type": "object"},
                     "headers": {"type": "object", "additionalProperties": {"type": "string"}},
                     "grant": {"type": ["string", "null"]},
+                    "claims": {"type": "object"},
+                    "scopes": {"type": "array", "items": {"type": "string", "minLength": 1}},
+                    "principal": {"type": "string"},
                     "repeat": {"type": "integer", "minimum": 1, "maximum": 10000},
                     "expect": {"enum": ["allow", "deny", "would_deny"]},
                     "reason": {"type": "string", "minLength": 1},
@@ -102,7 +116,13 @@ def _load(path: str, err: TextIO) -> Policy | None:
 
 
 def describe_rule(rule: Rule) -> str:
-    """One line: ``allow, arguments checked, dry-run within counter 'c': 10 per minute ...``."""
+    """One line: ``allow, arguments checked, dry-run within counter 'c': 10 per minute ...``;
+    for a rule that depends on the caller, its variants in order."""
+    if rule.variants:
+        return "; then ".join(
+            f"for {', '.join(v.callers) if v.callers else 'any other caller'}: {describe_rule(v)}"
+            for v in rule.variants
+        ) + ("" if not rule.variants[-1].callers else "; any other caller: not permitted")
     parts = [rule.action.value]
     if rule.arguments is not None:
         parts.append("arguments checked")
@@ -127,6 +147,8 @@ def _print_policy(path: str, policy: Policy, out: TextIO) -> None:
         policy.grants.describe() if policy.grants else "from the command line (default: bearer)"
     )
     print(f"  grants: {source}", file=out)
+    for name, caller_set in policy.callers.items():
+        print(f"  callers {name}: {caller_set.describe()}", file=out)
     print(f"  default: {describe_rule(policy.default)}", file=out)
     for noun, table in (
         ("tool", policy.tools),
@@ -140,6 +162,52 @@ def _print_policy(path: str, policy: Policy, out: TextIO) -> None:
             print(f"  {noun} {key}{kind}: {describe_rule(rule)}", file=out)
     for warning in policy.warnings:
         print(f"  warning: {warning}", file=out)
+    if policy.callers:
+        named = sorted(k for k in policy.tools if "*" not in k)
+        _print_matrix(policy, [*named, *policy.tools.patterns()], out)
+
+
+ANYONE_ELSE = "anyone else"
+
+
+def _cell(rule: Rule, sets: frozenset[str]) -> str:
+    """What a caller in exactly ``sets`` gets from a rule: the action and the limits that
+    apply to it (``allow 10/minute``), ``not permitted``, ``approval``, ``deny``."""
+    if rule.variants:
+        chosen = rule.variant_for(sets)
+        if chosen is None:
+            return "not permitted"
+        rule = chosen[0]
+    text = "approval" if rule.action is Action.REQUIRE_APPROVAL else rule.action.value
+    for lim in rule.limits:
+        if not lim.callers or any(name in sets for name in lim.callers):
+            unit = "" if lim.cost_pointer is None and lim.cost == 1 else " units"
+            shared = " global" if lim.scope is Scope.GLOBAL else ""
+            text += f" {lim.max}{unit}/{lim.window_text}{shared}"
+    if rule.arguments is not None:
+        text += ", args checked"
+    return text + (" (dry-run)" if rule.dry_run else "")
+
+
+def _print_matrix(policy: Policy, tools: Sequence[str], out: TextIO) -> None:
+    """Who may call what: a row per tool (and one for any other tool, under ``default``),
+    a column per caller set (a caller in that set only) and one for a caller in none."""
+    columns = [*policy.callers, ANYONE_ELSE]
+    rules = [(tool, policy.rule_for_tool(tool)) for tool in tools]
+    rules.append(("(any other tool)", policy.default))
+    rows = [
+        [name, *(_cell(rule, frozenset([c]) - {ANYONE_ELSE}) for c in columns)]
+        for name, rule in rules
+    ]
+    header = ["tool", *columns]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    print(
+        "  who may call what (a caller in several sets gets the first variant naming one):",
+        file=out,
+    )
+    for row in [header, *rows]:
+        line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print(f"    {line.rstrip()}", file=out)
 
 
 async def _server_tools(
@@ -207,6 +275,8 @@ def _print_against(url: str, policy: Policy, tools: Sequence[str], out: TextIO) 
     if fallen:
         action = policy.default.action.value
         print(f"  {len(fallen)} tool(s) fall to default ({action}): {', '.join(fallen)}", file=out)
+    if policy.callers:
+        _print_matrix(policy, sorted(tools), out)
 
 
 def check_policy(
@@ -261,13 +331,38 @@ def _print_risk(
             print(f"  warning: {row.warning}", file=out)
 
 
-def _request(body: bytes, headers: Mapping[str, str]) -> mcp.HttpRequest:
+def _request(
+    body: bytes,
+    headers: Mapping[str, str],
+    source: GrantSource,
+    claims: Mapping[str, Any] | None = None,
+    principal: str = "",
+) -> mcp.HttpRequest:
+    """The request as Envoy would pass it: with verified ``claims`` where the grant source
+    reads them (jwt_authn metadata, or the payload header), and the mTLS ``principal``."""
     lowered = {k.lower(): v for k, v in headers.items()}
+    metadata: dict[str, dict[str, Any]] = {}
+    if claims is not None and source.source is Source.JWT:
+        if source.payload_in_header:
+            payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode()
+            lowered[source.payload_in_header] = payload.rstrip("=")
+        else:
+            metadata[JWT_NAMESPACE] = {source.payload_in_metadata: dict(claims)}
     return mcp.HttpRequest(
         method="POST",
         headers={"content-type": "application/json", **lowered},
         body=body,
+        peer_principal=principal,
+        metadata=metadata,
     )
+
+
+def _caller_text(policy: Policy, caller: Caller, decided: str | None) -> str:
+    """``nightly (in: exporters, nightly)``: the set the decision names, and every set the
+    caller is in."""
+    if decided is None:
+        return "in no caller set"
+    return f"{decided} (in: {', '.join(n for n in policy.callers if n in caller.sets)})"
 
 
 def _print_step(step: Step, out: TextIO) -> None:
@@ -298,19 +393,26 @@ def explain(
     headers: Mapping[str, str] | None = None,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
+    claims: Mapping[str, Any] | None = None,
+    principal: str = "",
 ) -> int:
     """The decision for one request body, the rule each message matched, the limits it
-    would spend against and why; consumes no budget."""
+    would spend against and why; consumes no budget. ``claims``: the caller's verified JWT
+    claims; ``principal``: its mTLS principal."""
     policy = _load(policy_path, err)
     if policy is None:
         return 2
     engine = Engine(policy, _NothingSpent())
-    request = _request(body, headers or {})
+    source = engine.grant_source(policy)
+    request = _request(body, headers or {}, source, claims, principal)
     if grant is None:
-        grant = grant_of(request, engine.grant_source(policy))
-    result = asyncio.run(engine.decide(plan(policy, request, grant)))
+        grant = grant_of(request, source)
+    caller = caller_of(policy, request, source, grant)
+    result = asyncio.run(engine.decide(plan(policy, request, grant, caller)))
     decision = result.decision
     print(f"grant: {grant or '(none)'}", file=out)
+    if policy.callers:
+        print(f"caller: {_caller_text(policy, caller, decision.caller)}", file=out)
     for step in result.steps:
         _print_step(step, out)
     if decision.allowed:
@@ -325,6 +427,8 @@ def explain(
         f"decision: deny {decision.reason.status} {decision.reason.code}: {decision.message}",
         file=out,
     )
+    if decision.challenge is not None:
+        print(f"  www-authenticate: {decision.challenge}", file=out)
     return 1
 
 
@@ -357,13 +461,32 @@ def _outcome(decision: Decision) -> tuple[str, str]:
     return "allow", Reason.ALLOWED.code
 
 
+def _case_claims(case: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A case's ``claims``, with its ``scopes`` added to their ``scope`` claim."""
+    if "claims" not in case and "scopes" not in case:
+        return None
+    claims = dict(case.get("claims", {}))
+    if "scopes" in case:
+        scope = claims.get("scope")
+        given = scope.split() if isinstance(scope, str) else []
+        claims["scope"] = " ".join([*given, *case["scopes"]])
+    return claims
+
+
 async def _run_case(policy: Policy, case: Mapping[str, Any]) -> CheckResult:
     engine = Engine(policy, MemoryStore(), clock=lambda: CASE_CLOCK_MS)
-    request = _request(_case_body(case), case.get("headers", {}))
+    source = engine.grant_source(policy)
+    request = _request(
+        _case_body(case),
+        case.get("headers", {}),
+        source,
+        _case_claims(case),
+        case.get("principal", ""),
+    )
     grant = case.get("grant", DEFAULT_CASE_GRANT)
     if grant is None:
-        grant = grant_of(request, engine.grant_source(policy))
-    planned = plan(policy, request, grant)
+        grant = grant_of(request, source)
+    planned = plan(policy, request, grant, caller_of(policy, request, source, grant))
     result = await engine.decide(planned)
     for _ in range(case.get("repeat", 1) - 1):
         result = await engine.decide(planned)

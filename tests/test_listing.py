@@ -29,8 +29,8 @@ POLICY = compile_policy(
         "resources": {"ecs://*": {}, "ecs://secret/*": {"action": "deny"}},
     }
 )
-CALLER = Caller(grant="g-1", request=mcp.HttpRequest(method="POST", headers={}, body=b""))
-ANONYMOUS = Caller(grant=None, request=CALLER.request)
+CALLER = Caller(grant="g-1")
+ANONYMOUS = Caller(grant=None)
 JSON = "application/json"
 SSE = "text/event-stream"
 
@@ -64,6 +64,37 @@ def test_visible_tools(name: str, shown: bool) -> None:
 def test_a_caller_without_a_grant_can_use_no_tool() -> None:
     assert not visible(POLICY, ANONYMOUS, "tools/list", "allowed")
     assert visible(POLICY, ANONYMOUS, "prompts/list", "shown")
+
+
+def test_rules_for_some_callers_are_listed_to_those_callers_only() -> None:
+    """A tool whose variants match none of the caller's sets is refused by ext_authz
+    (caller_not_permitted), so it is hidden; its variant decides for a caller in a set."""
+    policy = compile_policy(
+        {
+            "version": "1",
+            "default": "deny",
+            "grants": {"source": "jwt", "claim": "sub"},
+            "callers": {"ops": {"scopes": ["ecs:write"]}, "devs": {"claims": {"team": "dev"}}},
+            "tools": {
+                "delete_app": {"callers": ["ops"], "action": "require_approval"},
+                "export": [
+                    {"callers": ["ops"], "action": "deny", "reason": "not ops"},
+                    {"callers": ["devs"]},
+                ],
+                "open": {},
+            },
+        }
+    )
+    ops, devs, nobody = (Caller("g", frozenset(s)) for s in ({"ops"}, {"devs"}, set()))
+    assert visible(policy, ops, "tools/list", "delete_app")
+    assert not visible(policy, devs, "tools/list", "delete_app")
+    assert not visible(policy, ops, "tools/list", "export")  # its variant denies
+    assert visible(policy, devs, "tools/list", "export")
+    assert [visible(policy, nobody, "tools/list", t) for t in ("delete_app", "export", "open")] == [
+        False,
+        False,
+        True,
+    ]
 
 
 def test_resources_templates_and_prompts_follow_their_rules() -> None:

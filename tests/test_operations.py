@@ -279,10 +279,16 @@ def test_metrics_count_decisions_with_bounded_labels(stack: Stack) -> None:
     assert {d["tool"] for d in decisions} <= {*POLICY["tools"], "other", ""}
     assert {d["reason"] for d in decisions} <= {r.code for r in Reason}
     assert {d["decision"] for d in decisions} <= {"allow", "deny", "dry_run_deny"}
+    assert {d["caller"] for d in decisions} == {"other"}  # the policy names no caller sets
 
     def decided(decision: str, reason: str, tool: str) -> float:
         return value(
-            scrape, "mcp_authz_decisions_total", decision=decision, reason=reason, tool=tool
+            scrape,
+            "mcp_authz_decisions_total",
+            decision=decision,
+            reason=reason,
+            tool=tool,
+            caller="other",
         )
 
     assert decided("allow", "allowed", "start_dicom_export_job") == EXPORT_LIMIT
@@ -392,7 +398,12 @@ def test_rule_files_agree_and_every_alert_explains_itself() -> None:
         assert rule["labels"]["severity"] in {"critical", "warning"}
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
     titles = {p["title"] for p in json.loads(DASHBOARD.read_text())["panels"]}
-    assert {"Decisions per tool and reason", "Deny ratio", "Check latency p50 / p99"} <= titles
+    assert {
+        "Decisions per tool and reason",
+        "Decisions per caller",
+        "Deny ratio",
+        "Check latency p50 / p99",
+    } <= titles
 
 
 def health_status(port: int, service: str = AUTHZ_SERVICE) -> int:

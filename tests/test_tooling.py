@@ -283,6 +283,7 @@ def test_explain_cli_reads_the_body_from_stdin(policy_file: Path) -> None:
     ("policy", "cases", "count"),
     [
         ("ecs.policy.yaml", "ecs.cases.yaml", 12),
+        ("ecs-callers.policy.yaml", "ecs-callers.cases.yaml", 17),
         ("healthimaging.policy.json", "healthimaging.cases.yaml", 18),
     ],
 )
@@ -344,3 +345,188 @@ def test_invalid_cases_files(policy_file: Path, tmp_path: Path) -> None:
     dup.write_text("cases: []\ncases: []\n")
     code, _, err = run(tooling.run_cases, str(policy_file), str(dup))
     assert code == 2 and "duplicate key 'cases'" in err
+
+
+# --- callers -------------------------------------------------------------------------------
+
+CALLERS_POLICY = {
+    "version": "1",
+    "default": "deny",
+    "grants": {"source": "jwt", "claim": "sub"},
+    "resource_metadata": "https://mcp.example.com/.well-known/oauth-protected-resource/mcp",
+    "callers": {
+        "exporters": {"claims": {"groups": "radiology-export"}},
+        "operators": {"scopes": ["ecs:write"]},
+        "nightly": {"grants": ["svc-nightly-export"]},
+    },
+    "tools": {
+        "start_dicom_export_job": [
+            {
+                "callers": ["nightly"],
+                "limits": [{"counter": "export_nightly", "window": "day", "max": 500}],
+            },
+            {
+                "callers": ["exporters"],
+                "limits": [{"counter": "export_rate", "window": "minute", "max": 10}],
+            },
+        ],
+        "delete_app": {"callers": ["operators"], "action": "require_approval"},
+        "containerize_app": {
+            "limits": [
+                {"counter": "c", "window": "hour", "max": 5, "callers": ["exporters"]},
+                {"counter": "all", "window": "minute", "max": 600, "scope": "global"},
+            ]
+        },
+        "list_*": [{"callers": ["operators"], "action": "deny"}, {}],
+    },
+}
+
+
+@pytest.fixture
+def callers_file(tmp_path: Path) -> Path:
+    path = tmp_path / "callers.json"
+    path.write_text(json.dumps(CALLERS_POLICY))
+    return path
+
+
+def test_check_policy_prints_who_may_call_what(callers_file: Path) -> None:
+    code, out, _ = run(tooling.check_policy, str(callers_file))
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[2:5] == [
+        "  callers exporters: claims groups=radiology-export",
+        "  callers operators: scopes ecs:write",
+        "  callers nightly: grants svc-nightly-export",
+    ]
+    assert (
+        "  tool start_dicom_export_job: for nightly: allow within counter 'export_nightly': 500 "
+        "per day per grant; then for exporters: allow within counter 'export_rate': 10 per "
+        "minute per grant; any other caller: not permitted"
+    ) in lines
+    assert "  tool list_* (pattern): for operators: deny; then for any other caller: allow" in lines
+    matrix = lines[
+        lines.index(
+            "  who may call what (a caller in several sets gets the first variant naming one):"
+        )
+        + 1 :
+    ]
+    assert [line.split() for line in matrix] == [
+        ["tool", "exporters", "operators", "nightly", "anyone", "else"],
+        [
+            "containerize_app",
+            "allow",
+            "5/hour",
+            "600/minute",
+            "global",
+            "allow",
+            "600/minute",
+            "global",
+            "allow",
+            "600/minute",
+            "global",
+            "allow",
+            "600/minute",
+            "global",
+        ],
+        ["delete_app", "not", "permitted", "approval", "not", "permitted", "not", "permitted"],
+        [
+            "start_dicom_export_job",
+            "allow",
+            "10/minute",
+            "not",
+            "permitted",
+            "allow",
+            "500/day",
+            "not",
+            "permitted",
+        ],
+        ["list_*", "allow", "deny", "allow", "allow"],
+        ["(any", "other", "tool)", "deny", "deny", "deny", "deny"],
+    ]
+    # The columns line up: every cell starts where its header does.
+    starts = [matrix[0].index(word) for word in ("exporters", "operators", "nightly", "anyone")]
+    assert matrix[2][starts[1] :].startswith("approval")
+
+
+def test_check_policy_matrix_over_a_live_server(callers_file: Path, live_server: str) -> None:
+    code, out, err = run(tooling.check_policy, str(callers_file), against=live_server)
+    assert code == 0, err
+    report = out.split(f"{live_server}: ", 1)[1].splitlines()
+    matrix = report[
+        report.index(
+            "  who may call what (a caller in several sets gets the first variant naming one):"
+        )
+        + 1 :
+    ]
+    end = next(i for i, line in enumerate(matrix) if line.split()[0] == "(any")
+    rows = {line.split()[0]: line.split()[1:] for line in matrix[1:end]}
+    assert set(rows) == {
+        "containerize_app",
+        "delete_app",
+        "ecs_resource_management",
+        "ecs_troubleshooting_tool",
+        "list_datastores",
+        "start_dicom_export_job",
+    }
+    assert rows["ecs_troubleshooting_tool"] == ["deny"] * 4  # falls to default
+    assert rows["list_datastores"] == ["allow", "deny", "allow", "allow"]
+
+
+def test_explain_as_a_caller(callers_file: Path) -> None:
+    done = cli(
+        "explain",
+        "--policy",
+        str(callers_file),
+        "--claims",
+        '{"sub": "erin", "scope": "ecs:read"}',
+        call("delete_app", app_name="web"),
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.splitlines() == [
+        "grant: erin",
+        "caller: in no caller set",
+        "message 0: tools/call 'delete_app'",
+        "  rule: tools.delete_app: for operators: require_approval; any other caller: not "
+        "permitted",
+        "  denied: caller_not_permitted: tool 'delete_app' is not permitted for this caller",
+        "decision: deny 403 caller_not_permitted: policy violation: tool 'delete_app' is not "
+        "permitted for this caller",
+        '  www-authenticate: Bearer error="insufficient_scope", scope="ecs:write", '
+        'resource_metadata="https://mcp.example.com/.well-known/oauth-protected-resource/mcp"',
+    ]
+    code, out, _ = run(
+        tooling.explain,
+        str(callers_file),
+        call("start_dicom_export_job").encode(),
+        claims={"sub": "svc-nightly-export", "groups": ["radiology-export"]},
+    )
+    assert code == 0
+    assert out.splitlines()[:3] == [
+        "grant: svc-nightly-export",
+        "caller: nightly (in: exporters, nightly)",
+        "message 0: tools/call 'start_dicom_export_job'",
+    ]
+    assert "(key mcpauthz:{g:svc-nightly-export}:export_nightly)" in out
+    assert cli("explain", "--policy", str(callers_file), "--claims", "[1]", "{}").returncode == 2
+
+
+def test_cases_decide_as_their_caller(callers_file: Path, tmp_path: Path) -> None:
+    cases = tmp_path / "cases.yaml"
+    cases.write_text(
+        "cases:\n"
+        "  - {name: exporter, tool: start_dicom_export_job, claims: {groups: [radiology-export]},"
+        " repeat: 10, expect: allow}\n"
+        "  - {name: eleventh, tool: start_dicom_export_job, claims: {groups: radiology-export},"
+        " repeat: 11, expect: deny, reason: export_rate}\n"
+        "  - {name: nightly by grant, tool: start_dicom_export_job, grant: svc-nightly-export,"
+        " repeat: 11, expect: allow}\n"
+        "  - {name: scopes add up, tool: delete_app, claims: {scope: ecs:read},"
+        " scopes: [ecs:write], expect: deny, reason: approval_required}\n"
+        "  - {name: claims give the grant, tool: start_dicom_export_job, grant: null,"
+        " claims: {sub: svc-nightly-export}, expect: allow}\n"
+        "  - {name: nobody, tool: delete_app, claims: {scope: ecs:read}, expect: deny,"
+        " reason: caller_not_permitted}\n"
+    )
+    code, out, err = run(tooling.run_cases, str(callers_file), str(cases))
+    assert code == 0, out + err
+    assert out.splitlines()[-1] == "6 passed, 0 failed"

@@ -9,8 +9,9 @@ from typing import Any
 
 from authz.grants import GrantSource, Source
 from authz.jsondoc import MAX_MEMBERS
+from authz.policy.callers import compile_caller_set
 from authz.policy.globs import pattern_ties
-from authz.policy.lint import never_matching
+from authz.policy.lint import key_never_matching, never_matching
 from authz.policy.model import (
     WINDOWS_MS,
     Action,
@@ -52,18 +53,19 @@ def _limit(where: str, raw: Mapping[str, Any], errors: list[str]) -> Limit:
         scope=Scope(raw.get("scope", "grant")),
         cost=cost if isinstance(cost, int) else 1,
         cost_pointer=cost if isinstance(cost, str) else None,
+        callers=tuple(raw.get("callers", ())),
     )
 
 
 def _rule(
     section: str,
+    where: str,
     key: str,
     raw: Mapping[str, Any],
     policy_dry_run: bool,
     errors: list[str],
     warnings: list[str],
 ) -> Rule:
-    where = f"{section}.{key}"
     limits = tuple(
         _limit(f"{where}.limits[{i}]", lim, errors) for i, lim in enumerate(raw.get("limits", ()))
     )
@@ -100,14 +102,71 @@ def _rule(
         dry_run=policy_dry_run if mode is None else mode == "dry-run",
         pattern="*" in key,
         approval=approval,
+        callers=tuple(raw.get("callers", ())),
     )
+
+
+def _entry(
+    section: str,
+    key: str,
+    raw: Mapping[str, Any] | list[Mapping[str, Any]],
+    policy_dry_run: bool,
+    errors: list[str],
+    warnings: list[str],
+) -> Rule:
+    """The rule of one key: a plain rule, or, when it depends on the caller (a list of
+    variants, or one rule with ``callers``), an entry holding its variants."""
+    where = f"{section}.{key}"
+    if isinstance(raw, list):
+        variants = tuple(
+            _rule(section, f"{where}[{i}]", key, v, policy_dry_run, errors, warnings)
+            for i, v in enumerate(raw)
+        )
+    elif "callers" in raw:
+        variants = (_rule(section, where, key, raw, policy_dry_run, errors, warnings),)
+    else:
+        return _rule(section, where, key, raw, policy_dry_run, errors, warnings)
+    everyone = next((v for v in variants if not v.callers), None)
+    if everyone is not None and everyone is not variants[-1]:
+        errors.append(
+            f"{variants[variants.index(everyone) + 1].where}: unreachable: {everyone.where} "
+            "lists no callers, so it matches every caller first"
+        )
+    return Rule(
+        where=where,
+        action=Action.DENY,
+        dry_run=policy_dry_run,
+        pattern="*" in key,
+        variants=variants,
+    )
+
+
+def _decided_by(rule: Rule) -> tuple[Rule, ...]:
+    """The rules that decide for an entry: its variants, or itself."""
+    return rule.variants or (rule,)
+
+
+def _unknown_callers(rules: Iterable[Rule], known: Mapping[str, object]) -> list[str]:
+    errors = []
+    for rule in rules:
+        for variant in _decided_by(rule):
+            for name in variant.callers:
+                if name not in known:
+                    errors.append(f"{variant.where}.callers: no caller set named {name!r}")
+            for i, lim in enumerate(variant.limits):
+                for name in lim.callers:
+                    if name not in known:
+                        errors.append(
+                            f"{variant.where}.limits[{i}].callers: no caller set named {name!r}"
+                        )
+    return errors
 
 
 def _counter_conflicts(rules: Iterable[Rule]) -> list[str]:
     """Rules sharing a counter share one budget, so they must agree on what it counts."""
     seen: dict[str, tuple[str, Limit, bool]] = {}
     errors = []
-    for rule in rules:
+    for rule in (variant for entry in rules for variant in _decided_by(entry)):
         for i, lim in enumerate(rule.limits):
             where, other, other_dry = seen.setdefault(
                 lim.counter, (f"{rule.where}.limits[{i}]", lim, rule.dry_run)
@@ -170,17 +229,36 @@ def compile_policy(doc: object, digest: str = "") -> Policy:
         if (section,) in broken or not isinstance(raw_rules, dict):
             continue
         rules = {
-            key: _rule(section, key, raw, dry_run, errors, warnings)
+            key: _entry(section, key, raw, dry_run, errors, warnings)
             for key, raw in raw_rules.items()
             if (section, key) not in broken
         }
         errors += pattern_ties(section, rules)
-        for key in rules:
-            warnings += never_matching(section, key, raw_rules[key])
+        for key, rule in rules.items():
+            raws = raw_rules[key] if isinstance(raw_rules[key], list) else [raw_rules[key]]
+            warnings += key_never_matching(section, key)
+            for variant, raw in zip(_decided_by(rule), raws, strict=True):
+                warnings += never_matching(variant.where, raw)
         tables[section] = RuleTable(rules)
-    errors += _counter_conflicts(rule for table in tables.values() for rule in table.values())
+    every_rule = [rule for table in tables.values() for rule in table.values()]
+    errors += _counter_conflicts(every_rule)
     grants_ok = not any(path[:1] == ("grants",) for path in broken)
     grants = _grants(doc.get("grants"), errors) if grants_ok else None
+    raw_callers = doc.get("callers")
+    raw_callers = raw_callers if isinstance(raw_callers, dict) else {}
+    # A broken grants section is reported already: check the sets as if it were jwt.
+    source = grants if grants_ok else GrantSource(Source.JWT)
+    callers = {
+        name: compile_caller_set(name, raw, source, errors)
+        for name, raw in raw_callers.items()
+        if ("callers", name) not in broken and isinstance(raw, dict)
+    }
+    errors += _unknown_callers(every_rule, raw_callers)
+    resource_metadata = doc.get("resource_metadata", "")
+    if resource_metadata and grants_ok and (grants is None or grants.source is not Source.JWT):
+        errors.append(
+            "resource_metadata: only a grants source 'jwt' carries the scopes a step-up asks for"
+        )
     if errors:
         raise PolicyError(errors)
     if not digest:
@@ -196,4 +274,6 @@ def compile_policy(doc: object, digest: str = "") -> Policy:
         dry_run=dry_run,
         warnings=tuple(warnings),
         max_json_members=int(doc.get("max_json_members", MAX_MEMBERS)),
+        callers=callers,
+        resource_metadata=resource_metadata if isinstance(resource_metadata, str) else "",
     )

@@ -24,21 +24,27 @@ def _can_be_uri(key: str) -> bool:
     return not prefix or _URI_START.match(prefix) is not None
 
 
-def never_matching(section: str, key: str, raw: Mapping[str, Any]) -> list[str]:
-    """Warnings for a rule that loads but can never apply."""
+def key_never_matching(section: str, key: str) -> list[str]:
+    """Warnings for a rule key no request can name."""
     where = f"{section}.{key}"
-    warnings = []
     if section == "resources":
         if not _can_be_uri(key):
-            warnings.append(
+            return [
                 f"{where}: not a URI (no scheme such as file: or https:), and resource URIs "
                 "always have one, so this rule never matches"
-            )
+            ]
     elif suspicious_name(key.replace("*", "x")):
-        warnings.append(
+        return [
             f"{where}: the name has blank, invisible or non-normalized characters; requests "
             "naming it are refused as malformed, so this rule never matches"
-        )
+        ]
+    return []
+
+
+def never_matching(where: str, raw: Mapping[str, Any]) -> list[str]:
+    """Warnings for a rule (or one of its variants) at ``where`` whose limits can never
+    be spent: every call is denied."""
+    warnings: list[str] = []
     schema = raw.get("arguments")
     if not isinstance(schema, dict):
         return warnings

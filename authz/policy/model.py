@@ -13,6 +13,7 @@ import jsonschema
 
 from authz.grants import GrantSource
 from authz.jsondoc import MAX_MEMBERS
+from authz.policy.callers import CallerSet
 from authz.policy.globs import glob_regex, literal_prefix
 from authz.policy.schemas import first_errors
 from authz.policy.texts import argument_error_text, pointer_path, pointer_tokens
@@ -40,7 +41,8 @@ class Limit:
     """At most ``max`` units in any ``window_ms`` interval, counted per ``scope``.
 
     A call spends ``cost`` units, or, with ``cost_pointer``, the number at that JSON
-    pointer in its arguments.
+    pointer in its arguments. ``callers``: the caller sets the limit applies to; empty,
+    every caller.
     """
 
     counter: str
@@ -49,6 +51,7 @@ class Limit:
     scope: Scope
     cost: int = 1
     cost_pointer: str | None = None
+    callers: tuple[str, ...] = ()
 
     @property
     def window_text(self) -> str:
@@ -69,7 +72,8 @@ class Limit:
             cost += str(self.cost)
         scope = "for all callers" if self.scope is Scope.GLOBAL else f"per {self.scope.value}"
         per = f"{self.max} per {self.window_text} {scope}"
-        return f"counter '{self.counter}': {per}{cost}"
+        only = f", only for {', '.join(self.callers)}" if self.callers else ""
+        return f"counter '{self.counter}': {per}{cost}{only}"
 
     def cost_of(self, arguments: Mapping[str, Any]) -> int | str:
         """What a call with ``arguments`` spends, or why that cannot be known (a problem
@@ -114,6 +118,11 @@ class Rule:
 
     ``pattern`` marks a glob key. ``dry_run``: denials of this rule are computed, counted
     and logged, and the call is allowed.
+
+    ``callers``: the caller sets this rule (a variant) applies to; empty, every caller.
+    ``variants``: set on an entry that depends on the caller (a list of variants, or one
+    with ``callers``): the variants in order, the first whose callers match deciding; the
+    entry itself then decides nothing, and a caller no variant matches is not permitted.
     """
 
     where: str
@@ -125,6 +134,19 @@ class Rule:
     dry_run: bool = False
     pattern: bool = False
     approval: ApprovalSpec | None = None
+    callers: tuple[str, ...] = ()
+    variants: tuple[Rule, ...] = ()
+
+    def variant_for(self, sets: frozenset[str]) -> tuple[Rule, str | None] | None:
+        """The variant deciding for a caller in ``sets``, with the set it matched by
+        (``None`` for a variant open to every caller); ``None`` when none matches."""
+        for variant in self.variants:
+            if not variant.callers:
+                return variant, None
+            for name in variant.callers:
+                if name in sets:
+                    return variant, name
+        return None
 
     def argument_problems(self, arguments: Mapping[str, Any]) -> str | None:
         """Why ``arguments`` break this rule's schema (argument paths and the rules they
@@ -198,6 +220,8 @@ class Policy:
     ``grants`` is the policy's identity source, ``None`` when it leaves that to the
     command line. ``warnings`` lists rules that load but can never match.
     ``max_json_members`` bounds the object members a request body may hold.
+    ``callers``: the named caller sets, in the policy's order. ``resource_metadata``: the
+    RFC 9728 metadata URL a step-up challenge names ("" for none).
     """
 
     version: str
@@ -210,6 +234,8 @@ class Policy:
     dry_run: bool = False
     warnings: tuple[str, ...] = ()
     max_json_members: int = MAX_MEMBERS
+    callers: Mapping[str, CallerSet] = field(default_factory=dict)
+    resource_metadata: str = ""
 
     def rule_for_tool(self, name: str) -> Rule:
         return self.tools.match(name) or self.default

@@ -9,6 +9,8 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from authz.grants import JWT_NAMESPACE, GrantSource, Source, claims_of, grant_of, scopes_of
 from authz.mcp import HttpRequest
@@ -77,6 +79,26 @@ def test_a_malformed_payload_header_is_no_claims(value: str) -> None:
     req = request({"x-jwt-payload": value})
     assert claims_of(req, HEADER) == {}
     assert grant_of(req, HEADER) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.text(),
+        st.binary().map(lambda raw: base64.urlsafe_b64encode(raw).decode()),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.text(),
+            lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+        ).map(lambda doc: base64.urlsafe_b64encode(json.dumps(doc).encode()).decode()),
+    )
+)
+def test_any_header_value_gives_a_dict_and_never_raises(value: str) -> None:
+    req = request({"x-jwt-payload": value})
+    claims = claims_of(req, HEADER)
+    assert isinstance(claims, dict)
+    grant = grant_of(req, HEADER)
+    assert grant is None or isinstance(grant, str)
+    assert isinstance(scopes_of(claims), frozenset)
 
 
 def test_no_claims_without_a_jwt_source_or_a_payload() -> None:

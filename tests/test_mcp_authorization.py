@@ -29,10 +29,17 @@ from urllib.parse import urlsplit
 
 import grpc
 import httpx
+import httpx2
 import jwt
 import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from mcp.client.auth.utils import (
+    build_protected_resource_metadata_discovery_urls,
+    extract_resource_metadata_from_www_auth,
+    extract_scope_from_www_auth,
+)
+from mcp.shared.auth import ProtectedResourceMetadata
 
 from authz.pb import external_auth_pb2, external_auth_pb2_grpc
 from tests.support.clients import sdk_call_tool
@@ -311,6 +318,11 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
+def as_sdk_sees_it(resp: httpx.Response) -> httpx2.Response:
+    """The reply as the official MCP SDK's OAuth client reads it (its HTTP client's type)."""
+    return httpx2.Response(resp.status_code, headers=list(resp.headers.multi_items()))
+
+
 # --- the resource server through the real Envoy and mcp-authz -------------------------------
 
 
@@ -320,12 +332,17 @@ async def test_mcp_authorization_through_envoy(tmp_path: Path, keys: Keys) -> No
     jwks = tmp_path / "jwks.json"
     jwks.write_text(keys.jwks())
     with jwt_stack(tmp_path, offline(config, jwks), POLICY) as stack:
-        # RFC 9728 metadata: public, JSON, and mcp-authz is not asked.
+        # RFC 9728 metadata: public, JSON, and mcp-authz is not asked. The official SDK
+        # looks for it at these two URLs (after the one a 401 names) and accepts it.
+        assert build_protected_resource_metadata_discovery_urls(None, values.resource) == [
+            urlsplit(values.resource)._replace(path=path).geturl() for path in METADATA_PATHS
+        ]
         for path in METADATA_PATHS:
             resp = httpx.get(stack.base + path, timeout=5)
             assert resp.status_code == 200, path
             assert resp.headers["content-type"] == "application/json"
             assert resp.json() == values.metadata
+            ProtectedResourceMetadata.model_validate_json(resp.content)
 
         challenge, challenge_no_token = values.challenges
         refused = {
@@ -342,12 +359,21 @@ async def test_mcp_authorization_through_envoy(tmp_path: Path, keys: Keys) -> No
             resp = post(stack.url, headers)
             assert resp.status_code == 401, name
             assert resp.headers.get_list("www-authenticate") == [challenge], name
-        # No token at all, and a valid token in the query string (the spec forbids it).
+            sdk_view = as_sdk_sees_it(resp)
+            assert extract_resource_metadata_from_www_auth(sdk_view) == values.metadata_url
+        # No bearer token: none at all, another scheme, or a valid token in the query
+        # string (the spec forbids it).
         valid = rs256(keys, claims(values, "alice@example.com"))
-        for url in (stack.url, f"{stack.url}?access_token={valid}"):
-            resp = post(url, {})
+        for url, headers in (
+            (stack.url, {}),
+            (stack.url, {"Authorization": "Basic YWxpY2U6cHc="}),
+            (f"{stack.url}?access_token={valid}", {}),
+        ):
+            resp = post(url, headers)
             assert resp.status_code == 401
             assert resp.headers.get_list("www-authenticate") == [challenge_no_token]
+            sdk_view = as_sdk_sees_it(resp)
+            assert extract_resource_metadata_from_www_auth(sdk_view) == values.metadata_url
         # None of them reached mcp-authz (no Check, no audit line) or the upstream.
         assert stack.checks() == 0
         assert stack.audit_lines() == []
@@ -408,6 +434,10 @@ def test_a_denied_response_www_authenticate_reaches_the_client(tmp_path: Path, k
             resp = post(stack.url, bearer(rs256(keys, claims(values, "alice"))))
             assert resp.status_code == 403
             assert resp.headers.get_list("www-authenticate") == [STEP_UP]
+            # The official SDK reads the scope to ask for and where the metadata is.
+            sdk_view = as_sdk_sees_it(resp)
+            assert extract_scope_from_www_auth(sdk_view) == "ecs:write"
+            assert extract_resource_metadata_from_www_auth(sdk_view) == values.metadata_url
             assert resp.headers["x-mcp-authz-reason"] == "insufficient scope"
             assert resp.json()["error"]["message"] == "scope needed"
             # The 401 mapper still answers for a request without a token.

@@ -315,7 +315,7 @@ def plan(policy: Policy, request: mcp.HttpRequest, grant: str | None) -> Plan:
 def _step(policy: Policy, msg: mcp.Message, grant: str | None, headers: Mapping[str, str]) -> Step:
     if msg.kind is mcp.Kind.RESPONSE or msg.method is None:
         return Step(msg, None)
-    if msg.method in UNGOVERNED or msg.method.startswith("notifications/"):
+    if msg.method in UNGOVERNED or msg.method in mcp.NOTIFICATIONS:
         return Step(msg, None)
     rule = rule_for(policy, msg)
     subject = _subject(msg)

@@ -35,10 +35,30 @@ NAME_PARAM = {
     "resources/unsubscribe": "uri",
 }
 
+# Every notification the MCP revisions from 2025-03-26 to 2026-07-28 define, sent by
+# either side (each revision's ClientNotification and ServerNotification). They pass under
+# any policy; another name under notifications/ follows the policy's default.
+NOTIFICATIONS = frozenset(
+    {
+        "notifications/cancelled",
+        "notifications/initialized",
+        "notifications/progress",
+        "notifications/message",
+        "notifications/resources/updated",
+        "notifications/resources/list_changed",
+        "notifications/tools/list_changed",
+        "notifications/prompts/list_changed",
+        "notifications/roots/list_changed",
+        "notifications/elicitation/complete",
+        "notifications/tasks/status",
+        "notifications/subscriptions/acknowledged",
+    }
+)
+
 # Every method the MCP revisions from 2025-03-26 to 2026-07-28 define. Used only to spot
 # look-alikes ("Tools/Call", "tools/call "): a server that folds case or trims would run
 # them, while a policy keyed on the exact name would not see them.
-KNOWN_METHODS = frozenset(
+KNOWN_METHODS = NOTIFICATIONS | frozenset(
     {
         "initialize",
         "ping",
@@ -57,6 +77,7 @@ KNOWN_METHODS = frozenset(
         "elicitation/create",
         "roots/list",
         "server/discover",
+        "subscriptions/listen",
         "tasks/get",
         "tasks/result",
         "tasks/list",
@@ -64,6 +85,8 @@ KNOWN_METHODS = frozenset(
     }
 )
 _FOLDED_METHODS = {m.casefold(): m for m in KNOWN_METHODS}
+
+NOTIFICATION_PREFIX = "notifications/"
 
 _REQUEST_MEMBERS = frozenset({"jsonrpc", "id", "method", "params"})
 _RESPONSE_MEMBERS = frozenset({"jsonrpc", "id", "result", "error"})
@@ -208,6 +231,12 @@ def _request(
     if "id" in raw:
         if not _valid_id(raw["id"]):
             raise Malformed(Problem.MALFORMED, f"{where}id must be a string or an integer")
+        if method.startswith(NOTIFICATION_PREFIX):
+            # The server answers it, so it is a request; passing it as a notification would
+            # let any method hide under the prefix.
+            raise Malformed(
+                Problem.MALFORMED, f"{where}a notification carries no id; this is a request", ids
+            )
         kind = Kind.REQUEST
     else:
         kind = Kind.NOTIFICATION

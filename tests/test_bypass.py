@@ -248,6 +248,29 @@ CORPUS: list[Variant] = [
         j({k: x for k, x in call().items() if k != "id"}),
         "denied_by_rule",
     ),
+    # A notification name with an id is a request the server answers: never a notification.
+    v(
+        "notification-name-with-id",
+        with_method("notifications/../tools/call"),
+        "malformed_request",
+        echo_id=1,
+    ),
+    v(
+        "spec-notification-with-id",
+        j({"jsonrpc": "2.0", "id": 1, "method": "notifications/initialized"}),
+        "malformed_request",
+        echo_id=1,
+    ),
+    v(
+        "notification-unknown-name",
+        j({"jsonrpc": "2.0", "method": "notifications/../tools/call", "params": {"name": "x"}}),
+        "denied_by_default",
+    ),
+    v(
+        "notification-look-alike",
+        j({"jsonrpc": "2.0", "method": "Notifications/initialized"}),
+        "malformed_request",
+    ),
     # Mcp-Method / Mcp-Name (SEP-2243) against the body.
     v("hdr-name-mismatch", DENIED, "header_mismatch", ("mcp-name", "containerize_app"), echo_id=1),
     v("hdr-method-mismatch", DENIED, "header_mismatch", ("mcp-method", "tools/list")),

@@ -622,3 +622,46 @@ async def test_denials_echo_at_most_128_characters_of_a_name(engine: Engine) -> 
     assert decision.message == (
         f"policy violation: tool '{'a' * 128}...' is not allowed by this policy (default deny)"
     )
+
+
+SPEC_NOTIFICATIONS = (
+    "notifications/cancelled",
+    "notifications/initialized",
+    "notifications/progress",
+    "notifications/message",
+    "notifications/resources/updated",
+    "notifications/resources/list_changed",
+    "notifications/tools/list_changed",
+    "notifications/prompts/list_changed",
+    "notifications/roots/list_changed",
+    "notifications/elicitation/complete",
+    "notifications/tasks/status",
+    "notifications/subscriptions/acknowledged",
+)
+
+
+async def test_spec_notifications_pass_and_other_notification_names_follow_default(
+    engine: Engine, clock: Clock
+) -> None:
+    for method in SPEC_NOTIFICATIONS:
+        note = {"jsonrpc": "2.0", "method": method, "params": {}}
+        assert (await engine.check(post(note, token=None))).decision.allowed, method
+    unknown = {"jsonrpc": "2.0", "method": "notifications/../tools/call", "params": {"name": "x"}}
+    denied = (await engine.check(post(unknown))).decision
+    assert denied.reason is Reason.DENIED_BY_DEFAULT
+    allow_all = compile_policy({"version": "1", "default": "allow"})
+    permissive = Engine(allow_all, open_store("memory://"), clock=clock)
+    assert (await permissive.check(post(unknown))).decision.allowed
+
+
+async def test_a_notification_name_with_an_id_is_refused_whatever_the_default(
+    engine: Engine, clock: Clock
+) -> None:
+    allow_all = compile_policy({"version": "1", "default": "allow"})
+    permissive = Engine(allow_all, open_store("memory://"), clock=clock)
+    for eng in (engine, permissive):
+        for method in ("notifications/../tools/call", "notifications/initialized"):
+            doc = {"jsonrpc": "2.0", "id": 5, "method": method, "params": {"name": "delete_app"}}
+            decision = (await eng.check(post(doc))).decision
+            assert decision.reason is Reason.MALFORMED and decision.reason.status == 400
+            assert json.loads(decision.reply_body())["id"] == 5

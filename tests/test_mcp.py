@@ -367,3 +367,54 @@ def test_depth_is_bounded() -> None:
     for depth in (jsondoc.MAX_DEPTH + 1, 300, 1500):
         with pytest.raises(InvalidJson, match="nested too deeply"):
             jsondoc.decode_json(b"[" * depth + b"]" * depth)
+
+
+# Every notification the MCP revisions 2025-03-26 to 2026-07-28 define (schema.ts of each
+# revision: ClientNotification and ServerNotification), in either direction.
+SPEC_NOTIFICATIONS = {
+    "notifications/cancelled",
+    "notifications/initialized",
+    "notifications/progress",
+    "notifications/message",
+    "notifications/resources/updated",
+    "notifications/resources/list_changed",
+    "notifications/tools/list_changed",
+    "notifications/prompts/list_changed",
+    "notifications/roots/list_changed",
+    "notifications/elicitation/complete",
+    "notifications/tasks/status",
+    "notifications/subscriptions/acknowledged",
+}
+
+
+def test_the_spec_notification_names() -> None:
+    assert mcp.NOTIFICATIONS == SPEC_NOTIFICATIONS
+    for method in SPEC_NOTIFICATIONS:
+        (msg,) = mcp.parse_body(body({"jsonrpc": "2.0", "method": method})).messages
+        assert msg.kind is Kind.NOTIFICATION and msg.method == method
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "notifications/../tools/call",
+        "notifications/initialized",
+        "notifications/cancelled",
+        "notifications/not-in-the-spec",
+    ],
+)
+def test_a_notification_name_with_an_id_is_a_malformed_request(method: str) -> None:
+    err = refused(body({"jsonrpc": "2.0", "id": 9, "method": method, "params": {"name": "x"}}))
+    assert err.problem is Problem.MALFORMED
+    assert "notification" in err.detail and "id" in err.detail
+    assert err.ids == (9,)
+
+
+def test_notification_look_alikes_are_refused() -> None:
+    for method in (
+        "Notifications/initialized",
+        "notifications/Cancelled",
+        "notifications/progress ",
+    ):
+        err = refused(body({"jsonrpc": "2.0", "method": method}))
+        assert "exact" in err.detail

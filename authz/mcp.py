@@ -288,10 +288,12 @@ def parse_body(body: bytes, max_members: int = MAX_MEMBERS) -> Body:
     return Body(messages=(_message(-1, doc),), batch=False)
 
 
-def decode_header_value(value: str) -> str:
-    """Decode a SEP-2243 header value: ``=?base64?<base64 of UTF-8>?=`` or a literal.
+def decode_header_value(value: str, ids: tuple[str | int | None, ...] = ()) -> str:
+    """Decode a SEP-2243 ``Mcp-Name``/``Mcp-Param-*`` value: ``=?base64?<base64 of
+    UTF-8>?=`` or a literal. ``ids`` are echoed by the refusal of a value that is not.
 
-    The markers are case-sensitive; a value that only resembles them is literal.
+    The markers are case-sensitive; a value that only resembles them is literal. The
+    base64 must be canonical (padding exact, nothing outside the alphabet, no spaces).
     """
     if value.startswith(_BASE64_PREFIX) and value.endswith(_BASE64_SUFFIX):
         encoded = value[len(_BASE64_PREFIX) : -len(_BASE64_SUFFIX)]
@@ -299,7 +301,7 @@ def decode_header_value(value: str) -> str:
             return base64.b64decode(encoded, validate=True).decode("utf-8")
         except (binascii.Error, UnicodeDecodeError, ValueError):
             raise Malformed(
-                Problem.HEADER_MISMATCH, "malformed base64 value in an Mcp-* header"
+                Problem.HEADER_MISMATCH, "malformed base64 value in an Mcp-* header", ids
             ) from None
     return value
 
@@ -308,25 +310,23 @@ def check_headers(headers: Mapping[str, str], body: Body) -> None:
     """MCP 2026-07-28 (SEP-2243): ``Mcp-Method``/``Mcp-Name`` must agree with the body.
 
     The body stays the source of truth; a disagreement means some hop would route or
-    authorize on a different message than the server runs, so it is refused.
+    authorize on a different message than the server runs, so it is refused. Only
+    ``Mcp-Name`` may carry the base64 form; ``Mcp-Method`` is compared as written.
     """
     header_method = headers.get("mcp-method")
     header_name = headers.get("mcp-name")
     if header_method is None and header_name is None:
         return
+    ids = body.ids
     if body.batch:
         raise Malformed(
-            Problem.HEADER_MISMATCH, "Mcp-Method/Mcp-Name headers cannot describe a batch", body.ids
+            Problem.HEADER_MISMATCH, "Mcp-Method/Mcp-Name headers cannot describe a batch", ids
         )
     message = body.messages[0]
-    if header_method is not None and decode_header_value(header_method) != message.method:
-        raise Malformed(
-            Problem.HEADER_MISMATCH, "Mcp-Method header does not match the body", body.ids
-        )
-    if header_name is not None and decode_header_value(header_name) != message.name:
-        raise Malformed(
-            Problem.HEADER_MISMATCH, "Mcp-Name header does not match the body", body.ids
-        )
+    if header_method is not None and header_method != message.method:
+        raise Malformed(Problem.HEADER_MISMATCH, "Mcp-Method header does not match the body", ids)
+    if header_name is not None and decode_header_value(header_name, ids) != message.name:
+        raise Malformed(Problem.HEADER_MISMATCH, "Mcp-Name header does not match the body", ids)
 
 
 def check_media(headers: Mapping[str, str]) -> None:

@@ -275,9 +275,25 @@ CORPUS: list[Variant] = [
     v("hdr-name-mismatch", DENIED, "header_mismatch", ("mcp-name", "containerize_app"), echo_id=1),
     v("hdr-method-mismatch", DENIED, "header_mismatch", ("mcp-method", "tools/list")),
     v("hdr-name-b64-mismatch", DENIED, "header_mismatch", ("mcp-name", b64("containerize_app"))),
-    v("hdr-b64-bad-alphabet", DENIED, "header_mismatch", ("mcp-name", "=?base64?ZGVs!ZXRl?=")),
-    v("hdr-b64-no-padding", DENIED, "header_mismatch", ("mcp-name", "=?base64?ZGVsZXRlX2Fw?=")),
-    v("hdr-b64-invalid-utf8", DENIED, "header_mismatch", ("mcp-name", b64(b"\xff\xfe"))),
+    # A bad base64 value is refused like any mismatch, echoing the request id.
+    *(
+        v(f"hdr-b64-{label}", DENIED, "header_mismatch", ("mcp-name", value), echo_id=1)
+        for label, value in [
+            ("bad-alphabet", "=?base64?ZGVs!ZXRl?="),
+            ("no-padding", "=?base64?ZGVsZXRlX2FwcA?="),
+            ("short-padding", "=?base64?ZGVsZXRlX2FwcA=?="),
+            ("extra-padding", "=?base64?ZGVsZXRlX2FwcA===?="),
+            ("inner-space", "=?base64?ZGVsZXRl X2FwcA==?="),
+            ("invalid-utf8", b64(b"\xff\xfe")),
+        ]
+    ),
+    v(
+        "hdr-method-b64-bad",
+        DENIED,
+        "header_mismatch",
+        ("mcp-method", "=?base64?dG9vbHMvY2Fsbg?="),
+        echo_id=1,
+    ),
     v(
         "hdr-b64-upper-marker",
         DENIED,

@@ -665,3 +665,11 @@ async def test_a_notification_name_with_an_id_is_refused_whatever_the_default(
             decision = (await eng.check(post(doc))).decision
             assert decision.reason is Reason.MALFORMED and decision.reason.status == 400
             assert json.loads(decision.reply_body())["id"] == 5
+
+
+async def test_a_bad_base64_header_echoes_the_request_id(engine: Engine) -> None:
+    for value in ("=?base64?ZGVsZXRlX2FwcA?=", "=?base64?ZGVsZXRlX2FwcA===?=", "=?base64?a b?="):
+        request = post(call("containerize_app", id_=42), **{"mcp-name": value})
+        decision = (await engine.check(request)).decision
+        assert decision.reason is Reason.HEADER_MISMATCH
+        assert json.loads(decision.reply_body())["id"] == 42

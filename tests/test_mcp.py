@@ -190,6 +190,39 @@ def test_mcp_headers_must_agree_with_body() -> None:
         with pytest.raises(Malformed) as info:
             mcp.check_headers(headers, parsed)
         assert info.value.problem is Problem.HEADER_MISMATCH
+        assert info.value.ids == (1,), headers
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "=?base64?dG9vbA?=",  # missing padding
+        "=?base64?dG9vbA=?=",  # short padding
+        "=?base64?dG9vbA===?=",  # extra padding
+        "=?base64?dG9v bA==?=",  # a space
+        "=?base64?dG9v\tbA==?=",
+        "=?base64?dG9vbA==\n?=",
+        "=?base64?!!!!?=",
+        "=?base64?//79?=",  # not UTF-8
+    ],
+)
+def test_bad_base64_in_a_header_is_a_mismatch_that_keeps_the_id(value: str) -> None:
+    parsed = mcp.parse_body(body(call(name="tool", id_="req-7")))
+    with pytest.raises(Malformed) as info:
+        mcp.check_headers({"mcp-name": value}, parsed)
+    assert info.value.problem is Problem.HEADER_MISMATCH
+    assert "base64" in info.value.detail
+    assert info.value.ids == ("req-7",)
+
+
+def test_mcp_method_is_compared_as_written() -> None:
+    """Only Mcp-Name and Mcp-Param-* may carry the base64 form (SEP-2243): a hop that reads
+    Mcp-Method as written must see the method the body names."""
+    parsed = mcp.parse_body(body(call(id_=3)))
+    with pytest.raises(Malformed) as info:
+        mcp.check_headers({"mcp-method": b64("tools/call")}, parsed)
+    assert info.value.problem is Problem.HEADER_MISMATCH
+    assert info.value.ids == (3,)
 
 
 def test_mcp_headers_cannot_describe_a_batch_or_a_nameless_method() -> None:

@@ -58,7 +58,8 @@ class Reason(enum.Enum):
 
     Each carries the HTTP status and the JSON-RPC error code of its reply. The codes
     -32051..-32053 are in JSON-RPC's server-error range and unused by the MCP spec
-    (which assigns -32002 and -32042); protocol refusals use JSON-RPC's -32600.
+    (which assigns -32002 and -32042); protocol refusals use JSON-RPC's -32600, except
+    those MCP 2026-07-28 gives a code of its own (HeaderMismatch -32020).
     """
 
     ALLOWED = ("allowed", 200, 0)
@@ -72,7 +73,7 @@ class Reason(enum.Enum):
     STORE_UNAVAILABLE = ("store_unavailable", 503, -32053)
     INTERNAL_ERROR = ("internal_error", 503, -32053)
     MALFORMED = ("malformed_request", 400, -32600)
-    HEADER_MISMATCH = ("header_mismatch", 400, -32600)
+    HEADER_MISMATCH = ("header_mismatch", 400, -32020)
     UNSUPPORTED_MEDIA = ("unsupported_media_type", 415, -32600)
     PARTIAL_BODY = ("partial_body", 413, -32600)
     METHOD_NOT_ALLOWED = ("method_not_allowed", 405, -32600)

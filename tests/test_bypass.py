@@ -63,7 +63,7 @@ DOCUMENTED = {
     "denied_by_default": (403, -32051),
     "no_grant_identity": (403, -32051),
     "malformed_request": (400, -32600),
-    "header_mismatch": (400, -32600),
+    "header_mismatch": (400, -32020),
     "unsupported_media_type": (415, -32600),
     "partial_body": (413, -32600),
     "method_not_allowed": (405, -32600),

@@ -673,3 +673,12 @@ async def test_a_bad_base64_header_echoes_the_request_id(engine: Engine) -> None
         decision = (await engine.check(request)).decision
         assert decision.reason is Reason.HEADER_MISMATCH
         assert json.loads(decision.reply_body())["id"] == 42
+
+
+async def test_a_header_mismatch_is_mcps_header_mismatch_error(engine: Engine) -> None:
+    """MCP 2026-07-28: 400 with the JSON-RPC code -32020 (HeaderMismatch)."""
+    request = post(call("containerize_app", id_=8), **{"mcp-name": "delete_app"})
+    decision = (await engine.check(request)).decision
+    assert decision.reason is Reason.HEADER_MISMATCH and decision.reason.status == 400
+    reply = json.loads(decision.reply_body())
+    assert (reply["id"], reply["error"]["code"]) == (8, -32020)

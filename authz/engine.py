@@ -59,7 +59,8 @@ class Reason(enum.Enum):
     Each carries the HTTP status and the JSON-RPC error code of its reply. The codes
     -32051..-32053 are in JSON-RPC's server-error range and unused by the MCP spec
     (which assigns -32002 and -32042); protocol refusals use JSON-RPC's -32600, except
-    those MCP 2026-07-28 gives a code of its own (HeaderMismatch -32020).
+    those MCP 2026-07-28 gives a code of its own (HeaderMismatch -32020,
+    UnsupportedProtocolVersion -32022).
     """
 
     ALLOWED = ("allowed", 200, 0)
@@ -77,6 +78,7 @@ class Reason(enum.Enum):
     UNSUPPORTED_MEDIA = ("unsupported_media_type", 415, -32600)
     PARTIAL_BODY = ("partial_body", 413, -32600)
     METHOD_NOT_ALLOWED = ("method_not_allowed", 405, -32600)
+    UNSUPPORTED_VERSION = ("unsupported_protocol_version", 400, -32022)
 
     def __init__(self, code: str, status: int, rpc_code: int) -> None:
         self.code = code
@@ -103,7 +105,11 @@ _PROBLEM_REASON = {
     mcp.Problem.UNSUPPORTED_MEDIA: Reason.UNSUPPORTED_MEDIA,
     mcp.Problem.PARTIAL_BODY: Reason.PARTIAL_BODY,
     mcp.Problem.METHOD_NOT_ALLOWED: Reason.METHOD_NOT_ALLOWED,
+    mcp.Problem.UNSUPPORTED_VERSION: Reason.UNSUPPORTED_VERSION,
 }
+
+# Longest MCP-Protocol-Version value an unsupported-version refusal echoes.
+MAX_ECHOED_VERSION = 64
 
 
 # Frozen msgspec Structs for the same reason as in authz.mcp: a check builds several.
@@ -123,7 +129,8 @@ class Decision(msgspec.Struct, frozen=True):
     ``log_arguments``: the matched rule lets the audit line carry the call's arguments.
     ``dry_run``: a rule in dry-run mode governed the request. ``would_deny``: such a rule
     would have denied it (``message``, ``rule`` and ``counter`` then describe that denial),
-    and it was allowed.
+    and it was allowed. ``requested_version``: the protocol version an
+    ``unsupported_protocol_version`` refusal did not know.
     """
 
     reason: Reason
@@ -143,6 +150,7 @@ class Decision(msgspec.Struct, frozen=True):
     dry_run: bool = False
     would_deny: Reason | None = None
     approval_id: str | None = None
+    requested_version: str | None = None
 
     @property
     def allowed(self) -> bool:
@@ -170,6 +178,10 @@ class Decision(msgspec.Struct, frozen=True):
             data["element"] = self.element
         if self.approval_id is not None:
             data["approvalId"] = self.approval_id
+        if self.requested_version is not None:
+            # MCP's UnsupportedProtocolVersionError: what to retry with, what was asked for.
+            data["supported"] = list(mcp.PROTOCOL_VERSIONS)
+            data["requested"] = self.requested_version
         return data
 
     def reply_body(self) -> bytes:
@@ -300,11 +312,15 @@ def plan(policy: Policy, request: mcp.HttpRequest, grant: str | None) -> Plan:
     try:
         body = _parse(request, policy.max_json_members)
     except mcp.Malformed as exc:
+        requested = None
+        if exc.problem is mcp.Problem.UNSUPPORTED_VERSION:
+            requested = request.headers.get("mcp-protocol-version", "")[:MAX_ECHOED_VERSION]
         refusal = Decision(
             reason=_PROBLEM_REASON[exc.problem],
             message=f"policy violation: malformed request: {exc.detail}",
             grant=grant,
             ids=exc.ids,
+            requested_version=requested,
         )
         return Plan(policy, grant, refusal=refusal)
     if body is None:
@@ -681,6 +697,7 @@ def _parse(request: mcp.HttpRequest, max_json_members: int) -> mcp.Body | None:
     if method in BODYLESS_METHODS:
         if request.body:
             raise mcp.Malformed(mcp.Problem.MALFORMED, f"{method} request with a body")
+        mcp.protocol_version(request.headers)
         return None
     if method != "POST":
         raise mcp.Malformed(mcp.Problem.METHOD_NOT_ALLOWED, f"HTTP method {method} not allowed")

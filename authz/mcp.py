@@ -88,6 +88,18 @@ _FOLDED_METHODS = {m.casefold(): m for m in KNOWN_METHODS}
 
 NOTIFICATION_PREFIX = "notifications/"
 
+# The protocol revisions whose HTTP transport mcp-authz knows, newest first: what an
+# unsupported-version refusal lists. A request without MCP-Protocol-Version is 2025-03-26
+# (the spec lets servers assume so); any other value is refused, because what the headers
+# and Mcp-Session-Id mean depends on it.
+PROTOCOL_VERSIONS = ("2026-07-28", "2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
+# Revisions without sessions (MCP 2026-07-28): every request names its version in
+# params._meta, and a POST carries Mcp-Method (and Mcp-Name where NAMED_BY_HEADER says).
+STATELESS_VERSIONS = frozenset({"2026-07-28"})
+VERSION_META = "io.modelcontextprotocol/protocolVersion"
+# The methods whose target MCP 2026-07-28 requires in Mcp-Name.
+NAMED_BY_HEADER = frozenset({"tools/call", "resources/read", "prompts/get"})
+
 _REQUEST_MEMBERS = frozenset({"jsonrpc", "id", "method", "params"})
 _RESPONSE_MEMBERS = frozenset({"jsonrpc", "id", "result", "error"})
 
@@ -106,6 +118,7 @@ class Problem(enum.Enum):
     UNSUPPORTED_MEDIA = "unsupported_media_type"
     PARTIAL_BODY = "partial_body"
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    UNSUPPORTED_VERSION = "unsupported_protocol_version"
 
 
 class Malformed(Exception):
@@ -146,6 +159,8 @@ class Message(msgspec.Struct, frozen=True):
     id: str | int | None
     name: str | None = None
     arguments: Mapping[str, Any] = msgspec.field(default_factory=dict)
+    # The protocol version params._meta names (MCP 2026-07-28), if any.
+    protocol_version: str | None = None
 
 
 class Body(msgspec.Struct, frozen=True):
@@ -243,6 +258,12 @@ def _request(
     params = raw.get("params", {})
     if not isinstance(params, dict):
         raise Malformed(Problem.MALFORMED, f"{where}params must be an object", ids)
+    meta = params.get("_meta")
+    version = meta.get(VERSION_META) if isinstance(meta, dict) else None
+    if version is not None and not isinstance(version, str):
+        raise Malformed(
+            Problem.MALFORMED, f"{where}params._meta {VERSION_META} must be a string", ids
+        )
     name: str | None = None
     arguments: Mapping[str, Any] = {}
     name_param = NAME_PARAM.get(method)
@@ -272,6 +293,7 @@ def _request(
         id=raw.get("id"),
         name=name,
         arguments=arguments,
+        protocol_version=version,
     )
 
 
@@ -306,23 +328,74 @@ def decode_header_value(value: str, ids: tuple[str | int | None, ...] = ()) -> s
     return value
 
 
-def check_headers(headers: Mapping[str, str], body: Body) -> None:
-    """MCP 2026-07-28 (SEP-2243): ``Mcp-Method``/``Mcp-Name`` must agree with the body.
+def protocol_version(
+    headers: Mapping[str, str], ids: tuple[str | int | None, ...] = ()
+) -> str | None:
+    """The ``MCP-Protocol-Version`` of a request (``None``: 2025-03-26, which had none);
+    a revision mcp-authz does not know is refused (MCP: 400, UnsupportedProtocolVersion)."""
+    version = headers.get("mcp-protocol-version")
+    if version is not None and version not in PROTOCOL_VERSIONS:
+        raise Malformed(Problem.UNSUPPORTED_VERSION, "unsupported MCP protocol version", ids)
+    return version
 
-    The body stays the source of truth; a disagreement means some hop would route or
-    authorize on a different message than the server runs, so it is refused. Only
-    ``Mcp-Name`` may carry the base64 form; ``Mcp-Method`` is compared as written.
+
+def stateless(headers: Mapping[str, str]) -> bool:
+    """The request speaks a revision without sessions (MCP 2026-07-28)."""
+    return headers.get("mcp-protocol-version") in STATELESS_VERSIONS
+
+
+def check_headers(headers: Mapping[str, str], body: Body) -> None:
+    """The protocol version is known, and the headers agree with the body.
+
+    MCP 2026-07-28 (SEP-2243) mirrors the method and target in ``Mcp-Method``/``Mcp-Name``
+    and the version in params._meta. The body stays the source of truth; a disagreement
+    means some hop would route, count or authorize on a different message than the server
+    runs, so it is refused. Only ``Mcp-Name`` may carry the base64 form; ``Mcp-Method`` is
+    compared as written. On that revision the headers are required and a POST carries
+    one message.
     """
+    ids = body.ids
+    version = protocol_version(headers, ids)
+    required = version in STATELESS_VERSIONS
+    for message in body.messages:
+        # A dual-era server serves a body whose _meta names a version by that version:
+        # the header (which says whether Mcp-Session-Id means anything) must say the same.
+        named = message.protocol_version
+        if (named is not None or (required and message.kind is Kind.REQUEST)) and (
+            named != version
+        ):
+            raise Malformed(
+                Problem.HEADER_MISMATCH,
+                f"MCP-Protocol-Version header does not match the protocol version in "
+                f"params._meta {VERSION_META}",
+                ids,
+            )
     header_method = headers.get("mcp-method")
     header_name = headers.get("mcp-name")
-    if header_method is None and header_name is None:
-        return
-    ids = body.ids
     if body.batch:
-        raise Malformed(
-            Problem.HEADER_MISMATCH, "Mcp-Method/Mcp-Name headers cannot describe a batch", ids
-        )
+        if required:
+            raise Malformed(
+                Problem.MALFORMED, f"MCP {version} carries one message per POST, not a batch", ids
+            )
+        if header_method is not None or header_name is not None:
+            raise Malformed(
+                Problem.HEADER_MISMATCH,
+                "Mcp-Method/Mcp-Name headers cannot describe a batch",
+                ids,
+            )
+        return
     message = body.messages[0]
+    if required and message.kind is Kind.REQUEST:
+        if header_method is None:
+            raise Malformed(
+                Problem.HEADER_MISMATCH, f"Mcp-Method header is required by MCP {version}", ids
+            )
+        if header_name is None and message.method in NAMED_BY_HEADER:
+            raise Malformed(
+                Problem.HEADER_MISMATCH,
+                f"Mcp-Name header is required by MCP {version} for {message.method}",
+                ids,
+            )
     if header_method is not None and header_method != message.method:
         raise Malformed(Problem.HEADER_MISMATCH, "Mcp-Method header does not match the body", ids)
     if header_name is not None and decode_header_value(header_name, ids) != message.name:

@@ -67,6 +67,7 @@ DOCUMENTED = {
     "unsupported_media_type": (415, -32600),
     "partial_body": (413, -32600),
     "method_not_allowed": (405, -32600),
+    "unsupported_protocol_version": (400, -32022),
 }
 
 
@@ -101,6 +102,26 @@ def b64(text: str | bytes) -> str:
 
 DENIED = j(call())
 ALLOWED = j(allowed_call())
+
+# MCP 2026-07-28: no session, the version in params._meta, Mcp-Method/Mcp-Name required.
+MODERN = "2026-07-28"
+MODERN_META = {
+    "io.modelcontextprotocol/protocolVersion": MODERN,
+    "io.modelcontextprotocol/clientInfo": {"name": "bypass-corpus", "version": "1"},
+    "io.modelcontextprotocol/clientCapabilities": {},
+}
+
+
+def modern(doc: dict[str, Any]) -> dict[str, Any]:
+    return {**doc, "params": {**doc.get("params", {}), "_meta": MODERN_META}}
+
+
+def modern_headers(name: str, method: str = "tools/call") -> tuple[tuple[str, str], ...]:
+    return (("mcp-protocol-version", MODERN), ("mcp-method", method), ("mcp-name", name))
+
+
+MODERN_DENIED = j(modern(call()))
+MODERN_ALLOWED = j(modern(allowed_call()))
 
 
 # --- the corpus ---------------------------------------------------------------------------
@@ -321,6 +342,56 @@ CORPUS: list[Variant] = [
         "allowed",
         ("mcp-method", "tools/call"),
         ("mcp-name", "containerize_app"),
+    ),
+    # MCP 2026-07-28: the protocol version is known, the required headers are there, the
+    # body's _meta names the version the header does, one message per POST.
+    v(
+        "version-unknown",
+        ALLOWED,
+        "unsupported_protocol_version",
+        ("mcp-protocol-version", "2099-01-01"),
+        echo_id=1,
+    ),
+    v(
+        "version-padded",
+        DENIED,
+        "unsupported_protocol_version",
+        ("mcp-protocol-version", "2026-07-28x"),
+    ),
+    v("modern-allowed", MODERN_ALLOWED, "allowed", *modern_headers("containerize_app")),
+    v("modern-denied", MODERN_DENIED, "denied_by_rule", *modern_headers(DENIED_TOOL)),
+    v(
+        "modern-no-mcp-method",
+        MODERN_DENIED,
+        "header_mismatch",
+        *modern_headers(DENIED_TOOL)[::2],
+        echo_id=1,
+    ),
+    v(
+        "modern-no-mcp-name",
+        MODERN_ALLOWED,
+        "header_mismatch",
+        *modern_headers("containerize_app")[:2],
+        echo_id=1,
+    ),
+    v(
+        "modern-body-session-header",
+        MODERN_ALLOWED,
+        "header_mismatch",
+        ("mcp-protocol-version", "2025-11-25"),
+        *modern_headers("containerize_app")[1:],
+    ),
+    v(
+        "modern-header-legacy-body",
+        ALLOWED,
+        "header_mismatch",
+        *modern_headers("containerize_app"),
+    ),
+    v(
+        "modern-batch",
+        j([modern(allowed_call())]),
+        "malformed_request",
+        ("mcp-protocol-version", MODERN),
     ),
     # Content encodings: the gateway must read the bytes the server reads.
     v("enc-gzip", gzip.compress(DENIED), "unsupported_media_type", ("content-encoding", "gzip")),
@@ -607,8 +678,9 @@ def allow_default(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
 
 
 def _send(corpus: Corpus, variant: Variant, http2: bool) -> httpx.Response:
-    headers: list[tuple[str, str]] = list(corpus.base_headers().items())
     names = {name for name, _ in variant.headers}
+    # A variant's own header replaces the session's (e.g. another protocol version).
+    headers = [(k, x) for k, x in corpus.base_headers().items() if k not in names]
     if not variant.no_content_type and "content-type" not in names:
         headers.append(("content-type", "application/json"))
     if not variant.no_auth:

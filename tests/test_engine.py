@@ -682,3 +682,56 @@ async def test_a_header_mismatch_is_mcps_header_mismatch_error(engine: Engine) -
     assert decision.reason is Reason.HEADER_MISMATCH and decision.reason.status == 400
     reply = json.loads(decision.reply_body())
     assert (reply["id"], reply["error"]["code"]) == (8, -32020)
+
+
+MODERN = "2026-07-28"
+META = {"io.modelcontextprotocol/protocolVersion": MODERN}
+
+
+def modern_call(name: str, id_: int | str = 1, **arguments: Any) -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "id": id_,
+        "method": "tools/call",
+        "params": {"name": name, "arguments": arguments, "_meta": META},
+    }
+
+
+def modern_headers(name: str, **extra: str) -> dict[str, str]:
+    return {
+        "mcp-protocol-version": MODERN,
+        "mcp-method": "tools/call",
+        "mcp-name": name,
+        **extra,
+    }
+
+
+async def test_an_unknown_protocol_version_is_refused_as_the_spec_says(engine: Engine) -> None:
+    """400 with UnsupportedProtocolVersionError: -32022, data.supported and data.requested."""
+    request = post(call("containerize_app", id_=3), **{"mcp-protocol-version": "2027-01-01"})
+    decision = (await engine.check(request)).decision
+    assert decision.reason is Reason.UNSUPPORTED_VERSION and decision.reason.status == 400
+    reply = json.loads(decision.reply_body())
+    assert (reply["id"], reply["error"]["code"]) == (3, -32022)
+    data = reply["error"]["data"]
+    assert data["reason"] == "unsupported_protocol_version"
+    assert data["requested"] == "2027-01-01"
+    assert data["supported"][0] == MODERN and "2025-11-25" in data["supported"]
+    # A stream request is refused too, and a long value is not echoed whole.
+    get = HttpRequest(method="GET", headers={"mcp-protocol-version": "x" * 5000}, body=b"")
+    refused = (await engine.check(get)).decision
+    assert refused.reason is Reason.UNSUPPORTED_VERSION
+    assert len(json.loads(refused.reply_body())["error"]["data"]["requested"]) <= 64
+
+
+async def test_modern_requests_without_the_required_headers_are_refused(engine: Engine) -> None:
+    ok = post(modern_call("containerize_app"), **modern_headers("containerize_app"))
+    assert (await engine.check(ok)).decision.allowed
+    for drop in ("mcp-method", "mcp-name"):
+        headers = {k: v for k, v in modern_headers("containerize_app").items() if k != drop}
+        decision = (
+            await engine.check(post(modern_call("containerize_app", 2), **headers))
+        ).decision
+        assert decision.reason is Reason.HEADER_MISMATCH, drop
+        reply = json.loads(decision.reply_body())
+        assert (reply["id"], reply["error"]["code"]) == (2, -32020)

@@ -451,3 +451,107 @@ def test_notification_look_alikes_are_refused() -> None:
     ):
         err = refused(body({"jsonrpc": "2.0", "method": method}))
         assert "exact" in err.detail
+
+
+# --- MCP 2026-07-28: the protocol version, required headers, _meta -------------------------
+
+MODERN = "2026-07-28"
+META = {
+    "io.modelcontextprotocol/protocolVersion": MODERN,
+    "io.modelcontextprotocol/clientCapabilities": {},
+}
+
+
+def modern(method: str, id_: object = 1, **params: object) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "jsonrpc": "2.0",
+        "method": method,
+        "params": {**params, "_meta": META},
+    }
+    if id_ is not None:
+        doc["id"] = id_
+    return doc
+
+
+def headers_for(doc: dict[str, object], **extra: str) -> dict[str, str]:
+    params = doc.get("params")
+    assert isinstance(params, dict)
+    name = params.get("name", params.get("uri"))
+    out = {"mcp-protocol-version": MODERN, "mcp-method": str(doc["method"])}
+    if isinstance(name, str):
+        out["mcp-name"] = name
+    return {**out, **extra}
+
+
+def mismatch(headers: dict[str, str], doc: object) -> Malformed:
+    with pytest.raises(Malformed) as info:
+        mcp.check_headers(headers, mcp.parse_body(body(doc)))
+    return info.value
+
+
+def test_known_protocol_versions_pass_and_others_are_refused() -> None:
+    parsed = mcp.parse_body(body(call(id_=4)))
+    mcp.check_headers({}, parsed)  # no header: 2025-03-26, sessions
+    for version in ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"):
+        mcp.check_headers({"mcp-protocol-version": version}, parsed)
+    for version in ("", "2026-07-29", "1900-01-01", "2025-11-25 ", "latest", "2026-07-28,x"):
+        err = mismatch({"mcp-protocol-version": version}, call(id_=4))
+        assert err.problem is Problem.UNSUPPORTED_VERSION, version
+        assert err.ids == (4,)
+    assert mcp.PROTOCOL_VERSIONS[0] == MODERN
+    with pytest.raises(Malformed) as info:
+        mcp.protocol_version({"mcp-protocol-version": "2099-01-01"})
+    assert info.value.problem is Problem.UNSUPPORTED_VERSION
+
+
+def test_modern_requests_carry_mcp_method_and_mcp_name() -> None:
+    for doc in (
+        modern("tools/call", name="containerize_app", arguments={}),
+        modern("resources/read", uri="ecs://clusters/default"),
+        modern("prompts/get", name="deploy_checklist"),
+        modern("tools/list"),
+        modern("server/discover"),
+    ):
+        mcp.check_headers(headers_for(doc), mcp.parse_body(body(doc)))
+        without_method = {k: v for k, v in headers_for(doc).items() if k != "mcp-method"}
+        err = mismatch(without_method, doc)
+        assert err.problem is Problem.HEADER_MISMATCH and "Mcp-Method" in err.detail
+        assert err.ids == (1,)
+        if "mcp-name" in headers_for(doc):
+            without_name = {k: v for k, v in headers_for(doc).items() if k != "mcp-name"}
+            err = mismatch(without_name, doc)
+            assert err.problem is Problem.HEADER_MISMATCH and "Mcp-Name" in err.detail
+    # The same request under a session-based revision needs no headers.
+    legacy = call()
+    mcp.check_headers({"mcp-protocol-version": "2025-11-25"}, mcp.parse_body(body(legacy)))
+    # Notifications: this revision defines no header requirement for them.
+    note = modern("notifications/cancelled", id_=None, requestId=1)
+    mcp.check_headers({"mcp-protocol-version": MODERN}, mcp.parse_body(body(note)))
+
+
+def test_a_modern_post_is_one_message() -> None:
+    doc = modern("tools/list")
+    err = mismatch(headers_for(doc), [doc])
+    assert err.problem is Problem.MALFORMED and "batch" in err.detail
+
+
+def test_the_body_and_the_header_name_the_same_protocol_version() -> None:
+    doc = modern("tools/list", id_=6)
+    # A modern body under a session-era header (or none): a dual-era server serves the body
+    # statelessly while the headers claim a session.
+    for version in ("2025-11-25", None):
+        headers = headers_for(doc)
+        if version is None:
+            del headers["mcp-protocol-version"]
+        else:
+            headers["mcp-protocol-version"] = version
+        err = mismatch(headers, doc)
+        assert err.problem is Problem.HEADER_MISMATCH and "protocol version" in err.detail
+        assert err.ids == (6,)
+    # A modern header on a request without the version in _meta.
+    bare = {"jsonrpc": "2.0", "id": 6, "method": "tools/list", "params": {}}
+    err = mismatch(headers_for({**bare}), bare)
+    assert err.problem is Problem.HEADER_MISMATCH
+    # Not a string: malformed whatever the header says.
+    odd = {**doc, "params": {"_meta": {"io.modelcontextprotocol/protocolVersion": 20260728}}}
+    assert refused(body(odd)).problem is Problem.MALFORMED

@@ -413,13 +413,15 @@ def check_media(headers: Mapping[str, str]) -> None:
 
 
 def session_id(headers: Mapping[str, str]) -> str | None:
-    """The ``Mcp-Session-Id`` of a request, or ``None`` (stateless requests carry none).
+    """The ``Mcp-Session-Id`` of a request, or ``None`` for a stateless request: one
+    without the header, or one on a revision without sessions (MCP 2026-07-28), where the
+    server ignores it, so a made-up id must not open a session budget of its own.
 
     It is client-supplied and ends up (hashed) in counter keys, so it must be what the
     MCP spec allows: visible ASCII only; and no longer than any real server issues.
     """
     value = headers.get("mcp-session-id")
-    if value is None:
+    if value is None or stateless(headers):
         return None
     if not 1 <= len(value) <= MAX_SESSION_ID or not all("!" <= ch <= "~" for ch in value):
         raise Malformed(

@@ -735,3 +735,50 @@ async def test_modern_requests_without_the_required_headers_are_refused(engine: 
         assert decision.reason is Reason.HEADER_MISMATCH, drop
         reply = json.loads(decision.reply_body())
         assert (reply["id"], reply["error"]["code"]) == (2, -32020)
+
+
+STATELESS_SESSION_POLICY = {
+    "version": "1",
+    "default": "deny",
+    "tools": {
+        "containerize_app": {
+            "limits": [{"counter": "per_session", "window": "hour", "max": 2, "scope": "session"}]
+        }
+    },
+}
+
+
+async def test_a_stateless_request_opens_no_session_budget(clock: Clock) -> None:
+    """MCP 2026-07-28 has no sessions: the upstream ignores Mcp-Session-Id, so inventing
+    one per call must not open a budget; session limits count against the grant."""
+    engine = Engine(compile_policy(STATELESS_SESSION_POLICY), open_store("memory://"), clock=clock)
+    allowed = 0
+    for i in range(6):
+        headers = modern_headers("containerize_app", **{"mcp-session-id": f"random-{i}"})
+        decision = (
+            await engine.check(post(modern_call("containerize_app", i), **headers))
+        ).decision
+        allowed += decision.allowed
+        if not decision.allowed:
+            assert decision.reason is Reason.RATE_LIMITED
+    assert allowed == 2
+    # The grant's budget is the one spent: a stateless call without the header is refused
+    # too, and adding a session id gains nothing.
+    bare = post(modern_call("containerize_app", 7), **modern_headers("containerize_app"))
+    assert (await engine.check(bare)).decision.reason is Reason.RATE_LIMITED
+    for session in ("x0", "x1"):
+        headers = modern_headers("containerize_app", **{"mcp-session-id": session})
+        decision = (await engine.check(post(modern_call("containerize_app"), **headers))).decision
+        assert decision.reason is Reason.RATE_LIMITED
+    # Another grant has its own budget.
+    other = post(
+        modern_call("containerize_app"), token="tok-B", **modern_headers("containerize_app")
+    )
+    assert (await engine.check(other)).decision.allowed
+
+
+async def test_a_stateless_request_ignores_a_session_id_it_could_not_use(clock: Clock) -> None:
+    """The spec tells a 2026-07-28 server to ignore Mcp-Session-Id; so does mcp-authz."""
+    engine = Engine(compile_policy(STATELESS_SESSION_POLICY), open_store("memory://"), clock=clock)
+    headers = modern_headers("containerize_app", **{"mcp-session-id": "has space"})
+    assert (await engine.check(post(modern_call("containerize_app"), **headers))).decision.allowed

@@ -258,6 +258,12 @@ def test_session_id() -> None:
         with pytest.raises(Malformed) as info:
             mcp.session_id({"mcp-session-id": bad})
         assert info.value.problem is Problem.MALFORMED
+    # MCP 2026-07-28 has no sessions: the header means nothing there.
+    for value in ("0f8a", "has space"):
+        headers = {"mcp-session-id": value, "mcp-protocol-version": "2026-07-28"}
+        assert mcp.session_id(headers) is None
+    legacy = {"mcp-session-id": "0f8a", "mcp-protocol-version": "2025-11-25"}
+    assert mcp.session_id(legacy) == "0f8a"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,177 @@
+"""MCP 2026-07-28 end to end: a real Envoy, mcp-authz with a real redis-server, the demo
+MCP upstream (official SDK, which serves that revision statelessly) and the official SDK
+client.
+
+Budgets: the revision has no sessions, so a made-up ``Mcp-Session-Id`` must not open a
+session budget; session-scoped limits count against the grant. Headers: what the spec
+requires of a POST, and what a gateway that reads the body must refuse. Each refusal is
+checked where it matters, in the upstream's own record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.clients import McpCallError, sdk_call_tool
+from tests.support.redis_server import running_redis
+from tests.support.stack import Stack, mcp_stack
+
+pytestmark = pytest.mark.e2e
+
+MODERN = "2026-07-28"
+META = {
+    "io.modelcontextprotocol/protocolVersion": MODERN,
+    "io.modelcontextprotocol/clientInfo": {"name": "protocol-2026-test", "version": "1"},
+    "io.modelcontextprotocol/clientCapabilities": {},
+}
+
+POLICY = {
+    "version": "1",
+    "default": "deny",
+    "tools": {
+        "containerize_app": {
+            "limits": [{"counter": "per_session", "window": "hour", "max": 2, "scope": "session"}]
+        },
+        "delete_app": {"action": "deny", "reason": "deleting needs a human"},
+    },
+}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+def new_token() -> str:
+    return f"tok-{uuid.uuid4().hex}"
+
+
+def grant_id(token: str) -> str:
+    return "b-" + hashlib.sha256(token.encode()).hexdigest()[:24]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("protocol-2026")
+    policy = tmp / "policy.json"
+    policy.write_text(json.dumps(POLICY))
+    with running_redis(tmp) as redis, mcp_stack(tmp, policy, ["--redis", redis.url]) as s:
+        yield s
+
+
+def modern_call(name: str, id_: Any = 1, **arguments: Any) -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "id": id_,
+        "method": "tools/call",
+        "params": {"name": name, "arguments": arguments, "_meta": META},
+    }
+
+
+def post(stack: Stack, doc: object, headers: dict[str, str]) -> httpx.Response:
+    base = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
+    return httpx.post(stack.url, content=json.dumps(doc), headers={**base, **headers}, timeout=10)
+
+
+def modern_headers(doc: dict[str, Any], token: str, **extra: str) -> dict[str, str]:
+    headers = {"mcp-protocol-version": MODERN, "mcp-method": doc["method"], **bearer(token)}
+    name = doc["params"].get("name", doc["params"].get("uri"))
+    if name is not None:
+        headers["mcp-name"] = name
+    return {**headers, **extra}
+
+
+def calls_reaching(stack: Stack, token: str, tool: str) -> int:
+    return sum(
+        1
+        for r in stack.recorded()
+        if r["grant"] == grant_id(token)
+        for m in (r["jsonrpc"] or [])
+        if m.get("method") == "tools/call" and m.get("tool") == tool
+    )
+
+
+def assert_denied(resp: httpx.Response, status: int, reason: str, code: int) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"] == "application/json"
+    reply: dict[str, Any] = resp.json()
+    assert reply["error"]["code"] == code, reply
+    assert reply["error"]["data"]["reason"] == reason
+    assert reply["error"]["message"].startswith("policy violation:")
+    return reply
+
+
+# --- budgets: no session on a sessionless revision -----------------------------------------
+
+
+def test_a_new_session_id_per_call_gets_no_new_session_budget(stack: Stack) -> None:
+    token = new_token()
+    statuses = []
+    for i in range(6):
+        doc = modern_call("containerize_app", i, app_path="/srv")
+        headers = modern_headers(doc, token, **{"mcp-session-id": uuid.uuid4().hex})
+        statuses.append(post(stack, doc, headers).status_code)
+    assert statuses == [200, 200, 429, 429, 429, 429]
+    assert calls_reaching(stack, token, "containerize_app") == 2
+
+
+def test_a_spent_budget_is_not_reopened_by_adding_a_session_id(stack: Stack) -> None:
+    token = new_token()
+    for i in range(2):
+        doc = modern_call("containerize_app", i, app_path="/srv")
+        assert post(stack, doc, modern_headers(doc, token)).status_code == 200
+    doc = modern_call("containerize_app", 9, app_path="/srv")
+    refused = post(stack, doc, modern_headers(doc, token))
+    assert_denied(refused, 429, "rate_limited", -32052)
+    for session in ("x0", "x1"):
+        resp = post(stack, doc, modern_headers(doc, token, **{"mcp-session-id": session}))
+        reply = assert_denied(resp, 429, "rate_limited", -32052)
+        assert reply["id"] == 9
+    assert calls_reaching(stack, token, "containerize_app") == 2
+
+
+async def test_the_official_client_with_made_up_session_ids_gets_two_calls(stack: Stack) -> None:
+    """The SDK client speaks 2026-07-28 to this upstream; a session header it is told to
+    send on every request changes nothing."""
+    token = new_token()
+    results: list[str | int | None] = []
+    for _ in range(4):
+        headers = {**bearer(token), "Mcp-Session-Id": uuid.uuid4().hex}
+        try:
+            text = await sdk_call_tool(stack.url, "containerize_app", {"app_path": "/a"}, headers)
+            results.append(text.split(":")[0])
+        except McpCallError as exc:
+            results.append(exc.code)
+    assert results == ["Containerized /a", "Containerized /a", -32052, -32052]
+    assert calls_reaching(stack, token, "containerize_app") == 2
+
+
+# --- the headers a 2026-07-28 POST must carry ----------------------------------------------
+
+
+def test_required_headers_and_the_protocol_version(stack: Stack) -> None:
+    token = new_token()
+    before = len(stack.recorded())
+    doc = modern_call("containerize_app", "r-1", app_path="/srv")
+    full = modern_headers(doc, token)
+    for missing in ("mcp-method", "mcp-name"):
+        headers = {k: v for k, v in full.items() if k != missing}
+        reply = assert_denied(post(stack, doc, headers), 400, "header_mismatch", -32020)
+        assert reply["id"] == "r-1"
+    session_era = {**full, "mcp-protocol-version": "2025-11-25"}
+    assert_denied(post(stack, doc, session_era), 400, "header_mismatch", -32020)
+    unknown = {**full, "mcp-protocol-version": "2099-01-01"}
+    reply = assert_denied(post(stack, doc, unknown), 400, "unsupported_protocol_version", -32022)
+    assert reply["id"] == "r-1"
+    assert reply["error"]["data"]["requested"] == "2099-01-01"
+    assert MODERN in reply["error"]["data"]["supported"]
+    assert len(stack.recorded()) == before
+    # The same request with every header reaches the upstream and runs.
+    ok = post(stack, doc, full)
+    assert ok.status_code == 200 and "Containerized /srv" in ok.text

@@ -300,7 +300,7 @@ def rule_for(policy: Policy, msg: mcp.Message) -> Rule:
     """The rule governing a governed message (see :data:`UNGOVERNED`)."""
     if msg.method == "tools/call":
         return policy.rule_for_tool(msg.name or "")
-    if msg.method in ("resources/read", "resources/subscribe"):
+    if msg.method in ("resources/read", "resources/subscribe", mcp.LISTEN):
         return policy.rule_for_resource(msg.name or "")
     if msg.method == "prompts/get":
         return policy.rule_for_prompt(msg.name or "")
@@ -325,14 +325,31 @@ def plan(policy: Policy, request: mcp.HttpRequest, grant: str | None) -> Plan:
         return Plan(policy, grant, refusal=refusal)
     if body is None:
         return Plan(policy, grant)
-    steps = tuple(_step(policy, msg, grant, request.headers) for msg in body.messages)
+    steps = tuple(
+        _step(policy, target, grant, request.headers)
+        for msg in body.messages
+        for target in _targets(msg)
+    )
     return Plan(policy, grant, body=body, steps=steps)
+
+
+def _targets(msg: mcp.Message) -> tuple[mcp.Message, ...]:
+    """What the policy judges of a message: the message, or for a subscriptions/listen
+    that subscribes to resources, each of them as its target (governed as
+    resources/subscribe is; without any, the stream is lifecycle)."""
+    if not msg.subscriptions:
+        return (msg,)
+    return tuple(replace(msg, name=uri) for uri in msg.subscriptions)
 
 
 def _step(policy: Policy, msg: mcp.Message, grant: str | None, headers: Mapping[str, str]) -> Step:
     if msg.kind is mcp.Kind.RESPONSE or msg.method is None:
         return Step(msg, None)
-    if msg.method in UNGOVERNED or msg.method in mcp.NOTIFICATIONS:
+    if (
+        msg.method in UNGOVERNED
+        or msg.method in mcp.NOTIFICATIONS
+        or (msg.method == mcp.LISTEN and msg.name is None)
+    ):
         return Step(msg, None)
     rule = rule_for(policy, msg)
     subject = _subject(msg)

@@ -97,6 +97,10 @@ PROTOCOL_VERSIONS = ("2026-07-28", "2025-11-25", "2025-06-18", "2025-03-26", "20
 # params._meta, and a POST carries Mcp-Method (and Mcp-Name where NAMED_BY_HEADER says).
 STATELESS_VERSIONS = frozenset({"2026-07-28"})
 VERSION_META = "io.modelcontextprotocol/protocolVersion"
+# MCP 2026-07-28's long-lived notification stream (it replaces the GET stream); the
+# resources it subscribes to are in params.notifications.resourceSubscriptions.
+LISTEN = "subscriptions/listen"
+
 # The methods whose target MCP 2026-07-28 requires in Mcp-Name.
 NAMED_BY_HEADER = frozenset({"tools/call", "resources/read", "prompts/get"})
 
@@ -161,6 +165,8 @@ class Message(msgspec.Struct, frozen=True):
     arguments: Mapping[str, Any] = msgspec.field(default_factory=dict)
     # The protocol version params._meta names (MCP 2026-07-28), if any.
     protocol_version: str | None = None
+    # The resource URIs a subscriptions/listen subscribes to.
+    subscriptions: tuple[str, ...] = ()
 
 
 class Body(msgspec.Struct, frozen=True):
@@ -286,6 +292,7 @@ def _request(
         if not isinstance(args, dict):
             raise Malformed(Problem.MALFORMED, f"{where}params.arguments must be an object", ids)
         arguments = args
+    subscriptions = _subscriptions(where, params, ids) if method == LISTEN else ()
     return Message(
         index=max(index, 0),
         kind=kind,
@@ -294,7 +301,33 @@ def _request(
         name=name,
         arguments=arguments,
         protocol_version=version,
+        subscriptions=subscriptions,
     )
+
+
+def _subscriptions(
+    where: str, params: Mapping[str, Any], ids: tuple[str | int | None, ...]
+) -> tuple[str, ...]:
+    """The resource URIs a subscriptions/listen subscribes to, each checked as a
+    resources/subscribe URI is: the policy governs them by their exact text."""
+    notifications = params.get("notifications", {})
+    if not isinstance(notifications, dict):
+        raise Malformed(Problem.MALFORMED, f"{where}params.notifications must be an object", ids)
+    uris = notifications.get("resourceSubscriptions", [])
+    if not isinstance(uris, list) or not all(isinstance(uri, str) for uri in uris):
+        raise Malformed(
+            Problem.MALFORMED,
+            f"{where}params.notifications.resourceSubscriptions must be an array of strings",
+            ids,
+        )
+    if any(suspicious_name(uri) for uri in uris):
+        raise Malformed(
+            Problem.MALFORMED,
+            f"{where}params.notifications.resourceSubscriptions holds a URI with invisible, "
+            "blank or non-normalized characters",
+            ids,
+        )
+    return tuple(uris)
 
 
 def parse_body(body: bytes, max_members: int = MAX_MEMBERS) -> Body:

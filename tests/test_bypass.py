@@ -393,6 +393,32 @@ CORPUS: list[Variant] = [
         "malformed_request",
         ("mcp-protocol-version", MODERN),
     ),
+    # subscriptions/listen passes, but the resources it subscribes to are governed.
+    *(
+        v(
+            f"listen-{label}",
+            j(
+                modern(
+                    {
+                        "jsonrpc": "2.0",
+                        "id": 1,
+                        "method": "subscriptions/listen",
+                        "params": {"notifications": {"resourceSubscriptions": uris}},
+                    }
+                )
+            ),
+            outcome,
+            ("mcp-protocol-version", MODERN),
+            ("mcp-method", "subscriptions/listen"),
+            echo_id=1,
+        )
+        for label, uris, outcome in [
+            ("unlisted-resource", ["file:///etc/passwd"], "denied_by_default"),
+            ("resource-zero-width", ["file:///etc/\u200bpasswd"], "malformed_request"),
+            ("resource-not-string", [{"uri": "file:///etc/passwd"}], "malformed_request"),
+            ("resources-not-array", "file:///etc/passwd", "malformed_request"),
+        ]
+    ),
     # Content encodings: the gateway must read the bytes the server reads.
     v("enc-gzip", gzip.compress(DENIED), "unsupported_media_type", ("content-encoding", "gzip")),
     v(

@@ -782,3 +782,37 @@ async def test_a_stateless_request_ignores_a_session_id_it_could_not_use(clock: 
     engine = Engine(compile_policy(STATELESS_SESSION_POLICY), open_store("memory://"), clock=clock)
     headers = modern_headers("containerize_app", **{"mcp-session-id": "has space"})
     assert (await engine.check(post(modern_call("containerize_app"), **headers))).decision.allowed
+
+
+def listen(*uris: str, id_: int = 1) -> dict[str, Any]:
+    notifications: dict[str, Any] = {"toolsListChanged": True}
+    if uris:
+        notifications["resourceSubscriptions"] = list(uris)
+    return {
+        "jsonrpc": "2.0",
+        "id": id_,
+        "method": "subscriptions/listen",
+        "params": {"notifications": notifications, "_meta": META},
+    }
+
+
+LISTEN_HEADERS = {"mcp-protocol-version": MODERN, "mcp-method": "subscriptions/listen"}
+
+
+async def test_subscriptions_listen_passes_and_its_resources_follow_the_resource_rules(
+    language: Engine,
+) -> None:
+    """It replaces the GET stream (lifecycle); the resources it subscribes to are governed
+    as resources/subscribe is."""
+    bare = post(listen(), token=None, **LISTEN_HEADERS)
+    assert (await language.check(bare)).decision.allowed
+    allowed = post(listen("ecs://clusters/default", "ecs://clusters/prod"), **LISTEN_HEADERS)
+    assert (await language.check(allowed)).decision.allowed
+    denied = post(listen("ecs://clusters/default", "patient://p-0042", id_=4), **LISTEN_HEADERS)
+    decision = (await language.check(denied)).decision
+    assert decision.reason is Reason.DENIED_BY_RULE
+    assert decision.rule == "resources.patient://*"
+    assert "patient://" not in decision.message and "p-0042" not in decision.message
+    assert json.loads(decision.reply_body())["id"] == 4
+    unknown = post(listen("file:///etc/passwd"), **LISTEN_HEADERS)
+    assert (await language.check(unknown)).decision.reason is Reason.DENIED_BY_DEFAULT

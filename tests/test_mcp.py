@@ -561,3 +561,40 @@ def test_the_body_and_the_header_name_the_same_protocol_version() -> None:
     # Not a string: malformed whatever the header says.
     odd = {**doc, "params": {"_meta": {"io.modelcontextprotocol/protocolVersion": 20260728}}}
     assert refused(body(odd)).problem is Problem.MALFORMED
+
+
+def listen(notifications: object, id_: object = 1) -> dict[str, object]:
+    return {
+        "jsonrpc": "2.0",
+        "id": id_,
+        "method": "subscriptions/listen",
+        "params": {"notifications": notifications, "_meta": META},
+    }
+
+
+def test_subscriptions_listen_carries_its_resource_subscriptions() -> None:
+    uris = ["ecs://clusters/default", "file:///tmp/a%20b"]
+    (msg,) = mcp.parse_body(
+        body(listen({"toolsListChanged": True, "resourceSubscriptions": uris}))
+    ).messages
+    assert msg.method == "subscriptions/listen" and msg.name is None
+    assert msg.subscriptions == tuple(uris)
+    (bare,) = mcp.parse_body(body(listen({"toolsListChanged": True}))).messages
+    assert bare.subscriptions == ()
+
+
+@pytest.mark.parametrize(
+    ("notifications", "fragment"),
+    [
+        ([], "notifications must be an object"),
+        ({"resourceSubscriptions": "ecs://x"}, "must be an array of strings"),
+        ({"resourceSubscriptions": [1]}, "must be an array of strings"),
+        ({"resourceSubscriptions": [None]}, "must be an array of strings"),
+        ({"resourceSubscriptions": ["ecs://x\u200b"]}, "invisible"),
+        ({"resourceSubscriptions": [" ecs://x"]}, "invisible"),
+    ],
+)
+def test_subscriptions_listen_refusals(notifications: object, fragment: str) -> None:
+    err = refused(body(listen(notifications, id_="L")))
+    assert err.problem is Problem.MALFORMED and fragment in err.detail
+    assert err.ids == ("L",)

@@ -41,6 +41,10 @@ POLICY = {
         },
         "delete_app": {"action": "deny", "reason": "deleting needs a human"},
     },
+    "resources": {
+        "ecs://clusters/*": {},
+        "patient://*": {"action": "deny", "reason": "no patient records"},
+    },
 }
 
 
@@ -175,3 +179,62 @@ def test_required_headers_and_the_protocol_version(stack: Stack) -> None:
     # The same request with every header reaches the upstream and runs.
     ok = post(stack, doc, full)
     assert ok.status_code == 200 and "Containerized /srv" in ok.text
+
+
+# --- subscriptions/listen: lifecycle, with the resources it subscribes to governed ---------
+
+
+def listen(*uris: str, id_: Any = 1) -> dict[str, Any]:
+    notifications: dict[str, Any] = {"toolsListChanged": True}
+    if uris:
+        notifications["resourceSubscriptions"] = list(uris)
+    return {
+        "jsonrpc": "2.0",
+        "id": id_,
+        "method": "subscriptions/listen",
+        "params": {"notifications": notifications, "_meta": META},
+    }
+
+
+def open_listen(stack: Stack, doc: dict[str, Any], token: str) -> tuple[int, str, str]:
+    """Open the stream, read its first line, hang up (it stays open otherwise)."""
+    headers = {
+        "content-type": "application/json",
+        "accept": "application/json, text/event-stream",
+        **modern_headers(doc, token),
+    }
+    with httpx.stream(
+        "POST", stack.url, content=json.dumps(doc), headers=headers, timeout=10
+    ) as resp:
+        first = next(resp.iter_lines(), "") if resp.status_code == 200 else resp.read().decode()
+        return resp.status_code, resp.headers.get("content-type", ""), first
+
+
+def listens_reaching(stack: Stack, token: str) -> int:
+    return sum(
+        1
+        for r in stack.recorded()
+        if r["grant"] == grant_id(token)
+        for m in (r["jsonrpc"] or [])
+        if m.get("method") == "subscriptions/listen"
+    )
+
+
+def test_subscriptions_listen_passes_and_a_denied_resource_in_it_is_refused(
+    stack: Stack,
+) -> None:
+    token = new_token()
+    for doc in (listen(), listen("ecs://clusters/default")):
+        status, content_type, _ = open_listen(stack, doc, token)
+        assert status == 200 and content_type.startswith("text/event-stream")
+    assert listens_reaching(stack, token) == 2
+    for uri, reason in (
+        ("patient://p-0042", "denied_by_rule"),
+        ("file:///etc/passwd", "denied_by_default"),
+    ):
+        doc = listen("ecs://clusters/default", uri, id_="L-1")
+        resp = post(stack, doc, modern_headers(doc, token))
+        reply = assert_denied(resp, 403, reason, -32051)
+        assert reply["id"] == "L-1"
+        assert uri not in resp.text
+    assert listens_reaching(stack, token) == 2

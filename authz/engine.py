@@ -353,6 +353,11 @@ def _step(policy: Policy, msg: mcp.Message, grant: str | None, headers: Mapping[
         return Step(msg, None)
     rule = rule_for(policy, msg)
     subject = _subject(msg)
+    if rule.param_headers and msg.method == "tools/call":
+        try:
+            mcp.check_param_headers(headers, rule.param_headers, msg.arguments)
+        except mcp.Malformed as exc:
+            return Step(msg, rule, Reason.HEADER_MISMATCH, f"{subject}: {exc.detail}")
     if msg.method == "tools/call" and grant is None:
         return Step(msg, rule, Reason.NO_GRANT, f"{subject}: no grant identity")
     if rule.action is Action.DENY:

@@ -14,6 +14,7 @@ import binascii
 import enum
 import hashlib
 import json
+import re
 import unicodedata
 from collections.abc import Mapping
 from typing import Any
@@ -433,6 +434,89 @@ def check_headers(headers: Mapping[str, str], body: Body) -> None:
         raise Malformed(Problem.HEADER_MISMATCH, "Mcp-Method header does not match the body", ids)
     if header_name is not None and decode_header_value(header_name, ids) != message.name:
         raise Malformed(Problem.HEADER_MISMATCH, "Mcp-Name header does not match the body", ids)
+
+
+class ParamHeader(msgspec.Struct, frozen=True):
+    """A tool parameter MCP 2026-07-28 mirrors in an ``Mcp-Param-{name}`` header (its
+    schema marks it ``x-mcp-header: name``): the annotated name and where the value sits in
+    the call's arguments (a chain of object keys)."""
+
+    name: str
+    path: tuple[str, ...]
+
+    @property
+    def header(self) -> str:
+        """The header's name as the request carries it (lower-case)."""
+        return "mcp-param-" + self.name.lower()
+
+
+# An integer header value as a decimal string; "42.0" is the integer 42 (the spec asks for
+# a numeric comparison). No leading zeros: no client writes them.
+_INTEGER_TEXT = re.compile(r"(-?(?:0|[1-9][0-9]*))(?:\.0+)?")
+
+
+def _argument_at(arguments: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = arguments
+    for key in path:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(key)
+    return node
+
+
+def _same_value(text: str, value: object) -> bool:
+    """The decoded header ``text`` is the header form of argument ``value`` (SEP-2243:
+    strings as they are, integers in decimal, booleans as ``true``/``false``)."""
+    if isinstance(value, bool):
+        return text == ("true" if value else "false")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int):
+        match = _INTEGER_TEXT.fullmatch(text)
+        if match is None:
+            return False
+        try:
+            return match.group(1) == str(value)
+        except ValueError:  # beyond Python's digit limit for int/str conversion
+            return False
+    return isinstance(value, str) and text == value
+
+
+def check_param_headers(
+    headers: Mapping[str, str],
+    params: tuple[ParamHeader, ...],
+    arguments: Mapping[str, Any],
+    ids: tuple[str | int | None, ...] = (),
+) -> None:
+    """The ``Mcp-Param-*`` headers of a call agree with its arguments (MCP 2026-07-28).
+
+    For each annotated parameter: a value (not null) needs its header on that revision,
+    and any header it carries must match it after decoding; no value, no header. Headers
+    of parameters the rule does not annotate are not ours to judge, and pass.
+    """
+    for param in params:
+        value = _argument_at(arguments, param.path)
+        header = headers.get(param.header)
+        label = f"Mcp-Param-{param.name} header"
+        if value is None:
+            if header is not None:
+                raise Malformed(
+                    Problem.HEADER_MISMATCH, f"{label} names an argument with no value", ids
+                )
+            continue
+        if header is None:
+            if stateless(headers):
+                raise Malformed(
+                    Problem.HEADER_MISMATCH,
+                    f"{label} is required: the arguments carry its value",
+                    ids,
+                )
+            continue
+        # RFC 9110 field values: visible ASCII, space and tab.
+        if not (header.isascii() and header.replace("\t", " ").isprintable()):
+            raise Malformed(Problem.HEADER_MISMATCH, f"{label} holds invalid characters", ids)
+        if not _same_value(decode_header_value(header, ids), value):
+            raise Malformed(Problem.HEADER_MISMATCH, f"{label} does not match the arguments", ids)
 
 
 def check_media(headers: Mapping[str, str]) -> None:

@@ -10,6 +10,7 @@ checked where it matters, in the upstream's own record.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import uuid
@@ -40,6 +41,16 @@ POLICY = {
             "limits": [{"counter": "per_session", "window": "hour", "max": 2, "scope": "session"}]
         },
         "delete_app": {"action": "deny", "reason": "deleting needs a human"},
+        # The parameters the tool's inputSchema would mark x-mcp-header (SEP-2243).
+        "start_dicom_export_job": {
+            "arguments": {
+                "type": "object",
+                "properties": {
+                    "datastoreId": {"type": "string", "x-mcp-header": "Datastore"},
+                    "studyCount": {"type": "integer", "x-mcp-header": "Study-Count"},
+                },
+            }
+        },
     },
     "resources": {
         "ecs://clusters/*": {},
@@ -238,3 +249,32 @@ def test_subscriptions_listen_passes_and_a_denied_resource_in_it_is_refused(
         assert reply["id"] == "L-1"
         assert uri not in resp.text
     assert listens_reaching(stack, token) == 2
+
+
+# --- Mcp-Param-{Name}: the parameters marked x-mcp-header agree with the arguments ---------
+
+
+def test_param_headers_must_agree_with_the_arguments(stack: Stack) -> None:
+    token = new_token()
+    args = {"datastoreId": "ds-ü", "outputS3Uri": "s3://exports/x", "studyCount": 3}
+    doc = modern_call("start_dicom_export_job", "p-1", **args)
+    encoded = "=?base64?" + base64.b64encode("ds-ü".encode()).decode() + "?="
+    good = modern_headers(
+        doc, token, **{"Mcp-Param-Datastore": encoded, "Mcp-Param-Study-Count": "3"}
+    )
+    before = calls_reaching(stack, token, "start_dicom_export_job")
+    for changed in (
+        {"Mcp-Param-Study-Count": "30"},  # routes or counts on another amount
+        {"Mcp-Param-Datastore": "ds-other"},  # on another datastore
+        {"Mcp-Param-Datastore": "=?base64?ZHMtw7w?="},  # bad base64 (no padding)
+    ):
+        resp = post(stack, doc, {**good, **changed})
+        reply = assert_denied(resp, 400, "header_mismatch", -32020)
+        assert reply["id"] == "p-1"
+        assert "ds-" not in reply["error"]["message"]
+    missing = {k: v for k, v in good.items() if k != "Mcp-Param-Study-Count"}
+    assert_denied(post(stack, doc, missing), 400, "header_mismatch", -32020)
+    assert calls_reaching(stack, token, "start_dicom_export_job") == before
+    ok = post(stack, doc, good)
+    assert ok.status_code == 200 and "Export job" in ok.text
+    assert calls_reaching(stack, token, "start_dicom_export_job") == before + 1

@@ -9,6 +9,7 @@ from typing import Any
 
 from authz.grants import GrantSource, Source
 from authz.jsondoc import MAX_MEMBERS
+from authz.mcp import ParamHeader
 from authz.policy.globs import pattern_ties
 from authz.policy.lint import never_matching
 from authz.policy.model import (
@@ -22,6 +23,7 @@ from authz.policy.model import (
     RuleTable,
     Scope,
 )
+from authz.policy.params import param_headers
 from authz.policy.schemas import argument_validator
 from authz.policy.validate import schema_errors
 
@@ -68,8 +70,10 @@ def _rule(
         _limit(f"{where}.limits[{i}]", lim, errors) for i, lim in enumerate(raw.get("limits", ()))
     )
     arguments = None
+    headers: tuple[ParamHeader, ...] = ()
     if "arguments" in raw:
         arguments = argument_validator(f"{where}.arguments", raw["arguments"], errors, warnings)
+        headers = param_headers(f"{where}.arguments", raw["arguments"], errors)
     action = Action(raw.get("action", "allow"))
     noun = _SECTIONS[section]
     if action is Action.DENY and limits:
@@ -100,6 +104,7 @@ def _rule(
         dry_run=policy_dry_run if mode is None else mode == "dry-run",
         pattern="*" in key,
         approval=approval,
+        param_headers=headers,
     )
 
 

@@ -14,6 +14,7 @@ import jsonschema
 
 from authz.grants import GrantSource
 from authz.jsondoc import MAX_MEMBERS
+from authz.mcp import ParamHeader
 from authz.policy.globs import glob_regex, literal_prefix
 from authz.policy.texts import argument_error_text, pointer_path, pointer_tokens
 
@@ -113,7 +114,8 @@ class Rule:
     """What happens to a call: ``where`` names the policy entry, for replies and logs.
 
     ``pattern`` marks a glob key. ``dry_run``: denials of this rule are computed, counted
-    and logged, and the call is allowed.
+    and logged, and the call is allowed. ``param_headers``: the parameters its argument
+    schema marks ``x-mcp-header``, whose ``Mcp-Param-*`` headers must match the call.
     """
 
     where: str
@@ -125,6 +127,7 @@ class Rule:
     dry_run: bool = False
     pattern: bool = False
     approval: ApprovalSpec | None = None
+    param_headers: tuple[ParamHeader, ...] = ()
 
     def argument_problems(self, arguments: Mapping[str, Any]) -> str | None:
         """Why ``arguments`` break this rule's schema (argument paths and the rules they

@@ -339,7 +339,7 @@ def _targets(msg: mcp.Message) -> tuple[mcp.Message, ...]:
     resources/subscribe is; without any, the stream is lifecycle)."""
     if not msg.subscriptions:
         return (msg,)
-    return tuple(replace(msg, name=uri) for uri in msg.subscriptions)
+    return tuple(replace(msg, name=uri, subscriptions=()) for uri in msg.subscriptions)
 
 
 def _step(policy: Policy, msg: mcp.Message, grant: str | None, headers: Mapping[str, str]) -> Step:

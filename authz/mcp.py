@@ -101,6 +101,9 @@ VERSION_META = "io.modelcontextprotocol/protocolVersion"
 # MCP 2026-07-28's long-lived notification stream (it replaces the GET stream); the
 # resources it subscribes to are in params.notifications.resourceSubscriptions.
 LISTEN = "subscriptions/listen"
+# Most resources one subscriptions/listen may subscribe to: the policy judges each URI,
+# and the body bounds alone would let one request carry tens of thousands.
+MAX_SUBSCRIPTIONS = 1000
 
 # The methods whose target MCP 2026-07-28 requires in Mcp-Name.
 NAMED_BY_HEADER = frozenset({"tools/call", "resources/read", "prompts/get"})
@@ -319,6 +322,13 @@ def _subscriptions(
         raise Malformed(
             Problem.MALFORMED,
             f"{where}params.notifications.resourceSubscriptions must be an array of strings",
+            ids,
+        )
+    if len(uris) > MAX_SUBSCRIPTIONS:
+        raise Malformed(
+            Problem.MALFORMED,
+            f"{where}params.notifications.resourceSubscriptions holds at most "
+            f"{MAX_SUBSCRIPTIONS} URIs",
             ids,
         )
     if any(suspicious_name(uri) for uri in uris):

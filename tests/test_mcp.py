@@ -598,3 +598,12 @@ def test_subscriptions_listen_refusals(notifications: object, fragment: str) -> 
     err = refused(body(listen(notifications, id_="L")))
     assert err.problem is Problem.MALFORMED and fragment in err.detail
     assert err.ids == ("L",)
+
+
+def test_one_listen_subscribes_to_a_bounded_number_of_resources() -> None:
+    """Each URI is judged by the policy: their number bounds what one check costs."""
+    most = [f"ecs://clusters/c{i}" for i in range(mcp.MAX_SUBSCRIPTIONS)]
+    (msg,) = mcp.parse_body(body(listen({"resourceSubscriptions": most}))).messages
+    assert len(msg.subscriptions) == mcp.MAX_SUBSCRIPTIONS == 1000
+    err = refused(body(listen({"resourceSubscriptions": [*most, "ecs://one-more"]})))
+    assert err.problem is Problem.MALFORMED and "at most 1000" in err.detail

@@ -61,6 +61,9 @@ def test_annotations_reachable_through_properties_are_compiled() -> None:
         ParamHeader("Region", ("target", "region")),
     }
     assert ParamHeader("Study-Count", ("studyCount",)).header == "mcp-param-study-count"
+    nullable = {"properties": {"a": {"type": ["string", "null"], "x-mcp-header": "A"}}}
+    rule = compile_policy(policy_with(nullable)).tools["start_dicom_export_job"]
+    assert rule.param_headers == (ParamHeader("A", ("a",)),)
     plain = compile_policy(policy_with({"type": "object"})).tools["start_dicom_export_job"]
     assert plain.param_headers == ()
 
@@ -85,6 +88,10 @@ def test_annotations_reachable_through_properties_are_compiled() -> None:
         ),
         ({"properties": {"a": {"type": "number", "x-mcp-header": "A"}}}, "string, integer"),
         ({"properties": {"a": {"x-mcp-header": "A"}}}, "string, integer"),
+        (
+            {"properties": {"a": {"type": ["string", "integer"], "x-mcp-header": "A"}}},
+            "string, integer",
+        ),
         (
             {
                 "properties": {

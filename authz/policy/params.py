@@ -38,6 +38,14 @@ def _reachable(
             yield from _reachable(sub, (*path, key))
 
 
+def _primitive(declared: object) -> bool:
+    """A string, integer or boolean parameter, possibly nullable (null sends no header)."""
+    if isinstance(declared, list):
+        types = [t for t in declared if t != "null"]
+        return len(types) == 1 and types[0] in _PRIMITIVE
+    return declared in _PRIMITIVE
+
+
 def _count(node: object) -> int:
     """How many annotations the schema holds anywhere (data keywords aside)."""
     if isinstance(node, dict):
@@ -65,7 +73,7 @@ def param_headers(where: str, schema: object, errors: list[str]) -> tuple[ParamH
                 f"{at}: must be an HTTP field-name token (letters, digits, !#$%&'*+-.^_`|~)"
             )
             continue
-        if node.get("type") not in _PRIMITIVE:
+        if not _primitive(node.get("type")):
             errors.append(f"{at}: only a parameter of type string, integer or boolean has a header")
             continue
         other = seen.setdefault(name.lower(), at)

@@ -60,7 +60,9 @@ class Reason(enum.Enum):
 
     Each carries the HTTP status and the JSON-RPC error code of its reply. The codes
     -32051..-32053 are in JSON-RPC's server-error range and unused by the MCP spec
-    (which assigns -32002 and -32042); protocol refusals use JSON-RPC's -32600.
+    (which assigns -32002 and -32042); protocol refusals use JSON-RPC's -32600, except
+    those MCP 2026-07-28 gives a code of its own (HeaderMismatch -32020,
+    UnsupportedProtocolVersion -32022).
     """
 
     ALLOWED = ("allowed", 200, 0)
@@ -75,10 +77,11 @@ class Reason(enum.Enum):
     STORE_UNAVAILABLE = ("store_unavailable", 503, -32053)
     INTERNAL_ERROR = ("internal_error", 503, -32053)
     MALFORMED = ("malformed_request", 400, -32600)
-    HEADER_MISMATCH = ("header_mismatch", 400, -32600)
+    HEADER_MISMATCH = ("header_mismatch", 400, -32020)
     UNSUPPORTED_MEDIA = ("unsupported_media_type", 415, -32600)
     PARTIAL_BODY = ("partial_body", 413, -32600)
     METHOD_NOT_ALLOWED = ("method_not_allowed", 405, -32600)
+    UNSUPPORTED_VERSION = ("unsupported_protocol_version", 400, -32022)
 
     def __init__(self, code: str, status: int, rpc_code: int) -> None:
         self.code = code
@@ -106,7 +109,11 @@ _PROBLEM_REASON = {
     mcp.Problem.UNSUPPORTED_MEDIA: Reason.UNSUPPORTED_MEDIA,
     mcp.Problem.PARTIAL_BODY: Reason.PARTIAL_BODY,
     mcp.Problem.METHOD_NOT_ALLOWED: Reason.METHOD_NOT_ALLOWED,
+    mcp.Problem.UNSUPPORTED_VERSION: Reason.UNSUPPORTED_VERSION,
 }
+
+# Longest MCP-Protocol-Version value an unsupported-version refusal echoes.
+MAX_ECHOED_VERSION = 64
 
 
 # Frozen msgspec Structs for the same reason as in authz.mcp: a check builds several.
@@ -129,7 +136,8 @@ class Decision(msgspec.Struct, frozen=True):
     and it was allowed. ``caller``: the caller set the caller was recognised as (the one its
     rule's variant matched, else its first set), ``None`` for none or a policy without
     caller sets. ``challenge``: the ``WWW-Authenticate`` value of a step-up denial (the
-    token lacks the scopes a caller set requires).
+    token lacks the scopes a caller set requires). ``requested_version``: the protocol
+    version an ``unsupported_protocol_version`` refusal did not know.
     """
 
     reason: Reason
@@ -157,6 +165,7 @@ class Decision(msgspec.Struct, frozen=True):
     # filter to show it what those sets may use (the filter does not derive them again).
     caller_sets: tuple[str, ...] = ()
     challenge: str | None = None
+    requested_version: str | None = None
 
     @property
     def allowed(self) -> bool:
@@ -184,6 +193,10 @@ class Decision(msgspec.Struct, frozen=True):
             data["element"] = self.element
         if self.approval_id is not None:
             data["approvalId"] = self.approval_id
+        if self.requested_version is not None:
+            # MCP's UnsupportedProtocolVersionError: what to retry with, what was asked for.
+            data["supported"] = list(mcp.PROTOCOL_VERSIONS)
+            data["requested"] = self.requested_version
         return data
 
     def reply_body(self) -> bytes:
@@ -307,7 +320,7 @@ def rule_for(policy: Policy, msg: mcp.Message) -> Rule:
     """The rule governing a governed message (see :data:`UNGOVERNED`)."""
     if msg.method == "tools/call":
         return policy.rule_for_tool(msg.name or "")
-    if msg.method in ("resources/read", "resources/subscribe"):
+    if msg.method in ("resources/read", "resources/subscribe", mcp.LISTEN):
         return policy.rule_for_resource(msg.name or "")
     if msg.method == "prompts/get":
         return policy.rule_for_prompt(msg.name or "")
@@ -331,21 +344,38 @@ def plan(
     try:
         body = _parse(request, policy.max_json_members)
     except mcp.Malformed as exc:
+        requested = None
+        if exc.problem is mcp.Problem.UNSUPPORTED_VERSION:
+            requested = request.headers.get("mcp-protocol-version", "")[:MAX_ECHOED_VERSION]
         refusal = Decision(
             reason=_PROBLEM_REASON[exc.problem],
             message=f"policy violation: malformed request: {exc.detail}",
             grant=grant,
             ids=exc.ids,
             caller=caller.first,
+            requested_version=requested,
         )
         return Plan(policy, grant, refusal=refusal, caller=caller.first)
     if body is None:
         return Plan(policy, grant, caller=caller.first)
-    steps = tuple(_step(policy, msg, grant, request.headers, caller) for msg in body.messages)
+    steps = tuple(
+        _step(policy, target, grant, request.headers, caller)
+        for msg in body.messages
+        for target in _targets(msg)
+    )
     named = caller.first
     if policy.callers:
         named = next((s.caller for s in steps if s.caller is not None), named)
     return Plan(policy, grant, body=body, steps=steps, caller=named)
+
+
+def _targets(msg: mcp.Message) -> tuple[mcp.Message, ...]:
+    """What the policy judges of a message: the message, or for a subscriptions/listen
+    that subscribes to resources, each of them as its target (governed as
+    resources/subscribe is; without any, the stream is lifecycle)."""
+    if not msg.subscriptions:
+        return (msg,)
+    return tuple(replace(msg, name=uri, subscriptions=()) for uri in msg.subscriptions)
 
 
 def _step_up(policy: Policy, entry: Rule, caller: Caller, chosen: Rule | None) -> str | None:
@@ -374,7 +404,11 @@ def _step(
 ) -> Step:
     if msg.kind is mcp.Kind.RESPONSE or msg.method is None:
         return Step(msg, None)
-    if msg.method in UNGOVERNED or msg.method.startswith("notifications/"):
+    if (
+        msg.method in UNGOVERNED
+        or msg.method in mcp.NOTIFICATIONS
+        or (msg.method == mcp.LISTEN and msg.name is None)
+    ):
         return Step(msg, None)
     rule = rule_for(policy, msg)
     subject = _subject(msg)
@@ -392,6 +426,13 @@ def _step(
             text = f"{subject} denied: {rule.reason or 'denied by policy'}"
             challenge = _step_up(policy, entry, caller, rule)
             return Step(msg, rule, Reason.DENIED_BY_RULE, text, caller=matched, challenge=challenge)
+    if rule.param_headers and msg.method == "tools/call":
+        try:
+            mcp.check_param_headers(headers, rule.param_headers, msg.arguments)
+        except mcp.Malformed as exc:
+            return Step(
+                msg, rule, Reason.HEADER_MISMATCH, f"{subject}: {exc.detail}", caller=matched
+            )
     if rule.action is Action.DENY:
         if rule.where == "default":
             text = f"{subject} is not allowed by this policy (default deny)"
@@ -789,6 +830,7 @@ def _parse(request: mcp.HttpRequest, max_json_members: int) -> mcp.Body | None:
     if method in BODYLESS_METHODS:
         if request.body:
             raise mcp.Malformed(mcp.Problem.MALFORMED, f"{method} request with a body")
+        mcp.protocol_version(request.headers)
         return None
     if method != "POST":
         raise mcp.Malformed(mcp.Problem.METHOD_NOT_ALLOWED, f"HTTP method {method} not allowed")

@@ -14,6 +14,7 @@ import binascii
 import enum
 import hashlib
 import json
+import re
 import unicodedata
 from collections.abc import Mapping
 from typing import Any
@@ -35,10 +36,30 @@ NAME_PARAM = {
     "resources/unsubscribe": "uri",
 }
 
+# Every notification the MCP revisions from 2025-03-26 to 2026-07-28 define, sent by
+# either side (each revision's ClientNotification and ServerNotification). They pass under
+# any policy; another name under notifications/ follows the policy's default.
+NOTIFICATIONS = frozenset(
+    {
+        "notifications/cancelled",
+        "notifications/initialized",
+        "notifications/progress",
+        "notifications/message",
+        "notifications/resources/updated",
+        "notifications/resources/list_changed",
+        "notifications/tools/list_changed",
+        "notifications/prompts/list_changed",
+        "notifications/roots/list_changed",
+        "notifications/elicitation/complete",
+        "notifications/tasks/status",
+        "notifications/subscriptions/acknowledged",
+    }
+)
+
 # Every method the MCP revisions from 2025-03-26 to 2026-07-28 define. Used only to spot
 # look-alikes ("Tools/Call", "tools/call "): a server that folds case or trims would run
 # them, while a policy keyed on the exact name would not see them.
-KNOWN_METHODS = frozenset(
+KNOWN_METHODS = NOTIFICATIONS | frozenset(
     {
         "initialize",
         "ping",
@@ -57,6 +78,7 @@ KNOWN_METHODS = frozenset(
         "elicitation/create",
         "roots/list",
         "server/discover",
+        "subscriptions/listen",
         "tasks/get",
         "tasks/result",
         "tasks/list",
@@ -64,6 +86,27 @@ KNOWN_METHODS = frozenset(
     }
 )
 _FOLDED_METHODS = {m.casefold(): m for m in KNOWN_METHODS}
+
+NOTIFICATION_PREFIX = "notifications/"
+
+# The protocol revisions whose HTTP transport mcp-authz knows, newest first: what an
+# unsupported-version refusal lists. A request without MCP-Protocol-Version is 2025-03-26
+# (the spec lets servers assume so); any other value is refused, because what the headers
+# and Mcp-Session-Id mean depends on it.
+PROTOCOL_VERSIONS = ("2026-07-28", "2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
+# Revisions without sessions (MCP 2026-07-28): every request names its version in
+# params._meta, and a POST carries Mcp-Method (and Mcp-Name where NAMED_BY_HEADER says).
+STATELESS_VERSIONS = frozenset({"2026-07-28"})
+VERSION_META = "io.modelcontextprotocol/protocolVersion"
+# MCP 2026-07-28's long-lived notification stream (it replaces the GET stream); the
+# resources it subscribes to are in params.notifications.resourceSubscriptions.
+LISTEN = "subscriptions/listen"
+# Most resources one subscriptions/listen may subscribe to: the policy judges each URI,
+# and the body bounds alone would let one request carry tens of thousands.
+MAX_SUBSCRIPTIONS = 1000
+
+# The methods whose target MCP 2026-07-28 requires in Mcp-Name.
+NAMED_BY_HEADER = frozenset({"tools/call", "resources/read", "prompts/get"})
 
 _REQUEST_MEMBERS = frozenset({"jsonrpc", "id", "method", "params"})
 _RESPONSE_MEMBERS = frozenset({"jsonrpc", "id", "result", "error"})
@@ -83,6 +126,7 @@ class Problem(enum.Enum):
     UNSUPPORTED_MEDIA = "unsupported_media_type"
     PARTIAL_BODY = "partial_body"
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    UNSUPPORTED_VERSION = "unsupported_protocol_version"
 
 
 class Malformed(Exception):
@@ -123,6 +167,10 @@ class Message(msgspec.Struct, frozen=True):
     id: str | int | None
     name: str | None = None
     arguments: Mapping[str, Any] = msgspec.field(default_factory=dict)
+    # The protocol version params._meta names (MCP 2026-07-28), if any.
+    protocol_version: str | None = None
+    # The resource URIs a subscriptions/listen subscribes to.
+    subscriptions: tuple[str, ...] = ()
 
 
 class Body(msgspec.Struct, frozen=True):
@@ -208,12 +256,24 @@ def _request(
     if "id" in raw:
         if not _valid_id(raw["id"]):
             raise Malformed(Problem.MALFORMED, f"{where}id must be a string or an integer")
+        if method.startswith(NOTIFICATION_PREFIX):
+            # The server answers it, so it is a request; passing it as a notification would
+            # let any method hide under the prefix.
+            raise Malformed(
+                Problem.MALFORMED, f"{where}a notification carries no id; this is a request", ids
+            )
         kind = Kind.REQUEST
     else:
         kind = Kind.NOTIFICATION
     params = raw.get("params", {})
     if not isinstance(params, dict):
         raise Malformed(Problem.MALFORMED, f"{where}params must be an object", ids)
+    meta = params.get("_meta")
+    version = meta.get(VERSION_META) if isinstance(meta, dict) else None
+    if version is not None and not isinstance(version, str):
+        raise Malformed(
+            Problem.MALFORMED, f"{where}params._meta {VERSION_META} must be a string", ids
+        )
     name: str | None = None
     arguments: Mapping[str, Any] = {}
     name_param = NAME_PARAM.get(method)
@@ -236,6 +296,7 @@ def _request(
         if not isinstance(args, dict):
             raise Malformed(Problem.MALFORMED, f"{where}params.arguments must be an object", ids)
         arguments = args
+    subscriptions = _subscriptions(where, params, ids) if method == LISTEN else ()
     return Message(
         index=max(index, 0),
         kind=kind,
@@ -243,7 +304,41 @@ def _request(
         id=raw.get("id"),
         name=name,
         arguments=arguments,
+        protocol_version=version,
+        subscriptions=subscriptions,
     )
+
+
+def _subscriptions(
+    where: str, params: Mapping[str, Any], ids: tuple[str | int | None, ...]
+) -> tuple[str, ...]:
+    """The resource URIs a subscriptions/listen subscribes to, each checked as a
+    resources/subscribe URI is: the policy governs them by their exact text."""
+    notifications = params.get("notifications", {})
+    if not isinstance(notifications, dict):
+        raise Malformed(Problem.MALFORMED, f"{where}params.notifications must be an object", ids)
+    uris = notifications.get("resourceSubscriptions", [])
+    if not isinstance(uris, list) or not all(isinstance(uri, str) for uri in uris):
+        raise Malformed(
+            Problem.MALFORMED,
+            f"{where}params.notifications.resourceSubscriptions must be an array of strings",
+            ids,
+        )
+    if len(uris) > MAX_SUBSCRIPTIONS:
+        raise Malformed(
+            Problem.MALFORMED,
+            f"{where}params.notifications.resourceSubscriptions holds at most "
+            f"{MAX_SUBSCRIPTIONS} URIs",
+            ids,
+        )
+    if any(suspicious_name(uri) for uri in uris):
+        raise Malformed(
+            Problem.MALFORMED,
+            f"{where}params.notifications.resourceSubscriptions holds a URI with invisible, "
+            "blank or non-normalized characters",
+            ids,
+        )
+    return tuple(uris)
 
 
 def parse_body(body: bytes, max_members: int = MAX_MEMBERS) -> Body:
@@ -259,10 +354,12 @@ def parse_body(body: bytes, max_members: int = MAX_MEMBERS) -> Body:
     return Body(messages=(_message(-1, doc),), batch=False)
 
 
-def decode_header_value(value: str) -> str:
-    """Decode a SEP-2243 header value: ``=?base64?<base64 of UTF-8>?=`` or a literal.
+def decode_header_value(value: str, ids: tuple[str | int | None, ...] = ()) -> str:
+    """Decode a SEP-2243 ``Mcp-Name``/``Mcp-Param-*`` value: ``=?base64?<base64 of
+    UTF-8>?=`` or a literal. ``ids`` are echoed by the refusal of a value that is not.
 
-    The markers are case-sensitive; a value that only resembles them is literal.
+    The markers are case-sensitive; a value that only resembles them is literal. The
+    base64 must be canonical (padding exact, nothing outside the alphabet, no spaces).
     """
     if value.startswith(_BASE64_PREFIX) and value.endswith(_BASE64_SUFFIX):
         encoded = value[len(_BASE64_PREFIX) : -len(_BASE64_SUFFIX)]
@@ -270,34 +367,166 @@ def decode_header_value(value: str) -> str:
             return base64.b64decode(encoded, validate=True).decode("utf-8")
         except (binascii.Error, UnicodeDecodeError, ValueError):
             raise Malformed(
-                Problem.HEADER_MISMATCH, "malformed base64 value in an Mcp-* header"
+                Problem.HEADER_MISMATCH, "malformed base64 value in an Mcp-* header", ids
             ) from None
     return value
 
 
-def check_headers(headers: Mapping[str, str], body: Body) -> None:
-    """MCP 2026-07-28 (SEP-2243): ``Mcp-Method``/``Mcp-Name`` must agree with the body.
+def protocol_version(
+    headers: Mapping[str, str], ids: tuple[str | int | None, ...] = ()
+) -> str | None:
+    """The ``MCP-Protocol-Version`` of a request (``None``: 2025-03-26, which had none);
+    a revision mcp-authz does not know is refused (MCP: 400, UnsupportedProtocolVersion)."""
+    version = headers.get("mcp-protocol-version")
+    if version is not None and version not in PROTOCOL_VERSIONS:
+        raise Malformed(Problem.UNSUPPORTED_VERSION, "unsupported MCP protocol version", ids)
+    return version
 
-    The body stays the source of truth; a disagreement means some hop would route or
-    authorize on a different message than the server runs, so it is refused.
+
+def stateless(headers: Mapping[str, str]) -> bool:
+    """The request speaks a revision without sessions (MCP 2026-07-28)."""
+    return headers.get("mcp-protocol-version") in STATELESS_VERSIONS
+
+
+def check_headers(headers: Mapping[str, str], body: Body) -> None:
+    """The protocol version is known, and the headers agree with the body.
+
+    MCP 2026-07-28 (SEP-2243) mirrors the method and target in ``Mcp-Method``/``Mcp-Name``
+    and the version in params._meta. The body stays the source of truth; a disagreement
+    means some hop would route, count or authorize on a different message than the server
+    runs, so it is refused. Only ``Mcp-Name`` may carry the base64 form; ``Mcp-Method`` is
+    compared as written. On that revision the headers are required and a POST carries
+    one message.
     """
+    ids = body.ids
+    version = protocol_version(headers, ids)
+    required = version in STATELESS_VERSIONS
+    for message in body.messages:
+        # A dual-era server serves a body whose _meta names a version by that version:
+        # the header (which says whether Mcp-Session-Id means anything) must say the same.
+        named = message.protocol_version
+        if (named is not None or (required and message.kind is Kind.REQUEST)) and (
+            named != version
+        ):
+            raise Malformed(
+                Problem.HEADER_MISMATCH,
+                f"MCP-Protocol-Version header does not match the protocol version in "
+                f"params._meta {VERSION_META}",
+                ids,
+            )
     header_method = headers.get("mcp-method")
     header_name = headers.get("mcp-name")
-    if header_method is None and header_name is None:
-        return
     if body.batch:
-        raise Malformed(
-            Problem.HEADER_MISMATCH, "Mcp-Method/Mcp-Name headers cannot describe a batch", body.ids
-        )
+        if required:
+            raise Malformed(
+                Problem.MALFORMED, f"MCP {version} carries one message per POST, not a batch", ids
+            )
+        if header_method is not None or header_name is not None:
+            raise Malformed(
+                Problem.HEADER_MISMATCH,
+                "Mcp-Method/Mcp-Name headers cannot describe a batch",
+                ids,
+            )
+        return
     message = body.messages[0]
-    if header_method is not None and decode_header_value(header_method) != message.method:
-        raise Malformed(
-            Problem.HEADER_MISMATCH, "Mcp-Method header does not match the body", body.ids
-        )
-    if header_name is not None and decode_header_value(header_name) != message.name:
-        raise Malformed(
-            Problem.HEADER_MISMATCH, "Mcp-Name header does not match the body", body.ids
-        )
+    if required and message.kind is Kind.REQUEST:
+        if header_method is None:
+            raise Malformed(
+                Problem.HEADER_MISMATCH, f"Mcp-Method header is required by MCP {version}", ids
+            )
+        if header_name is None and message.method in NAMED_BY_HEADER:
+            raise Malformed(
+                Problem.HEADER_MISMATCH,
+                f"Mcp-Name header is required by MCP {version} for {message.method}",
+                ids,
+            )
+    if header_method is not None and header_method != message.method:
+        raise Malformed(Problem.HEADER_MISMATCH, "Mcp-Method header does not match the body", ids)
+    if header_name is not None and decode_header_value(header_name, ids) != message.name:
+        raise Malformed(Problem.HEADER_MISMATCH, "Mcp-Name header does not match the body", ids)
+
+
+class ParamHeader(msgspec.Struct, frozen=True):
+    """A tool parameter MCP 2026-07-28 mirrors in an ``Mcp-Param-{name}`` header (its
+    schema marks it ``x-mcp-header: name``): the annotated name and where the value sits in
+    the call's arguments (a chain of object keys)."""
+
+    name: str
+    path: tuple[str, ...]
+
+    @property
+    def header(self) -> str:
+        """The header's name as the request carries it (lower-case)."""
+        return "mcp-param-" + self.name.lower()
+
+
+# An integer header value as a decimal string; "42.0" is the integer 42 (the spec asks for
+# a numeric comparison). No leading zeros: no client writes them.
+_INTEGER_TEXT = re.compile(r"(-?(?:0|[1-9][0-9]*))(?:\.0+)?")
+
+
+def _argument_at(arguments: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = arguments
+    for key in path:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(key)
+    return node
+
+
+def _same_value(text: str, value: object) -> bool:
+    """The decoded header ``text`` is the header form of argument ``value`` (SEP-2243:
+    strings as they are, integers in decimal, booleans as ``true``/``false``)."""
+    if isinstance(value, bool):
+        return text == ("true" if value else "false")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int):
+        match = _INTEGER_TEXT.fullmatch(text)
+        if match is None:
+            return False
+        try:
+            return match.group(1) == str(value)
+        except ValueError:  # beyond Python's digit limit for int/str conversion
+            return False
+    return isinstance(value, str) and text == value
+
+
+def check_param_headers(
+    headers: Mapping[str, str],
+    params: tuple[ParamHeader, ...],
+    arguments: Mapping[str, Any],
+    ids: tuple[str | int | None, ...] = (),
+) -> None:
+    """The ``Mcp-Param-*`` headers of a call agree with its arguments (MCP 2026-07-28).
+
+    For each annotated parameter: a value (not null) needs its header on that revision,
+    and any header it carries must match it after decoding; no value, no header. Headers
+    of parameters the rule does not annotate are not ours to judge, and pass.
+    """
+    for param in params:
+        value = _argument_at(arguments, param.path)
+        header = headers.get(param.header)
+        label = f"Mcp-Param-{param.name} header"
+        if value is None:
+            if header is not None:
+                raise Malformed(
+                    Problem.HEADER_MISMATCH, f"{label} names an argument with no value", ids
+                )
+            continue
+        if header is None:
+            if stateless(headers):
+                raise Malformed(
+                    Problem.HEADER_MISMATCH,
+                    f"{label} is required: the arguments carry its value",
+                    ids,
+                )
+            continue
+        # RFC 9110 field values: visible ASCII, space and tab.
+        if not (header.isascii() and header.replace("\t", " ").isprintable()):
+            raise Malformed(Problem.HEADER_MISMATCH, f"{label} holds invalid characters", ids)
+        if not _same_value(decode_header_value(header, ids), value):
+            raise Malformed(Problem.HEADER_MISMATCH, f"{label} does not match the arguments", ids)
 
 
 def check_media(headers: Mapping[str, str]) -> None:
@@ -311,13 +540,15 @@ def check_media(headers: Mapping[str, str]) -> None:
 
 
 def session_id(headers: Mapping[str, str]) -> str | None:
-    """The ``Mcp-Session-Id`` of a request, or ``None`` (stateless requests carry none).
+    """The ``Mcp-Session-Id`` of a request, or ``None`` for a stateless request: one
+    without the header, or one on a revision without sessions (MCP 2026-07-28), where the
+    server ignores it, so a made-up id must not open a session budget of its own.
 
     It is client-supplied and ends up (hashed) in counter keys, so it must be what the
     MCP spec allows: visible ASCII only; and no longer than any real server issues.
     """
     value = headers.get("mcp-session-id")
-    if value is None:
+    if value is None or stateless(headers):
         return None
     if not 1 <= len(value) <= MAX_SESSION_ID or not all("!" <= ch <= "~" for ch in value):
         raise Malformed(

@@ -52,6 +52,26 @@ def b64(text: str | bytes) -> str:
 DENIED = j(call())
 ALLOWED = j(allowed_call())
 
+# MCP 2026-07-28: no session, the version in params._meta, Mcp-Method/Mcp-Name required.
+MODERN = "2026-07-28"
+MODERN_META = {
+    "io.modelcontextprotocol/protocolVersion": MODERN,
+    "io.modelcontextprotocol/clientInfo": {"name": "bypass-corpus", "version": "1"},
+    "io.modelcontextprotocol/clientCapabilities": {},
+}
+
+
+def modern(doc: dict[str, Any]) -> dict[str, Any]:
+    return {**doc, "params": {**doc.get("params", {}), "_meta": MODERN_META}}
+
+
+def modern_headers(name: str, method: str = "tools/call") -> tuple[tuple[str, str], ...]:
+    return (("mcp-protocol-version", MODERN), ("mcp-method", method), ("mcp-name", name))
+
+
+MODERN_DENIED = j(modern(call()))
+MODERN_ALLOWED = j(modern(allowed_call()))
+
 
 # --- the corpus ---------------------------------------------------------------------------
 
@@ -198,13 +218,52 @@ CORPUS: list[Variant] = [
         j({k: x for k, x in call().items() if k != "id"}),
         "denied_by_rule",
     ),
+    # A notification name with an id is a request the server answers: never a notification.
+    v(
+        "notification-name-with-id",
+        with_method("notifications/../tools/call"),
+        "malformed_request",
+        echo_id=1,
+    ),
+    v(
+        "spec-notification-with-id",
+        j({"jsonrpc": "2.0", "id": 1, "method": "notifications/initialized"}),
+        "malformed_request",
+        echo_id=1,
+    ),
+    v(
+        "notification-unknown-name",
+        j({"jsonrpc": "2.0", "method": "notifications/../tools/call", "params": {"name": "x"}}),
+        "denied_by_default",
+    ),
+    v(
+        "notification-look-alike",
+        j({"jsonrpc": "2.0", "method": "Notifications/initialized"}),
+        "malformed_request",
+    ),
     # Mcp-Method / Mcp-Name (SEP-2243) against the body.
     v("hdr-name-mismatch", DENIED, "header_mismatch", ("mcp-name", "containerize_app"), echo_id=1),
     v("hdr-method-mismatch", DENIED, "header_mismatch", ("mcp-method", "tools/list")),
     v("hdr-name-b64-mismatch", DENIED, "header_mismatch", ("mcp-name", b64("containerize_app"))),
-    v("hdr-b64-bad-alphabet", DENIED, "header_mismatch", ("mcp-name", "=?base64?ZGVs!ZXRl?=")),
-    v("hdr-b64-no-padding", DENIED, "header_mismatch", ("mcp-name", "=?base64?ZGVsZXRlX2Fw?=")),
-    v("hdr-b64-invalid-utf8", DENIED, "header_mismatch", ("mcp-name", b64(b"\xff\xfe"))),
+    # A bad base64 value is refused like any mismatch, echoing the request id.
+    *(
+        v(f"hdr-b64-{label}", DENIED, "header_mismatch", ("mcp-name", value), echo_id=1)
+        for label, value in [
+            ("bad-alphabet", "=?base64?ZGVs!ZXRl?="),
+            ("no-padding", "=?base64?ZGVsZXRlX2FwcA?="),
+            ("short-padding", "=?base64?ZGVsZXRlX2FwcA=?="),
+            ("extra-padding", "=?base64?ZGVsZXRlX2FwcA===?="),
+            ("inner-space", "=?base64?ZGVsZXRl X2FwcA==?="),
+            ("invalid-utf8", b64(b"\xff\xfe")),
+        ]
+    ),
+    v(
+        "hdr-method-b64-bad",
+        DENIED,
+        "header_mismatch",
+        ("mcp-method", "=?base64?dG9vbHMvY2Fsbg?="),
+        echo_id=1,
+    ),
     v(
         "hdr-b64-upper-marker",
         DENIED,
@@ -232,6 +291,82 @@ CORPUS: list[Variant] = [
         "allowed",
         ("mcp-method", "tools/call"),
         ("mcp-name", "containerize_app"),
+    ),
+    # MCP 2026-07-28: the protocol version is known, the required headers are there, the
+    # body's _meta names the version the header does, one message per POST.
+    v(
+        "version-unknown",
+        ALLOWED,
+        "unsupported_protocol_version",
+        ("mcp-protocol-version", "2099-01-01"),
+        echo_id=1,
+    ),
+    v(
+        "version-padded",
+        DENIED,
+        "unsupported_protocol_version",
+        ("mcp-protocol-version", "2026-07-28x"),
+    ),
+    v("modern-allowed", MODERN_ALLOWED, "allowed", *modern_headers("containerize_app")),
+    v("modern-denied", MODERN_DENIED, "denied_by_rule", *modern_headers(DENIED_TOOL)),
+    v(
+        "modern-no-mcp-method",
+        MODERN_DENIED,
+        "header_mismatch",
+        *modern_headers(DENIED_TOOL)[::2],
+        echo_id=1,
+    ),
+    v(
+        "modern-no-mcp-name",
+        MODERN_ALLOWED,
+        "header_mismatch",
+        *modern_headers("containerize_app")[:2],
+        echo_id=1,
+    ),
+    v(
+        "modern-body-session-header",
+        MODERN_ALLOWED,
+        "header_mismatch",
+        ("mcp-protocol-version", "2025-11-25"),
+        *modern_headers("containerize_app")[1:],
+    ),
+    v(
+        "modern-header-legacy-body",
+        ALLOWED,
+        "header_mismatch",
+        *modern_headers("containerize_app"),
+    ),
+    v(
+        "modern-batch",
+        j([modern(allowed_call())]),
+        "malformed_request",
+        ("mcp-protocol-version", MODERN),
+    ),
+    # subscriptions/listen passes, but the resources it subscribes to are governed.
+    *(
+        v(
+            f"listen-{label}",
+            j(
+                modern(
+                    {
+                        "jsonrpc": "2.0",
+                        "id": 1,
+                        "method": "subscriptions/listen",
+                        "params": {"notifications": {"resourceSubscriptions": uris}},
+                    }
+                )
+            ),
+            outcome,
+            ("mcp-protocol-version", MODERN),
+            ("mcp-method", "subscriptions/listen"),
+            echo_id=1,
+        )
+        for label, uris, outcome in [
+            ("unlisted-resource", ["file:///etc/passwd"], "denied_by_default"),
+            ("resource-zero-width", ["file:///etc/\u200bpasswd"], "malformed_request"),
+            ("resource-not-string", [{"uri": "file:///etc/passwd"}], "malformed_request"),
+            ("resources-not-array", "file:///etc/passwd", "malformed_request"),
+        ]
     ),
     # Content encodings: the gateway must read the bytes the server reads.
     v("enc-gzip", gzip.compress(DENIED), "unsupported_media_type", ("content-encoding", "gzip")),

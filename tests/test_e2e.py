@@ -213,7 +213,9 @@ def test_header_body_mismatch_is_denied_before_upstream(stack: Stack) -> None:
         body,
         {**bearer(new_token()), "mcp-method": "tools/call", "mcp-name": "containerize_app"},
     )
-    assert_denied(resp, 400, "header_mismatch")
+    reply = assert_denied(resp, 400, "header_mismatch")
+    # MCP 2026-07-28's HeaderMismatch code, echoing the request id.
+    assert (reply["error"]["code"], reply["id"]) == (-32020, 5)
     encoded = "=?base64?" + base64.b64encode(b"containerize_app").decode() + "?="
     resp = raw_post(stack, body, {**bearer(new_token()), "mcp-name": encoded})
     assert_denied(resp, 400, "header_mismatch")

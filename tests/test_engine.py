@@ -646,3 +646,197 @@ async def test_denials_echo_at_most_128_characters_of_a_name(engine: Engine) -> 
     assert decision.message == (
         f"policy violation: tool '{'a' * 128}...' is not allowed by this policy (default deny)"
     )
+
+
+SPEC_NOTIFICATIONS = (
+    "notifications/cancelled",
+    "notifications/initialized",
+    "notifications/progress",
+    "notifications/message",
+    "notifications/resources/updated",
+    "notifications/resources/list_changed",
+    "notifications/tools/list_changed",
+    "notifications/prompts/list_changed",
+    "notifications/roots/list_changed",
+    "notifications/elicitation/complete",
+    "notifications/tasks/status",
+    "notifications/subscriptions/acknowledged",
+)
+
+
+async def test_spec_notifications_pass_and_other_notification_names_follow_default(
+    engine: Engine, clock: Clock
+) -> None:
+    for method in SPEC_NOTIFICATIONS:
+        note = {"jsonrpc": "2.0", "method": method, "params": {}}
+        assert (await engine.check(post(note, token=None))).decision.allowed, method
+    unknown = {"jsonrpc": "2.0", "method": "notifications/../tools/call", "params": {"name": "x"}}
+    denied = (await engine.check(post(unknown))).decision
+    assert denied.reason is Reason.DENIED_BY_DEFAULT
+    allow_all = compile_policy({"version": "1", "default": "allow"})
+    permissive = Engine(allow_all, open_store("memory://"), clock=clock)
+    assert (await permissive.check(post(unknown))).decision.allowed
+
+
+async def test_a_notification_name_with_an_id_is_refused_whatever_the_default(
+    engine: Engine, clock: Clock
+) -> None:
+    allow_all = compile_policy({"version": "1", "default": "allow"})
+    permissive = Engine(allow_all, open_store("memory://"), clock=clock)
+    for eng in (engine, permissive):
+        for method in ("notifications/../tools/call", "notifications/initialized"):
+            doc = {"jsonrpc": "2.0", "id": 5, "method": method, "params": {"name": "delete_app"}}
+            decision = (await eng.check(post(doc))).decision
+            assert decision.reason is Reason.MALFORMED and decision.reason.status == 400
+            assert json.loads(decision.reply_body())["id"] == 5
+
+
+async def test_a_bad_base64_header_echoes_the_request_id(engine: Engine) -> None:
+    for value in ("=?base64?ZGVsZXRlX2FwcA?=", "=?base64?ZGVsZXRlX2FwcA===?=", "=?base64?a b?="):
+        request = post(call("containerize_app", id_=42), **{"mcp-name": value})
+        decision = (await engine.check(request)).decision
+        assert decision.reason is Reason.HEADER_MISMATCH
+        assert json.loads(decision.reply_body())["id"] == 42
+
+
+async def test_a_header_mismatch_is_mcps_header_mismatch_error(engine: Engine) -> None:
+    """MCP 2026-07-28: 400 with the JSON-RPC code -32020 (HeaderMismatch)."""
+    request = post(call("containerize_app", id_=8), **{"mcp-name": "delete_app"})
+    decision = (await engine.check(request)).decision
+    assert decision.reason is Reason.HEADER_MISMATCH and decision.reason.status == 400
+    reply = json.loads(decision.reply_body())
+    assert (reply["id"], reply["error"]["code"]) == (8, -32020)
+
+
+MODERN = "2026-07-28"
+META = {"io.modelcontextprotocol/protocolVersion": MODERN}
+
+
+def modern_call(name: str, id_: int | str = 1, **arguments: Any) -> dict[str, Any]:
+    return {
+        "jsonrpc": "2.0",
+        "id": id_,
+        "method": "tools/call",
+        "params": {"name": name, "arguments": arguments, "_meta": META},
+    }
+
+
+def modern_headers(name: str, **extra: str) -> dict[str, str]:
+    return {
+        "mcp-protocol-version": MODERN,
+        "mcp-method": "tools/call",
+        "mcp-name": name,
+        **extra,
+    }
+
+
+async def test_an_unknown_protocol_version_is_refused_as_the_spec_says(engine: Engine) -> None:
+    """400 with UnsupportedProtocolVersionError: -32022, data.supported and data.requested."""
+    request = post(call("containerize_app", id_=3), **{"mcp-protocol-version": "2027-01-01"})
+    decision = (await engine.check(request)).decision
+    assert decision.reason is Reason.UNSUPPORTED_VERSION and decision.reason.status == 400
+    reply = json.loads(decision.reply_body())
+    assert (reply["id"], reply["error"]["code"]) == (3, -32022)
+    data = reply["error"]["data"]
+    assert data["reason"] == "unsupported_protocol_version"
+    assert data["requested"] == "2027-01-01"
+    assert data["supported"][0] == MODERN and "2025-11-25" in data["supported"]
+    # A stream request is refused too, and a long value is not echoed whole.
+    get = HttpRequest(method="GET", headers={"mcp-protocol-version": "x" * 5000}, body=b"")
+    refused = (await engine.check(get)).decision
+    assert refused.reason is Reason.UNSUPPORTED_VERSION
+    assert len(json.loads(refused.reply_body())["error"]["data"]["requested"]) <= 64
+
+
+async def test_modern_requests_without_the_required_headers_are_refused(engine: Engine) -> None:
+    ok = post(modern_call("containerize_app"), **modern_headers("containerize_app"))
+    assert (await engine.check(ok)).decision.allowed
+    for drop in ("mcp-method", "mcp-name"):
+        headers = {k: v for k, v in modern_headers("containerize_app").items() if k != drop}
+        decision = (
+            await engine.check(post(modern_call("containerize_app", 2), **headers))
+        ).decision
+        assert decision.reason is Reason.HEADER_MISMATCH, drop
+        reply = json.loads(decision.reply_body())
+        assert (reply["id"], reply["error"]["code"]) == (2, -32020)
+
+
+STATELESS_SESSION_POLICY = {
+    "version": "1",
+    "default": "deny",
+    "tools": {
+        "containerize_app": {
+            "limits": [{"counter": "per_session", "window": "hour", "max": 2, "scope": "session"}]
+        }
+    },
+}
+
+
+async def test_a_stateless_request_opens_no_session_budget(clock: Clock) -> None:
+    """MCP 2026-07-28 has no sessions: the upstream ignores Mcp-Session-Id, so inventing
+    one per call must not open a budget; session limits count against the grant."""
+    engine = Engine(compile_policy(STATELESS_SESSION_POLICY), open_store("memory://"), clock=clock)
+    allowed = 0
+    for i in range(6):
+        headers = modern_headers("containerize_app", **{"mcp-session-id": f"random-{i}"})
+        decision = (
+            await engine.check(post(modern_call("containerize_app", i), **headers))
+        ).decision
+        allowed += decision.allowed
+        if not decision.allowed:
+            assert decision.reason is Reason.RATE_LIMITED
+    assert allowed == 2
+    # The grant's budget is the one spent: a stateless call without the header is refused
+    # too, and adding a session id gains nothing.
+    bare = post(modern_call("containerize_app", 7), **modern_headers("containerize_app"))
+    assert (await engine.check(bare)).decision.reason is Reason.RATE_LIMITED
+    for session in ("x0", "x1"):
+        headers = modern_headers("containerize_app", **{"mcp-session-id": session})
+        decision = (await engine.check(post(modern_call("containerize_app"), **headers))).decision
+        assert decision.reason is Reason.RATE_LIMITED
+    # Another grant has its own budget.
+    other = post(
+        modern_call("containerize_app"), token="tok-B", **modern_headers("containerize_app")
+    )
+    assert (await engine.check(other)).decision.allowed
+
+
+async def test_a_stateless_request_ignores_a_session_id_it_could_not_use(clock: Clock) -> None:
+    """The spec tells a 2026-07-28 server to ignore Mcp-Session-Id; so does mcp-authz."""
+    engine = Engine(compile_policy(STATELESS_SESSION_POLICY), open_store("memory://"), clock=clock)
+    headers = modern_headers("containerize_app", **{"mcp-session-id": "has space"})
+    assert (await engine.check(post(modern_call("containerize_app"), **headers))).decision.allowed
+
+
+def listen(*uris: str, id_: int = 1) -> dict[str, Any]:
+    notifications: dict[str, Any] = {"toolsListChanged": True}
+    if uris:
+        notifications["resourceSubscriptions"] = list(uris)
+    return {
+        "jsonrpc": "2.0",
+        "id": id_,
+        "method": "subscriptions/listen",
+        "params": {"notifications": notifications, "_meta": META},
+    }
+
+
+LISTEN_HEADERS = {"mcp-protocol-version": MODERN, "mcp-method": "subscriptions/listen"}
+
+
+async def test_subscriptions_listen_passes_and_its_resources_follow_the_resource_rules(
+    language: Engine,
+) -> None:
+    """It replaces the GET stream (lifecycle); the resources it subscribes to are governed
+    as resources/subscribe is."""
+    bare = post(listen(), token=None, **LISTEN_HEADERS)
+    assert (await language.check(bare)).decision.allowed
+    allowed = post(listen("ecs://clusters/default", "ecs://clusters/prod"), **LISTEN_HEADERS)
+    assert (await language.check(allowed)).decision.allowed
+    denied = post(listen("ecs://clusters/default", "patient://p-0042", id_=4), **LISTEN_HEADERS)
+    decision = (await language.check(denied)).decision
+    assert decision.reason is Reason.DENIED_BY_RULE
+    assert decision.rule == "resources.patient://*"
+    assert "patient://" not in decision.message and "p-0042" not in decision.message
+    assert json.loads(decision.reply_body())["id"] == 4
+    unknown = post(listen("file:///etc/passwd"), **LISTEN_HEADERS)
+    assert (await language.check(unknown)).decision.reason is Reason.DENIED_BY_DEFAULT

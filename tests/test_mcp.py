@@ -190,6 +190,39 @@ def test_mcp_headers_must_agree_with_body() -> None:
         with pytest.raises(Malformed) as info:
             mcp.check_headers(headers, parsed)
         assert info.value.problem is Problem.HEADER_MISMATCH
+        assert info.value.ids == (1,), headers
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "=?base64?dG9vbA?=",  # missing padding
+        "=?base64?dG9vbA=?=",  # short padding
+        "=?base64?dG9vbA===?=",  # extra padding
+        "=?base64?dG9v bA==?=",  # a space
+        "=?base64?dG9v\tbA==?=",
+        "=?base64?dG9vbA==\n?=",
+        "=?base64?!!!!?=",
+        "=?base64?//79?=",  # not UTF-8
+    ],
+)
+def test_bad_base64_in_a_header_is_a_mismatch_that_keeps_the_id(value: str) -> None:
+    parsed = mcp.parse_body(body(call(name="tool", id_="req-7")))
+    with pytest.raises(Malformed) as info:
+        mcp.check_headers({"mcp-name": value}, parsed)
+    assert info.value.problem is Problem.HEADER_MISMATCH
+    assert "base64" in info.value.detail
+    assert info.value.ids == ("req-7",)
+
+
+def test_mcp_method_is_compared_as_written() -> None:
+    """Only Mcp-Name and Mcp-Param-* may carry the base64 form (SEP-2243): a hop that reads
+    Mcp-Method as written must see the method the body names."""
+    parsed = mcp.parse_body(body(call(id_=3)))
+    with pytest.raises(Malformed) as info:
+        mcp.check_headers({"mcp-method": b64("tools/call")}, parsed)
+    assert info.value.problem is Problem.HEADER_MISMATCH
+    assert info.value.ids == (3,)
 
 
 def test_mcp_headers_cannot_describe_a_batch_or_a_nameless_method() -> None:
@@ -225,6 +258,12 @@ def test_session_id() -> None:
         with pytest.raises(Malformed) as info:
             mcp.session_id({"mcp-session-id": bad})
         assert info.value.problem is Problem.MALFORMED
+    # MCP 2026-07-28 has no sessions: the header means nothing there.
+    for value in ("0f8a", "has space"):
+        headers = {"mcp-session-id": value, "mcp-protocol-version": "2026-07-28"}
+        assert mcp.session_id(headers) is None
+    legacy = {"mcp-session-id": "0f8a", "mcp-protocol-version": "2025-11-25"}
+    assert mcp.session_id(legacy) == "0f8a"
 
 
 @pytest.mark.parametrize(
@@ -367,3 +406,204 @@ def test_depth_is_bounded() -> None:
     for depth in (jsondoc.MAX_DEPTH + 1, 300, 1500):
         with pytest.raises(InvalidJson, match="nested too deeply"):
             jsondoc.decode_json(b"[" * depth + b"]" * depth)
+
+
+# Every notification the MCP revisions 2025-03-26 to 2026-07-28 define (schema.ts of each
+# revision: ClientNotification and ServerNotification), in either direction.
+SPEC_NOTIFICATIONS = {
+    "notifications/cancelled",
+    "notifications/initialized",
+    "notifications/progress",
+    "notifications/message",
+    "notifications/resources/updated",
+    "notifications/resources/list_changed",
+    "notifications/tools/list_changed",
+    "notifications/prompts/list_changed",
+    "notifications/roots/list_changed",
+    "notifications/elicitation/complete",
+    "notifications/tasks/status",
+    "notifications/subscriptions/acknowledged",
+}
+
+
+def test_the_spec_notification_names() -> None:
+    assert mcp.NOTIFICATIONS == SPEC_NOTIFICATIONS
+    for method in SPEC_NOTIFICATIONS:
+        (msg,) = mcp.parse_body(body({"jsonrpc": "2.0", "method": method})).messages
+        assert msg.kind is Kind.NOTIFICATION and msg.method == method
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        "notifications/../tools/call",
+        "notifications/initialized",
+        "notifications/cancelled",
+        "notifications/not-in-the-spec",
+    ],
+)
+def test_a_notification_name_with_an_id_is_a_malformed_request(method: str) -> None:
+    err = refused(body({"jsonrpc": "2.0", "id": 9, "method": method, "params": {"name": "x"}}))
+    assert err.problem is Problem.MALFORMED
+    assert "notification" in err.detail and "id" in err.detail
+    assert err.ids == (9,)
+
+
+def test_notification_look_alikes_are_refused() -> None:
+    for method in (
+        "Notifications/initialized",
+        "notifications/Cancelled",
+        "notifications/progress ",
+    ):
+        err = refused(body({"jsonrpc": "2.0", "method": method}))
+        assert "exact" in err.detail
+
+
+# --- MCP 2026-07-28: the protocol version, required headers, _meta -------------------------
+
+MODERN = "2026-07-28"
+META = {
+    "io.modelcontextprotocol/protocolVersion": MODERN,
+    "io.modelcontextprotocol/clientCapabilities": {},
+}
+
+
+def modern(method: str, id_: object = 1, **params: object) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "jsonrpc": "2.0",
+        "method": method,
+        "params": {**params, "_meta": META},
+    }
+    if id_ is not None:
+        doc["id"] = id_
+    return doc
+
+
+def headers_for(doc: dict[str, object], **extra: str) -> dict[str, str]:
+    params = doc.get("params")
+    assert isinstance(params, dict)
+    name = params.get("name", params.get("uri"))
+    out = {"mcp-protocol-version": MODERN, "mcp-method": str(doc["method"])}
+    if isinstance(name, str):
+        out["mcp-name"] = name
+    return {**out, **extra}
+
+
+def mismatch(headers: dict[str, str], doc: object) -> Malformed:
+    with pytest.raises(Malformed) as info:
+        mcp.check_headers(headers, mcp.parse_body(body(doc)))
+    return info.value
+
+
+def test_known_protocol_versions_pass_and_others_are_refused() -> None:
+    parsed = mcp.parse_body(body(call(id_=4)))
+    mcp.check_headers({}, parsed)  # no header: 2025-03-26, sessions
+    for version in ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"):
+        mcp.check_headers({"mcp-protocol-version": version}, parsed)
+    for version in ("", "2026-07-29", "1900-01-01", "2025-11-25 ", "latest", "2026-07-28,x"):
+        err = mismatch({"mcp-protocol-version": version}, call(id_=4))
+        assert err.problem is Problem.UNSUPPORTED_VERSION, version
+        assert err.ids == (4,)
+    assert mcp.PROTOCOL_VERSIONS[0] == MODERN
+    with pytest.raises(Malformed) as info:
+        mcp.protocol_version({"mcp-protocol-version": "2099-01-01"})
+    assert info.value.problem is Problem.UNSUPPORTED_VERSION
+
+
+def test_modern_requests_carry_mcp_method_and_mcp_name() -> None:
+    for doc in (
+        modern("tools/call", name="containerize_app", arguments={}),
+        modern("resources/read", uri="ecs://clusters/default"),
+        modern("prompts/get", name="deploy_checklist"),
+        modern("tools/list"),
+        modern("server/discover"),
+    ):
+        mcp.check_headers(headers_for(doc), mcp.parse_body(body(doc)))
+        without_method = {k: v for k, v in headers_for(doc).items() if k != "mcp-method"}
+        err = mismatch(without_method, doc)
+        assert err.problem is Problem.HEADER_MISMATCH and "Mcp-Method" in err.detail
+        assert err.ids == (1,)
+        if "mcp-name" in headers_for(doc):
+            without_name = {k: v for k, v in headers_for(doc).items() if k != "mcp-name"}
+            err = mismatch(without_name, doc)
+            assert err.problem is Problem.HEADER_MISMATCH and "Mcp-Name" in err.detail
+    # The same request under a session-based revision needs no headers.
+    legacy = call()
+    mcp.check_headers({"mcp-protocol-version": "2025-11-25"}, mcp.parse_body(body(legacy)))
+    # Notifications: this revision defines no header requirement for them.
+    note = modern("notifications/cancelled", id_=None, requestId=1)
+    mcp.check_headers({"mcp-protocol-version": MODERN}, mcp.parse_body(body(note)))
+
+
+def test_a_modern_post_is_one_message() -> None:
+    doc = modern("tools/list")
+    err = mismatch(headers_for(doc), [doc])
+    assert err.problem is Problem.MALFORMED and "batch" in err.detail
+
+
+def test_the_body_and_the_header_name_the_same_protocol_version() -> None:
+    doc = modern("tools/list", id_=6)
+    # A modern body under a session-era header (or none): a dual-era server serves the body
+    # statelessly while the headers claim a session.
+    for version in ("2025-11-25", None):
+        headers = headers_for(doc)
+        if version is None:
+            del headers["mcp-protocol-version"]
+        else:
+            headers["mcp-protocol-version"] = version
+        err = mismatch(headers, doc)
+        assert err.problem is Problem.HEADER_MISMATCH and "protocol version" in err.detail
+        assert err.ids == (6,)
+    # A modern header on a request without the version in _meta.
+    bare = {"jsonrpc": "2.0", "id": 6, "method": "tools/list", "params": {}}
+    err = mismatch(headers_for({**bare}), bare)
+    assert err.problem is Problem.HEADER_MISMATCH
+    # Not a string: malformed whatever the header says.
+    odd = {**doc, "params": {"_meta": {"io.modelcontextprotocol/protocolVersion": 20260728}}}
+    assert refused(body(odd)).problem is Problem.MALFORMED
+
+
+def listen(notifications: object, id_: object = 1) -> dict[str, object]:
+    return {
+        "jsonrpc": "2.0",
+        "id": id_,
+        "method": "subscriptions/listen",
+        "params": {"notifications": notifications, "_meta": META},
+    }
+
+
+def test_subscriptions_listen_carries_its_resource_subscriptions() -> None:
+    uris = ["ecs://clusters/default", "file:///tmp/a%20b"]
+    (msg,) = mcp.parse_body(
+        body(listen({"toolsListChanged": True, "resourceSubscriptions": uris}))
+    ).messages
+    assert msg.method == "subscriptions/listen" and msg.name is None
+    assert msg.subscriptions == tuple(uris)
+    (bare,) = mcp.parse_body(body(listen({"toolsListChanged": True}))).messages
+    assert bare.subscriptions == ()
+
+
+@pytest.mark.parametrize(
+    ("notifications", "fragment"),
+    [
+        ([], "notifications must be an object"),
+        ({"resourceSubscriptions": "ecs://x"}, "must be an array of strings"),
+        ({"resourceSubscriptions": [1]}, "must be an array of strings"),
+        ({"resourceSubscriptions": [None]}, "must be an array of strings"),
+        ({"resourceSubscriptions": ["ecs://x\u200b"]}, "invisible"),
+        ({"resourceSubscriptions": [" ecs://x"]}, "invisible"),
+    ],
+)
+def test_subscriptions_listen_refusals(notifications: object, fragment: str) -> None:
+    err = refused(body(listen(notifications, id_="L")))
+    assert err.problem is Problem.MALFORMED and fragment in err.detail
+    assert err.ids == ("L",)
+
+
+def test_one_listen_subscribes_to_a_bounded_number_of_resources() -> None:
+    """Each URI is judged by the policy: their number bounds what one check costs."""
+    most = [f"ecs://clusters/c{i}" for i in range(mcp.MAX_SUBSCRIPTIONS)]
+    (msg,) = mcp.parse_body(body(listen({"resourceSubscriptions": most}))).messages
+    assert len(msg.subscriptions) == mcp.MAX_SUBSCRIPTIONS == 1000
+    err = refused(body(listen({"resourceSubscriptions": [*most, "ecs://one-more"]})))
+    assert err.problem is Problem.MALFORMED and "at most 1000" in err.detail

@@ -9,6 +9,7 @@ from typing import Any
 
 from authz.grants import GrantSource, Source
 from authz.jsondoc import MAX_MEMBERS
+from authz.mcp import ParamHeader
 from authz.policy.callers import compile_caller_set
 from authz.policy.globs import pattern_ties
 from authz.policy.lint import key_never_matching, never_matching
@@ -23,6 +24,7 @@ from authz.policy.model import (
     RuleTable,
     Scope,
 )
+from authz.policy.params import param_headers
 from authz.policy.schemas import argument_validator
 from authz.policy.validate import schema_errors
 
@@ -70,8 +72,10 @@ def _rule(
         _limit(f"{where}.limits[{i}]", lim, errors) for i, lim in enumerate(raw.get("limits", ()))
     )
     arguments = None
+    headers: tuple[ParamHeader, ...] = ()
     if "arguments" in raw:
         arguments = argument_validator(f"{where}.arguments", raw["arguments"], errors, warnings)
+        headers = param_headers(f"{where}.arguments", raw["arguments"], errors)
     action = Action(raw.get("action", "allow"))
     noun = _SECTIONS[section]
     if action is Action.DENY and limits:
@@ -103,6 +107,7 @@ def _rule(
         pattern="*" in key,
         approval=approval,
         callers=tuple(raw.get("callers", ())),
+        param_headers=headers,
     )
 
 

@@ -13,6 +13,7 @@ import jsonschema
 
 from authz.grants import GrantSource
 from authz.jsondoc import MAX_MEMBERS
+from authz.mcp import ParamHeader
 from authz.policy.callers import CallerSet
 from authz.policy.globs import glob_regex, literal_prefix
 from authz.policy.schemas import first_errors
@@ -123,6 +124,8 @@ class Rule:
     ``variants``: set on an entry that depends on the caller (a list of variants, or one
     with ``callers``): the variants in order, the first whose callers match deciding; the
     entry itself then decides nothing, and a caller no variant matches is not permitted.
+    ``param_headers``: the parameters its argument schema marks ``x-mcp-header``, whose
+    ``Mcp-Param-*`` headers must match the call.
     """
 
     where: str
@@ -136,6 +139,7 @@ class Rule:
     approval: ApprovalSpec | None = None
     callers: tuple[str, ...] = ()
     variants: tuple[Rule, ...] = ()
+    param_headers: tuple[ParamHeader, ...] = ()
 
     def variant_for(self, sets: frozenset[str]) -> tuple[Rule, str | None] | None:
         """The variant deciding for a caller in ``sets``, with the set it matched by

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from authz import admin_client, notify, settings, tooling
 from authz.audit import configure_logging
+from authz.catalogue import Catalogue
 from authz.engine import Engine
 from authz.metrics import Metrics
 from authz.policy import Policy, PolicyError, load_policy
@@ -231,6 +232,7 @@ def _serve_process(config: Settings) -> int:
         fail_open=config.fail_open,
         approvals=book,
         approval_events=notify.approval_events(config.approval_webhook),
+        catalogue=Catalogue(awaited=bool(config.upstream_url)),
     )
     for warning in policy.warnings:
         logging.getLogger("mcp_authz").warning("policy warning: %s", warning)

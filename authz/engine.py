@@ -25,6 +25,7 @@ from msgspec.structs import replace
 
 from authz import mcp
 from authz.approvals import Approval, ApprovalBook, Binding, Verdict
+from authz.catalogue import Annotations, Catalogue
 from authz.grants import BEARER, GrantSource, Source, claims_of, grant_of
 from authz.listing import LIST_METHODS
 from authz.policy import Action, Limit, Policy, PolicyError, Rule, Scope
@@ -54,6 +55,9 @@ BODYLESS_METHODS = frozenset({"GET", "DELETE", "HEAD", "OPTIONS"})
 
 PARTIAL_BODY_HEADER = "x-envoy-auth-partial-body"
 
+# Before anything is learnt: every tool counts as the specification's defaults say.
+NO_CATALOGUE = Catalogue()
+
 
 class Reason(enum.Enum):
     """The fixed set of reason codes (metrics labels, logs, the reply's ``data.reason``).
@@ -72,6 +76,7 @@ class Reason(enum.Enum):
     APPROVAL_REQUIRED = ("approval_required", 403, -32051)
     APPROVAL_REJECTED = ("approval_rejected", 403, -32051)
     CALLER_NOT_PERMITTED = ("caller_not_permitted", 403, -32051)
+    UNKNOWN_TOOL = ("unknown_tool", 403, -32051)
     NO_GRANT = ("no_grant_identity", 403, -32051)
     RATE_LIMITED = ("rate_limited", 429, -32052)
     STORE_UNAVAILABLE = ("store_unavailable", 503, -32053)
@@ -96,6 +101,7 @@ DRY_RUNNABLE = frozenset(
         Reason.DENIED_BY_RULE,
         Reason.DENIED_BY_DEFAULT,
         Reason.CALLER_NOT_PERMITTED,
+        Reason.UNKNOWN_TOOL,
         Reason.ARGUMENTS_INVALID,
         Reason.APPROVAL_REQUIRED,
         Reason.RATE_LIMITED,
@@ -316,10 +322,12 @@ class CheckResult(msgspec.Struct, frozen=True):
         return None
 
 
-def rule_for(policy: Policy, msg: mcp.Message) -> Rule:
-    """The rule governing a governed message (see :data:`UNGOVERNED`)."""
+def rule_for(policy: Policy, msg: mcp.Message, catalogue: Catalogue = NO_CATALOGUE) -> Rule:
+    """The rule governing a governed message (see :data:`UNGOVERNED`); a tool's risk
+    class comes from ``catalogue``."""
     if msg.method == "tools/call":
-        return policy.rule_for_tool(msg.name or "")
+        name = msg.name or ""
+        return policy.rule_for_tool(name, catalogue.hints(name))
     if msg.method in ("resources/read", "resources/subscribe", mcp.LISTEN):
         return policy.rule_for_resource(msg.name or "")
     if msg.method == "prompts/get":
@@ -338,9 +346,15 @@ def caller_of(
 
 
 def plan(
-    policy: Policy, request: mcp.HttpRequest, grant: str | None, caller: Caller = NOBODY
+    policy: Policy,
+    request: mcp.HttpRequest,
+    grant: str | None,
+    caller: Caller = NOBODY,
+    catalogue: Catalogue = NO_CATALOGUE,
 ) -> Plan:
-    """Everything about a request's decision except spending: pure, consumes nothing."""
+    """Everything about a request's decision except spending: pure, consumes nothing.
+    ``catalogue``: the upstream's tools as known (their risk classes, and which names it
+    lists)."""
     try:
         body = _parse(request, policy.max_json_members)
     except mcp.Malformed as exc:
@@ -359,7 +373,7 @@ def plan(
     if body is None:
         return Plan(policy, grant, caller=caller.first)
     steps = tuple(
-        _step(policy, target, grant, request.headers, caller)
+        _step(policy, target, grant, request.headers, caller, catalogue)
         for msg in body.messages
         for target in _targets(msg)
     )
@@ -401,6 +415,7 @@ def _step(
     grant: str | None,
     headers: Mapping[str, str],
     caller: Caller,
+    catalogue: Catalogue = NO_CATALOGUE,
 ) -> Step:
     if msg.kind is mcp.Kind.RESPONSE or msg.method is None:
         return Step(msg, None)
@@ -410,10 +425,14 @@ def _step(
         or (msg.method == mcp.LISTEN and msg.name is None)
     ):
         return Step(msg, None)
-    rule = rule_for(policy, msg)
+    rule = rule_for(policy, msg, catalogue)
     subject = _subject(msg)
     if msg.method == "tools/call" and grant is None:
         return Step(msg, rule, Reason.NO_GRANT, f"{subject}: no grant identity")
+    if msg.method == "tools/call" and policy.deny_unlisted:
+        unlisted = _unlisted(msg.name or "", catalogue)
+        if unlisted is not None:
+            return Step(msg, rule, Reason.UNKNOWN_TOOL, f"{subject}: {unlisted}")
     matched = None
     if rule.variants:
         entry, chosen = rule, rule.variant_for(caller.sets)
@@ -481,6 +500,18 @@ def _step(
     return Step(msg, rule, spends=tuple(spends), arguments=arguments, caller=matched)
 
 
+def _unlisted(name: str, catalogue: Catalogue) -> str | None:
+    """Why a call to ``name`` is refused under ``unlisted_tools: deny``, or ``None``. Until
+    the upstream's list is known, a call is refused only when mcp-authz fetches the list
+    itself (fail closed: it will be known shortly); otherwise the rules alone judge it, as
+    there is no list to judge by until a client lists the tools."""
+    if catalogue.known:
+        return None if name in catalogue.tools else "not a tool the upstream lists"
+    if catalogue.awaited:
+        return "the upstream's tool list is not known yet"
+    return None
+
+
 def _applies(sets: tuple[str, ...], caller_sets: frozenset[str]) -> bool:
     """A limit listing ``sets`` applies to a caller in ``caller_sets``."""
     return not sets or any(name in caller_sets for name in sets)
@@ -500,8 +531,11 @@ class Engine:
         clock: Callable[[], int | None] = lambda: None,
         approvals: ApprovalBook | None = None,
         approval_events: Callable[[str, Approval], None] = lambda event, approval: None,
+        catalogue: Catalogue = NO_CATALOGUE,
     ) -> None:
         self.store = store
+        # The upstream's tools as learnt from its lists; replaced whole (see learn_tools).
+        self.catalogue = catalogue
         # Without a book, require_approval denies with "approval required".
         self.approvals = approvals
         # Told "requested" when a request opens and "consumed" when an approved call passes.
@@ -526,6 +560,12 @@ class Engine:
             )
         self.policy = policy
 
+    def learn_tools(self, tools: list[tuple[str, Annotations]], complete: bool) -> None:
+        """Add one page of the upstream's ``tools/list`` to the catalogue (``complete``:
+        its last page). A replaced catalogue, never one changed in place: a check reads
+        one consistent catalogue."""
+        self.catalogue = self.catalogue.learnt(tools, complete)
+
     def grant_source(self, policy: Policy) -> GrantSource:
         return policy.grants or self._flag_source
 
@@ -541,7 +581,7 @@ class Engine:
                 caller = recognise(policy.callers, identity_of(request, claims, grant))
             else:
                 grant, caller = grant_of(request, source), NOBODY
-            result = await self.decide(plan(policy, request, grant, caller))
+            result = await self.decide(plan(policy, request, grant, caller, self.catalogue))
             if caller.sets and result.decision.lists and result.decision.allowed:
                 sets = tuple(sorted(caller.sets))
                 result = replace(result, decision=replace(result.decision, caller_sets=sets))

@@ -157,6 +157,7 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
             return reply
         if not body.end_of_stream or len(body.body) > MAX_LIST_BYTES:
             return self._unfilterable(exchange, "over the buffer limit")
+        self._learn_tools(exchange, body.body)
         grant, request_id = exchange.grant, exchange.request_id
         sets = exchange.headers.get(envoy.CALLERS_HEADER, "")
         caller = listing.Caller(grant=grant, sets=frozenset(filter(None, sets.split(","))))
@@ -168,6 +169,7 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
                 exchange.content_type,
                 body.body,
                 protocol_version=exchange.headers.get("mcp-protocol-version", ""),
+                catalogue=self.engine.catalogue,
             )
         except listing.Unfilterable as exc:
             return self._unfilterable(exchange, str(exc))
@@ -177,6 +179,20 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
         reply = external_processor_pb2.ProcessingResponse()
         reply.response_body.response.body_mutation.body = filtered.body
         return reply
+
+    def _learn_tools(self, exchange: _Exchange, body: bytes) -> None:
+        """Learn the upstream's tools and their annotations from its ``tools/list``
+        response, before it is filtered for the caller: the response comes from the
+        operator's upstream (this stream sees it on its way back), never from the client.
+        A body that cannot be read teaches nothing; the filter then refuses it."""
+        if "tools/list" not in exchange.requests.values():
+            return
+        try:
+            pages = listing.listed_tools(exchange.requests, exchange.content_type, body)
+        except listing.Unfilterable:
+            return
+        for tools, complete in pages:
+            self.engine.learn_tools(tools, complete)
 
     def _unfilterable(
         self, exchange: _Exchange, why: str

@@ -25,6 +25,7 @@ from typing import Any
 import msgspec
 
 from authz import mcp
+from authz.catalogue import Annotations, Catalogue, tools_of
 from authz.policy import Action, Policy
 
 # The list methods, the result member holding their entries, the entry member naming it,
@@ -59,6 +60,9 @@ class Unfilterable(Exception):
     """A list response that cannot be filtered; the text says why (never its content)."""
 
 
+_NO_CATALOGUE = Catalogue()
+
+
 class Caller(msgspec.Struct, frozen=True):
     """Whom a list is filtered for, as ext_authz decided the list request: its grant, and
     the policy's caller sets it belongs to."""
@@ -67,8 +71,15 @@ class Caller(msgspec.Struct, frozen=True):
     sets: frozenset[str] = frozenset()
 
 
-def visible(policy: Policy, caller: Caller, method: str, name: str) -> bool:
-    """May ``caller`` use the entry ``name`` of a ``method`` list under ``policy``?
+def visible(
+    policy: Policy,
+    caller: Caller,
+    method: str,
+    name: str,
+    catalogue: Catalogue = _NO_CATALOGUE,
+) -> bool:
+    """May ``caller`` use the entry ``name`` of a ``method`` list under ``policy``? A
+    tool's risk class (for the policy's ``classes``) comes from ``catalogue``.
 
     Hidden: what ext_authz would refuse whatever the arguments: a rule with action
     ``deny`` (or ``default: deny`` for names no rule matches), any tool for a caller
@@ -82,7 +93,7 @@ def visible(policy: Policy, caller: Caller, method: str, name: str) -> bool:
     if method == "tools/list":
         if caller.grant is None:
             return False
-        rule = policy.rule_for_tool(name)
+        rule = policy.rule_for_tool(name, catalogue.hints(name))
     elif method == "prompts/list":
         rule = policy.rule_for_prompt(name)
     elif method == "resources/list":
@@ -152,6 +163,7 @@ def filter_response(
     content_type: str,
     body: bytes,
     protocol_version: str = "",
+    catalogue: Catalogue = _NO_CATALOGUE,
 ) -> Filtered:
     """``body`` with every entry ``caller`` may not use removed from the results of the
     list ``requests`` (id -> method); other messages and events pass unchanged.
@@ -161,9 +173,9 @@ def filter_response(
     private = protocol_version >= CACHE_SCOPE_VERSION
     media = media_type(content_type)
     if media == "application/json":
-        return _filter_json(policy, caller, requests, body, private)
+        return _filter_json(policy, caller, requests, body, private, catalogue)
     if media == "text/event-stream":
-        return _filter_event_stream(policy, caller, requests, body, private)
+        return _filter_event_stream(policy, caller, requests, body, private, catalogue)
     raise Unfilterable(f"list response of content type {media or '(none)'!r}")
 
 
@@ -180,9 +192,10 @@ def _filter_json(
     requests: Mapping[str, str],
     body: bytes,
     private: bool,
+    catalogue: Catalogue,
 ) -> Filtered:
     doc = _decode(body)
-    done = _filter_document(policy, caller, requests, doc, private)
+    done = _filter_document(policy, caller, requests, doc, private, catalogue)
     return Filtered(body=_ENCODER.encode(doc), lists=tuple(done))
 
 
@@ -192,11 +205,12 @@ def _filter_document(
     requests: Mapping[str, str],
     doc: object,
     private: bool,
+    catalogue: Catalogue,
 ) -> list[ListFiltered]:
     """Filter, in place, the list results in one message or a batch of them."""
     done = []
     for message in doc if isinstance(doc, list) else [doc]:
-        filtered = _filter_message(policy, caller, requests, message, private)
+        filtered = _filter_message(policy, caller, requests, message, private, catalogue)
         if filtered is not None:
             done.append(filtered)
     return done
@@ -208,6 +222,7 @@ def _filter_message(
     requests: Mapping[str, str],
     message: object,
     private: bool,
+    catalogue: Catalogue,
 ) -> ListFiltered | None:
     """Filter ``message`` in place if it is the result of one of ``requests``: anything
     with a ``result`` and such an id (even if it also has a ``method``, which a lax client
@@ -228,7 +243,7 @@ def _filter_message(
         name = entry.get(key) if isinstance(entry, dict) else None
         if not isinstance(name, str):
             raise Unfilterable(f"{method} entry without a string {key!r}")
-        if visible(policy, caller, method, name):
+        if visible(policy, caller, method, name, catalogue):
             kept.append(entry)
             continue
         hidden += 1
@@ -246,6 +261,7 @@ def _filter_event_stream(
     requests: Mapping[str, str],
     body: bytes,
     private: bool,
+    catalogue: Catalogue,
 ) -> Filtered:
     """Filter the list responses among the events of a stream; every other event is passed
     on byte for byte. An event whose data is not JSON fails the whole response: it could be
@@ -258,7 +274,7 @@ def _filter_event_stream(
             out.extend(lines)  # a comment, a priming event or a keep-alive
             continue
         message = _decode(raw)
-        filtered = _filter_document(policy, caller, requests, message, private)
+        filtered = _filter_document(policy, caller, requests, message, private, catalogue)
         if not filtered:
             out.extend(lines)
             continue
@@ -266,6 +282,36 @@ def _filter_event_stream(
         kept = [line for line in lines if line.rstrip(b"\r\n") and not _is_data(line)]
         out += [*kept, b"data: ", _ENCODER.encode(message), b"\n\n"]
     return Filtered(body=b"".join(out), lists=tuple(done))
+
+
+def listed_tools(
+    requests: Mapping[str, str], content_type: str, body: bytes
+) -> list[tuple[list[tuple[str, Annotations]], bool]]:
+    """The pages of the upstream's tool list in a response to ``requests`` (id -> method):
+    each ``tools/list`` result's named tools with their annotations, and whether it is the
+    last page (no ``nextCursor``). What the upstream says about its own tools, read before
+    the response is filtered for a caller. Raises :class:`Unfilterable` for a body it
+    cannot read (which the filter then refuses)."""
+    media = media_type(content_type)
+    if media == "application/json":
+        docs = [_decode(body)]
+    elif media == "text/event-stream":
+        docs = [_decode(raw) for lines in events(body) if (raw := event_data(lines)).strip()]
+    else:
+        raise Unfilterable(f"list response of content type {media or '(none)'!r}")
+    pages = []
+    for doc in docs:
+        for message in doc if isinstance(doc, list) else [doc]:
+            if not isinstance(message, dict) or "result" not in message:
+                continue
+            key = id_key(message.get("id"))
+            if key is None or requests.get(key) != "tools/list":
+                continue
+            result = message["result"]
+            tools = tools_of(result)
+            if tools is not None:
+                pages.append((tools, not result.get("nextCursor")))
+    return pages
 
 
 def events(body: bytes) -> Iterator[list[bytes]]:

@@ -18,7 +18,7 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from authz import admin, audit, console, envoy, tls
+from authz import admin, audit, console, envoy, tls, upstream
 from authz.engine import Engine
 from authz.extproc import EXT_PROC_SERVICE, ListFilterService
 from authz.metrics import Metrics
@@ -166,13 +166,16 @@ async def serve(engine: Engine, settings: Settings, metrics: Metrics) -> None:
                 sighup=True,
             )
         )
+    catalogue = None
+    if settings.upstream_url:
+        catalogue = asyncio.create_task(upstream.keep_catalogue(engine, settings.upstream_url))
     expiries = None
     if engine.approvals is not None:
         expiries = asyncio.create_task(
             admin.watch_expiries(engine.approvals, metrics.approvals_pending)
         )
     await stop.wait()
-    for task in (watcher, expiries):
+    for task in (watcher, expiries, catalogue):
         if task is not None:
             task.cancel()
 

@@ -52,6 +52,9 @@ class Settings:
     admin_tokens: Mapping[str, str] = field(default_factory=dict)
     # POST a notice here when an approval request opens ("" = none).
     approval_webhook: str = ""
+    # The upstream MCP server whose tool list mcp-authz fetches at start and on every
+    # reload ("" = learn it only from the lists clients ask for); see authz.upstream.
+    upstream_url: str = ""
     log_level: str = "INFO"
     log_format: str = "json"
     audit_level: str = "info"
@@ -177,6 +180,13 @@ _FLAGS = (
         "approval-webhook",
         "POST a notice (never argument values) here when an approval request opens",
         setting="approval_webhook",
+    ),
+    _Flag(
+        "upstream-url",
+        "the upstream MCP server (streamable HTTP) whose tool list (names, annotations) "
+        "is fetched at start and on every reload; without it, the list is learnt from the "
+        "tools/list responses clients ask for",
+        setting="upstream_url",
     ),
     _Flag(
         "log-level",

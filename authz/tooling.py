@@ -37,7 +37,7 @@ from authz.policy import (
     syntax_of,
 )
 from authz.policy.callers import Caller
-from authz.risk import risk_report
+from authz.risk import annotations_of, risk_report
 from authz.store import Charge, Outcome
 from authz.store.memory import MemoryStore
 
@@ -160,6 +160,10 @@ def _print_policy(path: str, policy: Policy, out: TextIO) -> None:
             rule = table[key]
             kind = " (pattern)" if rule.pattern else ""
             print(f"  {noun} {key}{kind}: {describe_rule(rule)}", file=out)
+    for name, rule in policy.classes.items():
+        print(f"  class {name}: {describe_rule(rule)}", file=out)
+    if policy.deny_unlisted:
+        print("  unlisted tools: denied (unknown_tool)", file=out)
     for warning in policy.warnings:
         print(f"  warning: {warning}", file=out)
     if policy.callers:
@@ -253,12 +257,14 @@ def _innermost(exc: BaseException) -> BaseException:
     return exc
 
 
-def _print_against(url: str, policy: Policy, tools: Sequence[str], out: TextIO) -> None:
+def _print_against(
+    url: str, policy: Policy, tools: Sequence[tuple[str, Mapping[str, Any] | None]], out: TextIO
+) -> None:
     print(f"{url}: {len(tools)} tools", file=out)
     used: set[str] = set()
     fallen = []
-    for name in sorted(tools):
-        rule = policy.rule_for_tool(name)
+    for name, raw in sorted(tools, key=lambda t: t[0]):
+        rule = policy.rule_for_tool(name, annotations_of(raw))
         print(f"  tool {name} -> {_rule_text(rule)}", file=out)
         if rule.where == "default":
             fallen.append(name)
@@ -276,7 +282,7 @@ def _print_against(url: str, policy: Policy, tools: Sequence[str], out: TextIO) 
         action = policy.default.action.value
         print(f"  {len(fallen)} tool(s) fall to default ({action}): {', '.join(fallen)}", file=out)
     if policy.callers:
-        _print_matrix(policy, sorted(tools), out)
+        _print_matrix(policy, sorted(name for name, _ in tools), out)
 
 
 def check_policy(
@@ -304,7 +310,7 @@ def check_policy(
         leaf = _innermost(exc)
         print(f"{against}: cannot list tools: {type(leaf).__name__}: {leaf}", file=err)
         return 2
-    _print_against(against, policy, [name for name, _ in tools], out)
+    _print_against(against, policy, tools, out)
     _print_risk(policy, tools, out)
     return 0
 
@@ -326,6 +332,12 @@ def _print_risk(
             f"    {row.tool}: {', '.join(row.classes)}{stated} -> {_rule_text(row.rule)}",
             file=out,
         )
+        if policy.callers:  # what each caller set gets of that rule
+            cells = (
+                f"{name}: {_cell(row.rule, frozenset([name]) - {ANYONE_ELSE})}"
+                for name in [*policy.callers, ANYONE_ELSE]
+            )
+            print(f"      {'; '.join(cells)}", file=out)
     for row in rows:
         if row.warning is not None:
             print(f"  warning: {row.warning}", file=out)

@@ -7,6 +7,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from authz.catalogue import CLASS_ORDER
 from authz.grants import GrantSource, Source
 from authz.jsondoc import MAX_MEMBERS
 from authz.mcp import ParamHeader
@@ -77,7 +78,7 @@ def _rule(
         arguments = argument_validator(f"{where}.arguments", raw["arguments"], errors, warnings)
         headers = param_headers(f"{where}.arguments", raw["arguments"], errors)
     action = Action(raw.get("action", "allow"))
-    noun = _SECTIONS[section]
+    noun = _SECTIONS.get(section, "tool class")
     if action is Action.DENY and limits:
         errors.append(f"{where}: a denied {noun} cannot have limits")
     if action is Action.DENY and arguments is not None:
@@ -245,7 +246,14 @@ def compile_policy(doc: object, digest: str = "") -> Policy:
             for variant, raw in zip(_decided_by(rule), raws, strict=True):
                 warnings += never_matching(variant.where, raw)
         tables[section] = RuleTable(rules)
+    raw_classes = doc.get("classes", {})
+    class_rules = {
+        key: _entry("classes", key, raw, dry_run, errors, warnings)
+        for key, raw in (raw_classes.items() if isinstance(raw_classes, dict) else ())
+        if ("classes", key) not in broken and key in CLASS_ORDER
+    }
     every_rule = [rule for table in tables.values() for rule in table.values()]
+    every_rule += class_rules.values()
     errors += _counter_conflicts(every_rule)
     grants_ok = not any(path[:1] == ("grants",) for path in broken)
     grants = _grants(doc.get("grants"), errors) if grants_ok else None
@@ -281,4 +289,6 @@ def compile_policy(doc: object, digest: str = "") -> Policy:
         max_json_members=int(doc.get("max_json_members", MAX_MEMBERS)),
         callers=callers,
         resource_metadata=resource_metadata if isinstance(resource_metadata, str) else "",
+        classes=class_rules,
+        deny_unlisted=doc.get("unlisted_tools") == "deny",
     )

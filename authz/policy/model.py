@@ -11,6 +11,7 @@ from typing import Any
 
 import jsonschema
 
+from authz.catalogue import UNSTATED, Annotations, ranked_classes
 from authz.grants import GrantSource
 from authz.jsondoc import MAX_MEMBERS
 from authz.mcp import ParamHeader
@@ -225,7 +226,9 @@ class Policy:
     command line. ``warnings`` lists rules that load but can never match.
     ``max_json_members`` bounds the object members a request body may hold.
     ``callers``: the named caller sets, in the policy's order. ``resource_metadata``: the
-    RFC 9728 metadata URL a step-up challenge names ("" for none).
+    RFC 9728 metadata URL a step-up challenge names ("" for none). ``classes``: rules by
+    risk class (see :data:`authz.catalogue.CLASS_ORDER`). ``deny_unlisted``: a call naming
+    a tool the upstream does not list is refused (``unlisted_tools: deny``).
     """
 
     version: str
@@ -240,9 +243,23 @@ class Policy:
     max_json_members: int = MAX_MEMBERS
     callers: Mapping[str, CallerSet] = field(default_factory=dict)
     resource_metadata: str = ""
+    classes: Mapping[str, Rule] = field(default_factory=dict)
+    deny_unlisted: bool = False
 
-    def rule_for_tool(self, name: str) -> Rule:
-        return self.tools.match(name) or self.default
+    def rule_for_tool(self, name: str, hints: Annotations = UNSTATED) -> Rule:
+        """The rule of a tool: its exact name, then the glob with the longest literal
+        prefix, then the first of its risk classes (from ``hints``, its annotations; the
+        specification's defaults when unknown) the policy has a rule for, then
+        ``default``."""
+        rule = self.tools.match(name)
+        if rule is not None:
+            return rule
+        if self.classes:
+            for name_of_class in ranked_classes(hints):
+                by_class = self.classes.get(name_of_class)
+                if by_class is not None:
+                    return by_class
+        return self.default
 
     def rule_for_resource(self, uri: str) -> Rule:
         return self.resources.match(uri) or self.default

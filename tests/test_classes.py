@@ -237,3 +237,65 @@ async def test_unlisted_tools_are_allowed_by_default() -> None:
     engine.learn_tools([("delete_app", Annotations())], True)
     assert (await engine.check(call(ALIAS))).decision.allowed
     assert not compile_policy({"version": "1", "default": "allow"}).deny_unlisted
+
+
+def test_the_example_policy_resolves_the_demo_upstreams_tools() -> None:
+    """examples/classes.policy.yaml against the annotations examples/demo_upstream.py
+    states (delete_app is denied by name before its class counts)."""
+    from authz.policy import load_policy
+    from devstack.stack import ROOT
+
+    policy = load_policy(ROOT / "examples/classes.policy.yaml")
+    assert policy.deny_unlisted
+    resolved = {
+        name: policy.rule_for_tool(name, hints(raw)).where
+        for name, raw in [
+            ("delete_app", {"destructiveHint": True}),
+            ("ecs_troubleshooting_tool", {"readOnlyHint": True}),
+            ("list_datastores", {"readOnlyHint": True, "openWorldHint": True}),
+            ("closed_reader", READER),
+            ("adder", ADDER),
+            ("containerize_app", None),
+        ]
+    }
+    assert resolved == {
+        "delete_app": "tools.delete_*",
+        "ecs_troubleshooting_tool": "classes.open_world",
+        "list_datastores": "classes.open_world",
+        "closed_reader": "classes.read_only",
+        "adder": "classes.additive",
+        "containerize_app": "classes.destructive",
+    }
+
+
+def test_the_risk_report_names_each_caller_sets_rule_and_warns() -> None:
+    import io
+
+    from authz import tooling
+
+    policy = compile_policy(
+        {
+            "version": "1",
+            "default": "deny",
+            "grants": {"source": "jwt", "claim": "sub"},
+            "callers": {"ops": {"claims": {"groups": "ops"}}},
+            "classes": {
+                "read_only": {},
+                "destructive": [{"callers": ["ops"]}],
+                "additive": {"limits": [LIMIT]},
+            },
+        }
+    )
+    out = io.StringIO()
+    tooling._print_risk(
+        policy,
+        [("reader", READER), ("dropper", None), ("adder", ADDER)],
+        out,
+    )
+    text = out.getvalue()
+    assert "dropper: destructive, open_world, no annotations -> classes.destructive" in text
+    assert "ops: allow; anyone else: not permitted" in text
+    assert "reader: read_only -> classes.read_only" in text
+    assert "adder: additive -> classes.additive" in text
+    warned = [line for line in text.splitlines() if "warning:" in line]
+    assert len(warned) == 1 and "tool dropper (classes.destructive[0])" in warned[0]

@@ -365,6 +365,27 @@ CRD_SPECS: dict[tuple[str, str], dict[str, Any]] = {
         "selector": LABELS,
         "mtls": {"mode": {"UNSET", "DISABLE", "PERMISSIVE", "STRICT"}},
     },
+    ("networking.istio.io/v1alpha3", "EnvoyFilter"): {
+        "workloadSelector": {"labels": dict},
+        "configPatches": [
+            {
+                "applyTo": {"HTTP_FILTER", "HTTP_ROUTE", "LISTENER", "CLUSTER"},
+                "match": {
+                    "context": {"ANY", "SIDECAR_INBOUND", "SIDECAR_OUTBOUND", "GATEWAY"},
+                    "listener": {
+                        "portNumber": int,
+                        "filterChain": {"filter": {"name": str, "subFilter": {"name": str}}},
+                    },
+                },
+                # The value is Envoy's own config: the real Envoy checks it (see
+                # test_istio_list_filter_runs_in_the_real_envoy).
+                "patch": {
+                    "operation": {"INSERT_AFTER", "INSERT_BEFORE", "INSERT_FIRST", "MERGE"},
+                    "value": dict,
+                },
+            }
+        ],
+    },
     ("install.istio.io/v1alpha1", "IstioOperator"): {
         "meshConfig": {"extensionProviders": [{"name": str, "envoyExtAuthzGrpc": EXT_AUTHZ_GRPC}]}
     },
@@ -1365,3 +1386,149 @@ def test_pod_ops_listener_exposes_only_ready_and_stats(pod: LocalPod) -> None:
         ("GET", "/clusters"),
     ):
         assert httpx.request(method, f"{base}{path}", timeout=5).status_code == 404, path
+
+
+# --------------------------------------------------------------------------- Istio list filter
+
+
+def list_filter(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ext_proc filter the EnvoyFilter inserts (its patch value)."""
+    (patch,) = find(docs, "EnvoyFilter", "mcp-ecs-list-filter")["spec"]["configPatches"]
+    value: dict[str, Any] = patch["patch"]["value"]
+    return value
+
+
+def envoy_list_route_and_filter() -> tuple[dict[str, Any], dict[str, Any]]:
+    """envoy/envoy.yaml's list route's processing mode, and its ext_proc filter."""
+    envoy = yaml.safe_load((ROOT / "envoy/envoy.yaml").read_text())
+    hcm = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    (listing,) = [r for r in routes if r["match"].get("headers")]
+    mode = listing["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["overrides"]
+    (ext_proc,) = [
+        f["typed_config"]
+        for f in hcm["typed_config"]["http_filters"]
+        if f["name"] == "envoy.filters.http.ext_proc"
+    ]
+    return mode["processing_mode"], ext_proc
+
+
+@needs_kubectl
+@pytest.mark.parametrize(
+    ("name", "provider"),
+    [("istio-sidecar", "mcp-authz-local"), ("istio-central", "mcp-authz-central")],
+)
+def test_istio_list_filter(name: str, provider: str) -> None:
+    """Each Istio topology adds the list filter right after ext_authz on the MCP workload's
+    inbound port, sends it to the ext_authz provider's host and port (the same mcp-authz),
+    and processes list requests as envoy/envoy.yaml's list route does."""
+    docs = render(name)
+    spec = find(docs, "EnvoyFilter", "mcp-ecs-list-filter")["spec"]
+    check_crd(find(docs, "EnvoyFilter", "mcp-ecs-list-filter"))
+    labels = pod_labels(find(docs, "Deployment", "mcp-ecs"))
+    assert spec["workloadSelector"]["labels"].items() <= labels.items()
+    (patch,) = spec["configPatches"]
+    assert patch["applyTo"] == "HTTP_FILTER"
+    assert patch["patch"]["operation"] == "INSERT_AFTER"
+    listener = patch["match"]["listener"]
+    assert patch["match"]["context"] == "SIDECAR_INBOUND"
+    assert listener["filterChain"]["filter"]["subFilter"]["name"] == "envoy.filters.http.ext_authz"
+    (ingress,) = find(docs, "Sidecar", "mcp-ecs")["spec"]["ingress"]
+    assert listener["portNumber"] == ingress["port"]["number"]
+
+    value = list_filter(docs)
+    assert value["name"] == "envoy.filters.http.ext_proc"
+    inner = value["typed_config"]["extension_config"]["typed_config"]
+    upstream = providers()[provider]
+    cluster = f"outbound|{upstream['port']}||{upstream['service']}"
+    assert inner["grpc_service"] == {"envoy_grpc": {"cluster_name": cluster}}
+    mode, ext_proc = envoy_list_route_and_filter()
+    assert inner["processing_mode"] == mode
+    for key in ("failure_mode_allow", "message_timeout", "allow_mode_override"):
+        assert inner[key] == ext_proc[key], key
+    # The matcher skips the filter unless the list mark is there.
+    (matcher,) = value["typed_config"]["xds_matcher"]["matcher_list"]["matchers"]
+    single = matcher["predicate"]["not_matcher"]["single_predicate"]
+    assert single["input"]["typed_config"]["header_name"] == "x-mcp-authz-list"
+    assert matcher["on_match"]["action"]["typed_config"]["@type"].endswith(".SkipFilter")
+
+
+@pytest.mark.e2e
+def test_istio_list_filter_runs_in_the_real_envoy(tmp_path: Path) -> None:
+    """The EnvoyFilter's ext_proc filter, as Istio inserts it, in the real Envoy: envoy.yaml
+    without its list route and without clear_route_cache (Istio's ext_authz provider has
+    neither), with this filter after ext_authz. A list is filtered for the caller; a tool
+    call opens no ext_proc stream."""
+    import anyio
+
+    from devstack.stack import authz_proc, envoy_config, envoy_proc, upstream_proc, wait_ready
+    from tests.support.clients import sdk_list_tools
+
+    value = copy.deepcopy(list_filter(render("istio-sidecar")))
+    inner = value["typed_config"]["extension_config"]["typed_config"]
+    inner["grpc_service"]["envoy_grpc"]["cluster_name"] = "mcp_authz"
+    envoy = yaml.safe_load((ROOT / "envoy/envoy.yaml").read_text())
+    hcm = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+        "typed_config"
+    ]
+    vhost = hcm["route_config"]["virtual_hosts"][0]
+    vhost["routes"] = [r for r in vhost["routes"] if not r["match"].get("headers")]
+    for route in vhost["routes"]:
+        route.pop("typed_per_filter_config", None)
+    filters = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
+    for f in filters:
+        if f["name"] == "envoy.filters.http.ext_authz":
+            f["typed_config"].pop("clear_route_cache")
+    at = next(i for i, f in enumerate(filters) if f["name"] == "envoy.filters.http.ext_authz")
+    hcm["http_filters"] = [*filters[: at + 1], value, *filters[at + 1 :]]
+    source = tmp_path / "istio-like.yaml"
+    source.write_text(yaml.safe_dump(envoy))
+
+    listen, admin, grpc_port, http_port, upstream = (free_port() for _ in range(5))
+    policy = tmp_path / "policy.json"
+    policy.write_text(
+        json.dumps(
+            {
+                "version": "1",
+                "default": "deny",
+                "tools": {"containerize_app": {}, "ecs_troubleshooting_tool": {}},
+            }
+        )
+    )
+    config = envoy_config(
+        tmp_path, listen=listen, authz=grpc_port, upstream=upstream, admin=admin, source=source
+    )
+    authz = authz_proc(tmp_path, policy, grpc_port, http_port, ["--store", "memory"])
+
+    def streams() -> int:
+        stats = httpx.get(f"http://127.0.0.1:{admin}/stats?filter=ext_proc.streams_started")
+        return sum(int(line.rsplit(":", 1)[1]) for line in stats.text.splitlines() if line)
+
+    with (
+        running(upstream_proc(tmp_path, upstream, tmp_path / "record.jsonl"), upstream),
+        running(authz, grpc_port),
+        running(envoy_proc(tmp_path, config), listen),
+    ):
+        wait_ready(f"http://127.0.0.1:{admin}/ready")
+        url = f"http://127.0.0.1:{listen}/mcp"
+        headers = {"Authorization": "Bearer tok-istio"}
+        listed = anyio.run(lambda: sdk_list_tools(url, headers))
+        assert set(listed) == {"containerize_app", "ecs_troubleshooting_tool"}
+        before = streams()
+        assert before >= 1
+
+        def call(extra: dict[str, str]) -> int:
+            body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call"}
+            body["params"] = {"name": "containerize_app", "arguments": {"app_path": "/srv"}}
+            sent = {
+                "content-type": "application/json",
+                "accept": "application/json, text/event-stream",
+                **headers,
+                **extra,
+            }
+            return httpx.post(url, json=body, headers=sent, timeout=10).status_code
+
+        assert call({}) != 403  # allowed: it reached the upstream
+        assert streams() == before, "a tool call opens no ext_proc stream"
+        assert call({"x-mcp-authz-list": "tools/list"}) != 403
+        assert streams() == before, "a client's own list mark opens no stream"

@@ -141,8 +141,10 @@ async def keep_catalogue(engine: Engine, url: str) -> None:
         if policy is not fetched_under:
             try:
                 tools = await fetch_tools(url)
-            except (FetchError, aiohttp.ClientError, TimeoutError, OSError) as exc:
-                log.warning("cannot fetch the upstream's tool list: %s", exc or type(exc).__name__)
+            except Exception as exc:  # any fault: keep the old catalogue, try again later
+                log.warning(
+                    "cannot fetch the upstream's tool list: %s: %s", type(exc).__name__, exc
+                )
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, MAX_RETRY_S)
                 continue

@@ -3,8 +3,11 @@ and the refusal of tools the upstream does not list (``unlisted_tools: deny``)."
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -299,3 +302,30 @@ def test_the_risk_report_names_each_caller_sets_rule_and_warns() -> None:
     assert "adder: additive -> classes.additive" in text
     warned = [line for line in text.splitlines() if "warning:" in line]
     assert len(warned) == 1 and "tool dropper (classes.destructive[0])" in warned[0]
+
+
+def test_the_upstreams_list_is_fetched_page_by_page(tmp_path: Path) -> None:
+    """--upstream-url's fetch against a scripted upstream paginating its tools over three
+    pages; a port where nothing answers is an error, never an empty list."""
+    from authz.upstream import fetch_tools
+    from devstack.stack import ROOT, Proc, free_port, running
+
+    port = free_port()
+    server = Proc(
+        "list-upstream",
+        [sys.executable, str(ROOT / "tests/support/list_upstream.py"), "--port", str(port)],
+        tmp_path / "upstream.log",
+    )
+    with running(server, port):
+        tools = asyncio.run(fetch_tools(f"http://127.0.0.1:{port}/mcp"))
+    assert [name for name, _ in tools] == [
+        "containerize_app",
+        "delete_app",
+        "start_dicom_export_job",
+        "build_and_push_image_to_ecr",
+        "ecs_troubleshooting_tool",
+        "ecs_resource_management",
+    ]
+    assert all(hints == Annotations() for _, hints in tools)  # none stated
+    with pytest.raises(OSError):
+        asyncio.run(fetch_tools(f"http://127.0.0.1:{free_port()}/mcp"))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import hashlib
 import logging
 import math
 import time
@@ -23,7 +22,7 @@ from typing import Any
 import msgspec
 from msgspec.structs import replace
 
-from authz import mcp
+from authz import mcp, records
 from authz.approvals import Approval, ApprovalBook, Binding, Verdict
 from authz.grants import BEARER, GrantSource, Source, claims_of, grant_of
 from authz.listing import LIST_METHODS
@@ -166,6 +165,11 @@ class Decision(msgspec.Struct, frozen=True):
     caller_sets: tuple[str, ...] = ()
     challenge: str | None = None
     requested_version: str | None = None
+    # On an allowed request whose response issues or ends a session: "open" (an
+    # initialize) or "close" (a DELETE of a session). Envoy routes its response headers
+    # through ext_proc, which records the session id the upstream issued to the grant, or
+    # drops it (authz.records).
+    session_event: str | None = None
 
     @property
     def allowed(self) -> bool:
@@ -209,18 +213,17 @@ def counter_key(limit: Limit, grant: str, session: str | None = None) -> str:
     """The store key of a limit.
 
     Every key of one grant shares the ``{g:...}`` hash tag, so a request's grant-scoped
-    counters live in one Redis Cluster slot. A session key hashes the grant and the
-    client-supplied session id together (bounded, and no session can touch another
-    grant's); a request without a session spends its grant's counter instead.
+    and session-scoped counters (and the session records they depend on) live in one
+    Redis Cluster slot. A session key hashes the grant and the client-supplied session id
+    together (bounded, and no session can touch another grant's); a request without a
+    session spends its grant's counter instead, and so does one whose session the
+    upstream never issued to its grant (see :class:`authz.store.Charge`).
     """
     if limit.scope is Scope.GLOBAL:
-        tag = "global"
-    elif limit.scope is Scope.SESSION and session is not None:
-        digest = hashlib.sha256(f"{grant}\n{session}".encode()).hexdigest()[:32]
-        tag = f"s:{digest}"
-    else:
-        tag = f"g:{grant}"
-    return f"mcpauthz:{{{tag}}}:{limit.counter}"
+        return f"mcpauthz:{{global}}:{limit.counter}"
+    if limit.scope is Scope.SESSION and session is not None:
+        return records.session_counter(grant, session, limit.counter)
+    return f"{records.grant_prefix(grant)}{limit.counter}"
 
 
 # Longest name a denial echoes (MCP tool names have at most 128 characters); a longer one
@@ -242,13 +245,18 @@ def _subject(msg: mcp.Message) -> str:
 
 
 class Spend(msgspec.Struct, frozen=True):
-    """A limit a message spends against: ``cost`` units under store key ``key``."""
+    """A limit a message spends against: ``cost`` units under store key ``key``; for a
+    session-scoped limit, under ``fallback`` (its grant's counter) instead when the
+    ``session`` record is missing: the upstream never issued that session id to the
+    grant."""
 
     msg: mcp.Message
     rule: Rule
     limit: Limit
     key: str
     cost: int
+    session: str | None = None
+    fallback: str | None = None
 
 
 class Step(msgspec.Struct, frozen=True):
@@ -465,7 +473,14 @@ def _step(
                 text = f"{subject}: {exc.detail}"
                 return Step(msg, rule, Reason.MALFORMED, text, arguments=arguments, caller=matched)
         key = counter_key(limit, grant or "", session)
-        spends.append(Spend(msg=msg, rule=rule, limit=limit, key=key, cost=cost))
+        spend = Spend(msg=msg, rule=rule, limit=limit, key=key, cost=cost)
+        if session is not None and grant is not None:
+            spend = replace(
+                spend,
+                session=records.session_record(grant, session),
+                fallback=counter_key(limit, grant),
+            )
+        spends.append(spend)
     if rule.action is Action.REQUIRE_APPROVAL:
         # The spends stay on the step: an approved call still spends against its limits.
         text = f"{subject}: approval required" + (f" ({rule.reason})" if rule.reason else "")
@@ -479,6 +494,24 @@ def _step(
             caller=matched,
         )
     return Step(msg, rule, spends=tuple(spends), arguments=arguments, caller=matched)
+
+
+def _session_event(request: mcp.HttpRequest, result: CheckResult) -> str | None:
+    """Whether the response to an allowed request issues a session (an ``initialize``) or
+    ends one (a ``DELETE`` naming it), on a revision with sessions, for a known grant:
+    only then is a session recorded or dropped."""
+    decision = result.decision
+    if not decision.allowed or decision.grant is None or mcp.stateless(request.headers):
+        return None
+    if request.method.upper() == "DELETE":
+        try:
+            return "close" if mcp.session_id(request.headers) is not None else None
+        except mcp.Malformed:
+            return None
+    initializes = any(
+        s.msg.method == "initialize" and s.msg.kind is mcp.Kind.REQUEST for s in result.steps
+    )
+    return "open" if initializes else None
 
 
 def _applies(sets: tuple[str, ...], caller_sets: frozenset[str]) -> bool:
@@ -545,6 +578,9 @@ class Engine:
             if caller.sets and result.decision.lists and result.decision.allowed:
                 sets = tuple(sorted(caller.sets))
                 result = replace(result, decision=replace(result.decision, caller_sets=sets))
+            event = _session_event(request, result)
+            if event is not None:
+                result = replace(result, decision=replace(result.decision, session_event=event))
             return result
         except Exception as exc:  # a bug must deny, never allow or crash
             log.error("check failed: %s", type(exc).__name__)
@@ -740,7 +776,14 @@ def _charges(spends: list[Spend]) -> tuple[list[Charge], dict[str, Spend]]:
         costs[spend.key] = costs.get(spend.key, 0) + spend.cost
         first.setdefault(spend.key, spend)
     charges = [
-        Charge(key=k, window_ms=first[k].limit.window_ms, max=first[k].limit.max, cost=c)
+        Charge(
+            key=k,
+            window_ms=first[k].limit.window_ms,
+            max=first[k].limit.max,
+            cost=c,
+            session=first[k].session,
+            fallback=first[k].fallback,
+        )
         for k, c in costs.items()
         if c > 0
     ]

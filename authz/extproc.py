@@ -1,4 +1,5 @@
-"""Envoy's ext_proc v3 stream, for list responses only: the wire side of authz.listing.
+"""Envoy's ext_proc v3 stream, for list responses (the wire side of authz.listing) and for
+the responses that issue or end a session (:class:`_Recording`, authz.records).
 
 Envoy opens an ``envoy.service.ext_proc.v3.ExternalProcessor/Process`` stream only on the
 route of requests ext_authz allowed as list requests (it marks them with the
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from authz import audit, envoy, listing, mcp
+from authz import audit, envoy, listing, mcp, records
 from authz.engine import Engine
 from authz.metrics import Metrics
 from authz.pb import (
@@ -30,6 +31,7 @@ from authz.pb import (
     external_processor_pb2_grpc,
     processing_mode_pb2,
 )
+from authz.store import CounterStore, StoreUnavailable
 
 log = logging.getLogger("mcp_authz")
 
@@ -100,11 +102,17 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[external_processor_pb2.ProcessingResponse]:
         exchange = _Exchange()
+        recording: _Recording | None = None
         async for message in requests:
             if message.observability_mode:
                 continue  # Envoy ignores replies then; nothing can be filtered
             try:
-                reply = self._answer(exchange, message)
+                if recording is None and message.WhichOneof("request") == "request_headers":
+                    recording = _Recording.of(_header_map(message.request_headers.headers))
+                if recording is not None:
+                    reply = await recording.answer(self.engine.store, message)
+                else:
+                    reply = self._answer(exchange, message)
             except Exception as exc:  # a bug must fail the response, never pass it on
                 log.error("list filter failed: %s", type(exc).__name__)
                 await context.abort(grpc.StatusCode.INTERNAL, "list filter failed")
@@ -204,3 +212,61 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
         )
         immediate.details = UNFILTERABLE_REASON
         return reply
+
+
+@dataclass
+class _Recording:
+    """The ext_proc stream of a request whose response issues or ends a session (ext_authz
+    marked it with ``x-mcp-authz-session``; see envoy/envoy.yaml): only its headers come
+    here, its body passes unbuffered. The session id the upstream issued in an
+    ``initialize`` response is recorded for the request's grant; a session whose ``DELETE``
+    succeeded is dropped (:mod:`authz.records`).
+
+    A store that cannot be reached fails toward smaller budgets: the response passes, the
+    session is not recorded (its calls count against the grant's counters) or stays
+    recorded until its idle time passes (the upstream has ended it).
+    """
+
+    headers: Mapping[str, str]
+
+    @classmethod
+    def of(cls, headers: Mapping[str, str]) -> _Recording | None:
+        """The recording a request's headers ask for; ``None``: a list request or none."""
+        if envoy.SESSION_HEADER not in headers or envoy.LIST_HEADER in headers:
+            return None
+        return cls(headers)
+
+    async def answer(
+        self, store: CounterStore, message: external_processor_pb2.ProcessingRequest
+    ) -> external_processor_pb2.ProcessingResponse:
+        reply = external_processor_pb2.ProcessingResponse()
+        part = message.WhichOneof("request")
+        if part == "response_headers":
+            reply.response_headers.SetInParent()
+            response = _header_map(message.response_headers.headers)
+            if response.get(":status", "").startswith("2"):
+                await self._session(store, response)
+        elif part in ("request_headers", "request_body", "response_body"):
+            getattr(reply, part).SetInParent()  # nothing to change
+        else:
+            raise ValueError(f"unexpected ext_proc message {part}")
+        return reply
+
+    async def _session(self, store: CounterStore, response: Mapping[str, str]) -> None:
+        grant = self.headers.get(envoy.GRANT_HEADER)
+        event = self.headers.get(envoy.SESSION_HEADER)
+        issued = response if event == "open" else self.headers
+        try:
+            session = mcp.session_id({"mcp-session-id": issued.get("mcp-session-id", "")})
+        except mcp.Malformed:
+            return  # none issued (a stateless upstream), or none a client could send back
+        if not grant or session is None:
+            return
+        key = records.session_record(grant, session)
+        try:
+            if event == "open":
+                await store.record(key, records.SESSION_IDLE_MS)
+            elif event == "close":
+                await store.forget(key)
+        except StoreUnavailable as exc:
+            log.warning("session %s not recorded: %s", event, exc)

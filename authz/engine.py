@@ -45,6 +45,8 @@ UNGOVERNED = frozenset(
         "resources/unsubscribe",
         "prompts/list",
         "server/discover",
+        # Lists only the caller's own tasks (filtered from the response, authz.records).
+        mcp.TASK_LIST,
     }
 )
 
@@ -81,6 +83,7 @@ class Reason(enum.Enum):
     PARTIAL_BODY = ("partial_body", 413, -32600)
     METHOD_NOT_ALLOWED = ("method_not_allowed", 405, -32600)
     UNSUPPORTED_VERSION = ("unsupported_protocol_version", 400, -32022)
+    TASK_NOT_OWNED = ("task_not_owned", 403, -32051)
 
     def __init__(self, code: str, status: int, rpc_code: int) -> None:
         self.code = code
@@ -170,6 +173,11 @@ class Decision(msgspec.Struct, frozen=True):
     # through ext_proc, which records the session id the upstream issued to the grant, or
     # drops it (authz.records).
     session_event: str | None = None
+    # On an allowed request whose response lists or creates tasks: "create" (a
+    # task-augmented tools/call) or "list" (tasks/list). Envoy routes its response through
+    # ext_proc, which records the task ids it creates for the grant, or removes from the
+    # list the tasks of other grants (authz.records).
+    task_event: str | None = None
 
     @property
     def allowed(self) -> bool:
@@ -418,6 +426,12 @@ def _step(
         or (msg.method == mcp.LISTEN and msg.name is None)
     ):
         return Step(msg, None)
+    if msg.method in mcp.TASK_METHODS:
+        # No rule: the call that created the task was governed. Whose task it is, the
+        # check asks the store (Engine.decide).
+        if grant is None:
+            return Step(msg, None, Reason.NO_GRANT, f"{_subject(msg)}: no grant identity")
+        return Step(msg, None)
     rule = rule_for(policy, msg)
     subject = _subject(msg)
     if msg.method == "tools/call" and grant is None:
@@ -514,6 +528,21 @@ def _session_event(request: mcp.HttpRequest, result: CheckResult) -> str | None:
     return "open" if initializes else None
 
 
+def _task_event(result: CheckResult) -> str | None:
+    """Whether the response to an allowed request creates tasks (a task-augmented
+    ``tools/call``) or lists them (``tasks/list``): only then is it read."""
+    if not result.decision.allowed:
+        return None
+    requests = [s.msg for s in result.steps if s.msg.kind is mcp.Kind.REQUEST]
+    if any(m.method == mcp.TASK_LIST for m in requests):
+        return "list"
+    if result.decision.grant is not None and any(
+        m.method == "tools/call" and m.task for m in requests
+    ):
+        return "create"
+    return None
+
+
 def _applies(sets: tuple[str, ...], caller_sets: frozenset[str]) -> bool:
     """A limit listing ``sets`` applies to a caller in ``caller_sets``."""
     return not sets or any(name in caller_sets for name in sets)
@@ -581,6 +610,9 @@ class Engine:
             event = _session_event(request, result)
             if event is not None:
                 result = replace(result, decision=replace(result.decision, session_event=event))
+            tasks = _task_event(result)
+            if tasks is not None:
+                result = replace(result, decision=replace(result.decision, task_event=tasks))
             return result
         except Exception as exc:  # a bug must deny, never allow or crash
             log.error("check failed: %s", type(exc).__name__)
@@ -617,6 +649,11 @@ class Engine:
             if not step.dry_run:
                 return CheckResult(denial, policy, steps)
             would = would or denial
+        tasks = [s.msg for s in steps if s.msg.task_id is not None]
+        if tasks and grant is not None:
+            foreign = await self._foreign_task(tasks, body, grant, caller)
+            if foreign is not None:
+                return CheckResult(foreign, policy, steps)
         first = _first_governed(steps)
         spent = _Spent()
         if spends:
@@ -647,6 +684,35 @@ class Engine:
                 element=would.element,
             )
         return CheckResult(decision, policy, steps, spent.counters)
+
+    async def _foreign_task(
+        self, tasks: list[mcp.Message], body: mcp.Body, grant: str, caller: str | None
+    ) -> Decision | None:
+        """The refusal of a request naming a task not created by ``grant`` (another
+        grant's, made up, or expired), or ``None`` when every task it names is its own.
+        A store that cannot answer refuses (503), never lets it through."""
+        keys = [records.task_record(grant, m.task_id or "") for m in tasks]
+        try:
+            owned = await self.store.recorded(keys)
+        except StoreUnavailable:
+            return replace(
+                _about(tasks[0], None, body, grant, caller),
+                reason=Reason.STORE_UNAVAILABLE,
+                message=f"policy violation: {_subject(tasks[0])}: task store unavailable",
+            )
+        for msg, own in zip(tasks, owned, strict=True):
+            if not own:
+                where = f"batch element {msg.index}: " if body.batch else ""
+                return replace(
+                    _about(msg, None, body, grant, caller),
+                    reason=Reason.TASK_NOT_OWNED,
+                    message=(
+                        f"policy violation: {where}{_subject(msg)}: the task was not created "
+                        "by this caller, or has expired"
+                    ),
+                    element=msg.index if body.batch else None,
+                )
+        return None
 
     async def _gate(
         self, book: ApprovalBook, step: Step, denial: Decision, policy_digest: str
@@ -882,4 +948,12 @@ def _parse(request: mcp.HttpRequest, max_json_members: int) -> mcp.Body | None:
     mcp.check_media(request.headers)
     body = mcp.parse_body(request.body, max_members=max_json_members)
     mcp.check_headers(request.headers, body)
+    if body.batch and any(
+        m.task or m.method in mcp.TASK_METHODS or m.method == mcp.TASK_LIST for m in body.messages
+    ):
+        # Tasks (MCP 2025-11-25) came after batches were dropped (2025-06-18); a batch
+        # would also take its response past the task filter (another's list route).
+        raise mcp.Malformed(
+            mcp.Problem.MALFORMED, "task requests cannot be sent in a batch", body.ids
+        )
     return body

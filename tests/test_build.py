@@ -159,6 +159,7 @@ def test_envoy_config_filters_only_allowed_list_responses() -> None:
     removed = filters["envoy.filters.http.header_mutation"]["mutations"]["request_mutations"]
     assert {"remove": "x-mcp-authz-list"} in removed
     assert {"remove": "x-mcp-authz-session"} in removed
+    assert {"remove": "x-mcp-authz-tasks"} in removed
     proc = filters["envoy.filters.http.ext_proc"]
     assert proc["failure_mode_allow"] is False
     assert proc["grpc_service"]["envoy_grpc"]["cluster_name"] == "mcp_authz"
@@ -178,6 +179,10 @@ def test_envoy_config_filters_only_allowed_list_responses() -> None:
             mode = per_filter["overrides"]["processing_mode"]
             assert mode["request_header_mode"] == mode["response_header_mode"] == "SEND"
             assert mode["request_body_mode"] == mode["response_body_mode"] == "NONE"
+        elif [h["name"] for h in route["match"].get("headers", [])] == ["x-mcp-authz-tasks"]:
+            # ... and on the tasks route (task-augmented calls, tasks/list): the response.
+            mode = per_filter["overrides"]["processing_mode"]
+            assert mode["response_body_mode"] == "BUFFERED_PARTIAL"
         else:
             assert per_filter == {
                 "@type": PER_ROUTE,

@@ -573,6 +573,7 @@ def test_client_copies_of_our_headers_are_removed_and_nothing_else() -> None:
     assert list(response.ok_response.headers_to_remove) == [
         "x-mcp-authz-list",
         "x-mcp-authz-session",
+        "x-mcp-authz-tasks",
         "x-mcp-authz-reason",
     ]
     assert {h.header.key: h.header.value for h in response.ok_response.headers} == {
@@ -584,11 +585,13 @@ def test_client_copies_of_our_headers_are_removed_and_nothing_else() -> None:
         "x-mcp-authz-list",
         "x-mcp-authz-reason",
         "x-mcp-authz-session",
+        "x-mcp-authz-tasks",
     ]
     clean = envoy.check_response(allowed, {"authorization": "Bearer t", "x-other": "1"})
     assert list(clean.ok_response.headers_to_remove) == [
         "x-mcp-authz-list",
         "x-mcp-authz-session",
+        "x-mcp-authz-tasks",
     ]
     opening = envoy.check_response(replace(allowed, session_event="open"), headers)
     assert {h.header.key: h.header.value for h in opening.ok_response.headers} == {
@@ -889,3 +892,69 @@ async def test_subscriptions_listen_passes_and_its_resources_follow_the_resource
     assert json.loads(decision.reply_body())["id"] == 4
     unknown = post(listen("file:///etc/passwd"), **LISTEN_HEADERS)
     assert (await language.check(unknown)).decision.reason is Reason.DENIED_BY_DEFAULT
+
+
+# --- tasks (MCP 2025-11-25) ---------------------------------------------------------------
+
+TASKS = compile_policy(
+    {
+        "version": "1",
+        "default": "deny",
+        "tools": {"export": {"limits": [{"counter": "exports", "window": "minute", "max": 1}]}},
+    }
+)
+
+
+def on_task(method: str, task: str | None, id_: int = 3) -> dict[str, Any]:
+    params = {} if task is None else {"taskId": task}
+    return {"jsonrpc": "2.0", "id": id_, "method": method, "params": params}
+
+
+async def test_task_methods_reach_only_the_grants_own_tasks() -> None:
+    engine = Engine(TASKS, open_store("memory://"))
+    await engine.store.record(records.task_record(grant_of_token(TOKEN), "t-own"), 60_000)
+    for method in ("tasks/get", "tasks/result", "tasks/cancel"):
+        assert (await engine.check(post(on_task(method, "t-own")))).decision.allowed
+        for request in (post(on_task(method, "t-other")), post(on_task(method, "t-own"), "tok-B")):
+            denied = (await engine.check(request)).decision
+            assert denied.reason is Reason.TASK_NOT_OWNED and denied.reason.status == 403
+            assert denied.ids == (3,) and denied.reason.rpc_code == -32051
+            assert denied.message == (
+                f"policy violation: method '{method}': the task was not created by this "
+                "caller, or has expired"
+            )
+        anonymous = (await engine.check(post(on_task(method, "t-own"), token=None))).decision
+        assert anonymous.reason is Reason.NO_GRANT
+        malformed = (await engine.check(post(on_task(method, None)))).decision
+        assert malformed.reason is Reason.MALFORMED
+
+
+async def test_a_task_augmented_call_is_governed_as_the_call_and_marked() -> None:
+    engine = Engine(TASKS, open_store("memory://"))
+    augmented = call("export")
+    augmented["params"]["task"] = {"ttl": 60_000}
+    allowed = (await engine.check(post(augmented))).decision
+    assert allowed.allowed and allowed.task_event == "create" and allowed.tool == "export"
+    assert (await engine.check(post(augmented))).decision.reason is Reason.RATE_LIMITED
+    denied = call("delete")
+    denied["params"]["task"] = {}
+    refused = (await engine.check(post(denied))).decision
+    assert refused.reason is Reason.DENIED_BY_DEFAULT and refused.task_event is None
+    assert (await engine.check(post(call("export"), "tok-B"))).decision.task_event is None
+    listed = (await engine.check(post(on_task("tasks/list", None)))).decision
+    assert listed.allowed and listed.task_event == "list"
+    assert (await engine.check(post(on_task("tasks/list", None), None))).decision.task_event == (
+        "list"
+    )
+    response = envoy.check_response(allowed, {})
+    assert ("x-mcp-authz-tasks", "create") in [
+        (h.header.key, h.header.value) for h in response.ok_response.headers
+    ]
+
+
+async def test_task_requests_are_never_batched() -> None:
+    engine = Engine(TASKS, open_store("memory://"))
+    batch = [on_task("tasks/list", None, 1), {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}]
+    refused = (await engine.check(post(batch))).decision
+    assert refused.reason is Reason.MALFORMED and refused.ids == (1, 2)
+    assert "task requests cannot be sent in a batch" in refused.message

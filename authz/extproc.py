@@ -4,8 +4,11 @@ authz.records).
 
 Envoy opens an ``envoy.service.ext_proc.v3.ExternalProcessor/Process`` stream only on the
 route of requests ext_authz allowed as list requests (it marks them with the
-``x-mcp-authz-list`` header; see envoy/envoy.yaml); every other request and its response
-(tool results, SSE streams, GET streams) never reaches this module. On the stream come,
+``x-mcp-authz-list`` header; see envoy/envoy.yaml), and on the routes of the requests it
+marks with ``x-mcp-authz-session`` (an initialize or a DELETE: headers only) or
+``x-mcp-authz-tasks`` (a task-augmented call or tasks/list); every other request and its
+response (tool results, SSE streams, GET streams) never reaches this module. On a list
+stream come,
 in order: the request headers (who asks), the request body (which JSON-RPC ids are list
 requests), the response headers (its form) and the whole response body, which goes back
 filtered.

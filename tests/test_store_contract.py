@@ -492,3 +492,12 @@ async def test_redis_wait_replicas_refuses_what_no_replica_holds(
         assert (refused.allowed, refused.remaining) == (False, (0,))
     finally:
         await store.close()
+
+
+async def test_memory_store_drops_expired_records() -> None:
+    store = MemoryStore()
+    for i in range(100):
+        await store.record(f"{{grant-1}}:task:{i}", 1)
+    await asyncio.sleep(0.05)
+    assert await store.recorded(["{grant-1}:task:0"]) == (False,)
+    assert not store._records and not store._record_schedule

@@ -19,7 +19,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import httpx2
 import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
 
 from devstack.redis_server import running_redis
 from devstack.stack import (
@@ -236,3 +240,31 @@ def test_only_initialize_and_delete_open_an_ext_proc_stream(
         headers = {"authorization": f"Bearer {token}", "mcp-session-id": session}
         httpx.delete(s.url, headers=headers, timeout=10)
         assert ext_proc_streams(admin) == before + 2
+
+
+async def test_the_official_sdk_client_gets_a_budget_per_session(
+    stack: tuple[Stack, int, str],
+) -> None:
+    """The SDK client's own initialize (protocol 2025-11-25, legacy mode) opens a session
+    whose id is recorded: two calls in it pass, the third is refused; a new client session
+    has its budget again. Without sessions, the grant's budget is shared by all."""
+    s, _, mode = stack
+    headers = {"authorization": f"Bearer {new_token()}"}
+
+    async def three_calls() -> list[str]:
+        outcomes = []
+        async with (
+            httpx2.AsyncClient(headers=headers, timeout=10) as http,
+            Client(streamable_http_client(s.url, http_client=http), mode="legacy") as client,
+        ):
+            for _ in range(3):
+                try:
+                    result = await client.call_tool("containerize_app", {"app_path": "/srv"})
+                    outcomes.append("ok" if not result.is_error else "error")
+                except MCPError as exc:
+                    outcomes.append(str((exc.data or {}).get("reason")))
+        return outcomes
+
+    assert await three_calls() == ["ok", "ok", "rate_limited"]
+    again = await three_calls()
+    assert again == (["ok", "ok", "rate_limited"] if mode == "sessions" else ["rate_limited"] * 3)

@@ -62,12 +62,24 @@ def _parser() -> argparse.ArgumentParser:
         default=_env("store"),
         help="'memory' keeps counters in this process (one replica only)",
     )
-    run.add_argument("--grpc", default=_env("grpc", "127.0.0.1:9001"), help="gRPC HOST:PORT")
+    run.add_argument(
+        "--grpc",
+        default=_env("grpc", "127.0.0.1:9001"),
+        help="ext_authz over gRPC on HOST:PORT ('off': none, with --authz-http)",
+    )
+    run.add_argument(
+        "--authz-http",
+        default=_env("authz-http", ""),
+        metavar="HOST:PORT",
+        help="ext_authz over HTTP (Envoy's http_service; envoy/envoy-http.yaml) on HOST:PORT, "
+        "beside or instead of --grpc",
+    )
     run.add_argument("--http", default=_env("http", "127.0.0.1:9002"), help="health HOST:PORT")
     run.add_argument(
         "--grpc-tls-cert",
         default=_env("grpc-tls-cert"),
-        help="serve gRPC over TLS with this certificate chain (PEM; reloaded when it changes)",
+        help="serve ext_authz (gRPC and --authz-http) over TLS with this certificate chain "
+        "(PEM; reloaded when it changes)",
     )
     run.add_argument(
         "--grpc-tls-key", default=_env("grpc-tls-key"), help="the key of --grpc-tls-cert (PEM)"
@@ -289,6 +301,9 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.grpc in ("", "off") and not args.authz_http:
+        print("mcp-authz serve: --grpc off needs --authz-http HOST:PORT", file=sys.stderr)
+        return 2
     grpc_tls = _grpc_tls(args)
     if isinstance(grpc_tls, str):
         print(f"mcp-authz serve: {grpc_tls}", file=sys.stderr)
@@ -330,6 +345,7 @@ def _serve(args: argparse.Namespace) -> int:
         logging.getLogger("mcp_authz").warning("policy warning: %s", warning)
     settings = Settings(
         grpc_address=args.grpc,
+        authz_http_address=args.authz_http,
         http_address=args.http,
         drain_seconds=args.drain_seconds,
         policy_path=args.policy,

@@ -1,4 +1,5 @@
-"""Wiring and lifecycle: the gRPC ext_authz service, health, and the HTTP side port.
+"""Wiring and lifecycle: the ext_authz services (gRPC, and Envoy's HTTP mode), health, and
+the HTTP side port.
 
 A check never raises out of here: anything unexpected becomes a 503 denial (fail closed),
 logged without the request's body, arguments or credentials. Every answered check is
@@ -11,7 +12,6 @@ import asyncio
 import gc
 import logging
 import signal
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -19,8 +19,8 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from authz import admin, audit, envoy, tls
-from authz.engine import Decision, Engine, Reason
+from authz import admin, authz_http, check, envoy, tls
+from authz.engine import Engine
 from authz.metrics import Metrics
 from authz.pb import external_auth_pb2, external_auth_pb2_grpc
 from authz.reload import watch_policy
@@ -36,7 +36,10 @@ STOP_GRACE_S = 5.0
 
 @dataclass(frozen=True)
 class Settings:
+    # "" (or "off"): no gRPC listener, for a deployment on the HTTP transport alone.
     grpc_address: str = "127.0.0.1:9001"
+    # Envoy's HTTP ext_authz mode (authz_http.py) on this address; "": not served.
+    authz_http_address: str = ""
     http_address: str = "127.0.0.1:9002"
     drain_seconds: float = 0.0
     # The policy file to watch for hot reload ("" = none); re-read every reload_interval_s
@@ -47,7 +50,8 @@ class Settings:
     # (SO_REUSEPORT). Off for a single process, which then refuses a port another process
     # holds instead of silently splitting the traffic with it (gRPC's default on Linux).
     reuse_port: bool = False
-    # TLS (and with a client CA, mTLS) on the gRPC listener; None: plaintext, for loopback.
+    # TLS (and with a client CA, mTLS) on the ext_authz listeners, gRPC and HTTP alike;
+    # None: plaintext, for loopback.
     grpc_tls: TlsFiles | None = None
     # Admin API tokens (token -> operator name); empty: no admin API.
     admin_tokens: Mapping[str, str] = field(default_factory=dict)
@@ -63,24 +67,8 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
     ) -> external_auth_pb2.CheckResponse:
-        started = time.perf_counter()
-        # The engine reads the policy once at its start, synchronously, so this is the
-        # policy the decision was made under even if a reload swaps it meanwhile.
-        policy = self.engine.policy
         http = envoy.http_request(request)
-        try:
-            decision = await self.engine.check(http)
-        except Exception as exc:  # a bug must deny, never allow or crash
-            log.error("check failed: %s", type(exc).__name__)
-            decision = Decision(
-                reason=Reason.INTERNAL_ERROR,
-                message="policy violation: internal error in the authorization service",
-            )
-        response = envoy.check_response(decision, http.headers)
-        latency = time.perf_counter() - started
-        self.metrics.record_check(decision, latency, policy)
-        audit.record(decision, http.request_id, http.body, latency, policy)
-        return response
+        return envoy.encode(await check.answer(self.engine, self.metrics, http))
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -139,10 +127,18 @@ async def serve(engine: Engine, settings: Settings, metrics: Metrics) -> None:
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = tls.bind(server, settings.grpc_address, settings.grpc_tls)
-    if bound == 0:
-        raise OSError(f"cannot bind gRPC address {settings.grpc_address}")
-    await server.start()
+    serve_grpc = settings.grpc_address not in ("", "off")
+    if serve_grpc:
+        bound = tls.bind(server, settings.grpc_address, settings.grpc_tls)
+        if bound == 0:
+            raise OSError(f"cannot bind gRPC address {settings.grpc_address}")
+        await server.start()
+    checks_over_http = None
+    if settings.authz_http_address:
+        followed = tls.FollowedContext(settings.grpc_tls) if settings.grpc_tls else None
+        checks_over_http = authz_http.Listener(engine, metrics, followed)
+        host, port = _split(settings.authz_http_address)
+        await checks_over_http.start(host, port, reuse_port=settings.reuse_port)
     try:
         # Connect (and, for TLS, handshake) before the first check, which would otherwise
         # pay for it inside the store timeout and could be denied with 503.
@@ -166,8 +162,9 @@ async def serve(engine: Engine, settings: Settings, metrics: Metrics) -> None:
     site = web.TCPSite(runner, host, port, reuse_port=settings.reuse_port)
     await site.start()
     log.info(
-        "serving ext_authz on %s, health and metrics on http://%s (policy %s)",
-        settings.grpc_address,
+        "serving ext_authz on %s (gRPC) %s (HTTP), health and metrics on http://%s (policy %s)",
+        settings.grpc_address if serve_grpc else "-",
+        settings.authz_http_address or "-",
         settings.http_address,
         engine.policy.digest[:12],
     )
@@ -201,7 +198,10 @@ async def serve(engine: Engine, settings: Settings, metrics: Metrics) -> None:
     draining.set()
     await health_servicer.enter_graceful_shutdown()
     await asyncio.sleep(settings.drain_seconds)
-    await server.stop(grace=STOP_GRACE_S)
+    await asyncio.gather(
+        server.stop(grace=STOP_GRACE_S),
+        checks_over_http.stop(STOP_GRACE_S) if checks_over_http else asyncio.sleep(0),
+    )
     await runner.cleanup()
     await engine.store.close()
     if engine.approvals is not None:

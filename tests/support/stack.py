@@ -25,6 +25,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
+# The ext_authz transports, and the shipped Envoy config of each.
+TRANSPORTS = ("grpc", "http")
+ENVOY_CONFIGS = {"grpc": ENVOY_YAML, "http": ROOT / "envoy" / "envoy-http.yaml"}
 
 
 def free_port() -> int:
@@ -143,8 +146,21 @@ def envoy_proc(tmp: Path, config: Path, concurrency: int = 1) -> Proc:
 
 
 def authz_proc(
-    tmp: Path, policy: Path, grpc_port: int, http_port: int, store: Sequence[str], *extra: str
+    tmp: Path,
+    policy: Path,
+    grpc_port: int,
+    http_port: int,
+    store: Sequence[str],
+    *extra: str,
+    transport: str = "grpc",
 ) -> Proc:
+    """mcp-authz answering ext_authz on ``grpc_port``: over gRPC, or over HTTP alone
+    (``transport="http"``: ``--grpc off --authz-http``)."""
+    listener = (
+        ["--grpc", f"127.0.0.1:{grpc_port}"]
+        if transport == "grpc"
+        else ["--grpc", "off", "--authz-http", f"127.0.0.1:{grpc_port}"]
+    )
     return Proc(
         f"mcp-authz-{grpc_port}",
         [
@@ -153,8 +169,7 @@ def authz_proc(
             "--policy",
             str(policy),
             *store,
-            "--grpc",
-            f"127.0.0.1:{grpc_port}",
+            *listener,
             "--http",
             f"127.0.0.1:{http_port}",
             *extra,
@@ -217,11 +232,22 @@ class Stack:
 
 
 @contextlib.contextmanager
-def mcp_stack(tmp: Path, policy: Path, store: Sequence[str], *authz_args: str) -> Iterator[Stack]:
+def mcp_stack(
+    tmp: Path, policy: Path, store: Sequence[str], *authz_args: str, transport: str = "grpc"
+) -> Iterator[Stack]:
+    """The stack with ext_authz over ``transport`` ("grpc" or "http"), each with its
+    shipped Envoy config."""
     listen, admin, upstream, grpc_port, http_port = (free_port() for _ in range(5))
     record = tmp / "upstream-record.jsonl"
-    config = envoy_config(tmp, listen=listen, authz=grpc_port, upstream=upstream, admin=admin)
-    authz = authz_proc(tmp, policy, grpc_port, http_port, store, *authz_args)
+    config = envoy_config(
+        tmp,
+        listen=listen,
+        authz=grpc_port,
+        upstream=upstream,
+        admin=admin,
+        source=ENVOY_CONFIGS[transport],
+    )
+    authz = authz_proc(tmp, policy, grpc_port, http_port, store, *authz_args, transport=transport)
     with (
         running(upstream_proc(tmp, upstream, record), upstream) as up,
         running(authz, grpc_port),

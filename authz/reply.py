@@ -1,0 +1,114 @@
+"""What Envoy is told about one decision, as plain values: one reply, two encodings.
+
+:func:`of` turns a :class:`authz.engine.Decision` into a :class:`Reply`; ``envoy.py`` encodes
+it as a gRPC CheckResponse and ``authz_http.py`` as the HTTP answer of Envoy's HTTP
+ext_authz mode, so both transports tell the client, the upstream and the access log the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from authz.engine import Decision, Reason
+
+HEADER_PREFIX = "x-mcp-authz-"
+GRANT_HEADER = "x-mcp-authz-grant"
+REASON_HEADER = "x-mcp-authz-reason"
+FAIL_OPEN_HEADER = "x-mcp-authz-fail-open"
+# On a call a dry-run rule would have denied: "deny:<reason code>", to the upstream (for
+# its logs) and in the response.
+DRY_RUN_HEADER = "x-mcp-authz-dry-run"
+
+_MAX_HEADER_TEXT = 256
+_JSON = (("content-type", "application/json"),)
+
+Headers = tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Allow or deny, and every header, body and log field that goes with it.
+
+    On an allow, ``upstream_headers`` are set on the request to the upstream,
+    ``remove_headers`` are taken off it, and ``client_headers`` are added to the upstream's
+    response. On a denial the client gets ``status``, ``client_headers`` and ``body``.
+    ``metadata``: the decision fields for Envoy's access log (decision, reason, grant,
+    tool, would_deny), always all present.
+    """
+
+    allowed: bool
+    status: int
+    reason: str
+    client_headers: Headers = ()
+    upstream_headers: Headers = ()
+    remove_headers: tuple[str, ...] = ()
+    body: bytes = b""
+    metadata: Headers = ()
+
+
+def header_text(text: str) -> str:
+    """Printable ASCII only, bounded: header values must not carry controls or raw UTF-8."""
+    return "".join(ch if " " <= ch <= "~" else "?" for ch in text[:_MAX_HEADER_TEXT])
+
+
+def _metadata(decision: Decision) -> Headers:
+    return (
+        ("decision", "allow" if decision.allowed else "deny"),
+        ("reason", decision.reason.code),
+        ("grant", decision.grant or ""),
+        ("tool", decision.tool or ""),
+        ("would_deny", decision.would_deny.code if decision.would_deny else ""),
+    )
+
+
+def _spoofed(request_headers: Mapping[str, str], grant: str | None) -> tuple[str, ...]:
+    """Client-supplied x-mcp-authz-* names: they must never reach the upstream as ours.
+
+    The names are joined (in C) and searched once: most requests carry none, and a Python
+    loop over every name costs more than the rest of the reply.
+    """
+    if HEADER_PREFIX not in "\n".join(request_headers):
+        return ()
+    return tuple(
+        name
+        for name in request_headers
+        if name.startswith(HEADER_PREFIX) and not (name == GRANT_HEADER and grant)
+    )
+
+
+def of(decision: Decision, request_headers: Mapping[str, str]) -> Reply:
+    """Allow with the grant header for the upstream, or deny with a JSON-RPC error body."""
+    if decision.allowed:
+        upstream: list[tuple[str, str]] = []
+        client: list[tuple[str, str]] = []
+        if decision.grant:
+            upstream.append((GRANT_HEADER, decision.grant))
+        if decision.fail_open:
+            marker = (FAIL_OPEN_HEADER, "store unavailable")
+            upstream.append(marker)
+            client.append(marker)
+        if decision.would_deny is not None:
+            marker = (DRY_RUN_HEADER, f"deny:{decision.would_deny.code}")
+            upstream.append(marker)
+            client.append(marker)
+        return Reply(
+            allowed=True,
+            status=200,
+            reason=decision.reason.code,
+            client_headers=tuple(client),
+            upstream_headers=tuple(upstream),
+            remove_headers=_spoofed(request_headers, decision.grant),
+            metadata=_metadata(decision),
+        )
+    headers: Headers = (*_JSON, (REASON_HEADER, header_text(decision.message)))
+    if decision.reason is Reason.RATE_LIMITED and decision.retry_after_s is not None:
+        headers += (("retry-after", str(decision.retry_after_s)),)
+    return Reply(
+        allowed=False,
+        status=decision.reason.status,
+        reason=decision.reason.code,
+        client_headers=headers,
+        body=decision.reply_body(),
+        metadata=_metadata(decision),
+    )

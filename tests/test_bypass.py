@@ -514,10 +514,17 @@ def _open_session(url: str) -> str:
 
 
 @contextlib.contextmanager
-def _corpus(tmp: Path, policy: dict[str, Any], section: str) -> Iterator[Corpus]:
+def _corpus(
+    tmp: Path, policy: dict[str, Any], section: str, transport: str
+) -> Iterator[Corpus]:
     policy_file = tmp / "policy.json"
     policy_file.write_text(json.dumps(policy))
-    with running_redis(tmp) as redis, mcp_stack(tmp, policy_file, ["--redis", redis.url]) as s:
+    if transport != "grpc":
+        section += f" ({transport} ext_authz)"
+    with (
+        running_redis(tmp) as redis,
+        mcp_stack(tmp, policy_file, ["--redis", redis.url], transport=transport) as s,
+    ):
         corpus = Corpus(
             stack=s,
             port=httpx.URL(s.url).port or 80,
@@ -547,19 +554,23 @@ def _corpus(tmp: Path, policy: dict[str, Any], section: str) -> Iterator[Corpus]
 
 
 @pytest.fixture(scope="module")
-def deny_default(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
+def deny_default(tmp_path_factory: pytest.TempPathFactory, transport: str) -> Iterator[Corpus]:
     with _corpus(
-        tmp_path_factory.mktemp("bypass"), DENY_BY_DEFAULT_POLICY, "Bypass corpus (default deny)"
+        tmp_path_factory.mktemp("bypass"),
+        DENY_BY_DEFAULT_POLICY,
+        "Bypass corpus (default deny)",
+        transport,
     ) as corpus:
         yield corpus
 
 
 @pytest.fixture(scope="module")
-def allow_default(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
+def allow_default(tmp_path_factory: pytest.TempPathFactory, transport: str) -> Iterator[Corpus]:
     with _corpus(
         tmp_path_factory.mktemp("lookalike"),
         ALLOW_BY_DEFAULT_POLICY,
         "Bypass corpus (default allow, look-alike names)",
+        transport,
     ) as corpus:
         yield corpus
 

@@ -57,6 +57,8 @@ JWT_PAYLOAD_HEADER = "x-jwt-payload"
 CLIENT_CERT_HEADER = "x-forwarded-client-cert"
 # Envoy removes the headers this lists from the upstream request (gRPC: headers_to_remove).
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
+# The status a 503 denial (store unavailable, internal error) is sent with; see encode().
+UNAVAILABLE_WIRE_STATUS = 424
 # The reply's metadata fields as headers, which Envoy turns into dynamic metadata
 # (dynamic_metadata_from_headers) under the same name: "x-mcp-authz-log-decision" ...
 METADATA_HEADER_PREFIX = "x-mcp-authz-log-"
@@ -170,6 +172,11 @@ def _value(text: str) -> bytes:
 def encode(answer: reply.Reply, *, head: bool = False, close: bool = False) -> bytes:
     """A reply as Envoy's HTTP ext_authz mode reads it (see the module docstring)."""
     status = answer.status
+    if status >= 500:
+        # Envoy takes a 5xx from the authorization server for its own failure and answers
+        # status_on_error with no body: a 503 denial travels as 424, which the shipped
+        # config's local_reply_config turns back into 503, body and headers kept.
+        status = UNAVAILABLE_WIRE_STATUS
     lines = [b"HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase.encode())]
     if answer.allowed:
         # The dry-run and fail-open markers go both ways under one name; Envoy's lists

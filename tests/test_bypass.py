@@ -28,7 +28,7 @@ import pytest
 
 from tests.support.redis_server import running_redis
 from tests.support.reliability import record
-from tests.support.stack import Stack, mcp_stack
+from tests.support.stack import Stack, mcp_stack, on_transport
 
 pytestmark = pytest.mark.e2e
 
@@ -514,13 +514,10 @@ def _open_session(url: str) -> str:
 
 
 @contextlib.contextmanager
-def _corpus(
-    tmp: Path, policy: dict[str, Any], section: str, transport: str
-) -> Iterator[Corpus]:
+def _corpus(tmp: Path, policy: dict[str, Any], section: str, transport: str) -> Iterator[Corpus]:
     policy_file = tmp / "policy.json"
     policy_file.write_text(json.dumps(policy))
-    if transport != "grpc":
-        section += f" ({transport} ext_authz)"
+    section = on_transport(section, transport)
     with (
         running_redis(tmp) as redis,
         mcp_stack(tmp, policy_file, ["--redis", redis.url], transport=transport) as s,

@@ -30,6 +30,11 @@ TRANSPORTS = ("grpc", "http")
 ENVOY_CONFIGS = {"grpc": ENVOY_YAML, "http": ROOT / "envoy" / "envoy-http.yaml"}
 
 
+def on_transport(section: str, transport: str) -> str:
+    """A RELIABILITY.md section title for a run on ``transport`` (gRPC keeps the plain one)."""
+    return section if transport == "grpc" else f"{section} ({transport} ext_authz)"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -25,6 +25,7 @@ from tests.support.clients import McpCallError, sdk_call_tool
 from tests.support.redis_server import running_redis
 from tests.support.stack import (
     BIN,
+    ENVOY_CONFIGS,
     Proc,
     authz_proc,
     envoy_config,
@@ -128,7 +129,7 @@ def _webhook_receiver(hooks: list[dict[str, Any]], port: int) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApprovalStack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, transport: str) -> Iterator[ApprovalStack]:
     tmp = tmp_path_factory.mktemp("approvals")
     policy = tmp / "policy.json"
     policy.write_text(json.dumps(POLICY))
@@ -157,9 +158,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApprovalStack]:
                 str(tokens),
                 "--approval-webhook",
                 f"http://127.0.0.1:{hook_port}/hook",
+                transport=transport,
             )
             procs.append(es.enter_context(running(proc, grpc_port)))
-        config = envoy_config(tmp, listen=listen, authz=grpc_ports, upstream=upstream, admin=admin)
+        config = envoy_config(
+            tmp,
+            listen=listen,
+            authz=grpc_ports,
+            upstream=upstream,
+            admin=admin,
+            source=ENVOY_CONFIGS[transport],
+        )
         es.enter_context(running(envoy_proc(tmp, config), listen))
         wait_ready(f"http://127.0.0.1:{admin}/ready")
         yield ApprovalStack(

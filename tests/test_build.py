@@ -7,6 +7,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,10 +60,11 @@ def test_wire_names_match_envoy() -> None:
     }
 
 
-def test_envoy_config_validates() -> None:
+@pytest.mark.parametrize("config", ["envoy.yaml", "envoy-http.yaml"])
+def test_envoy_config_validates(config: str) -> None:
     envoy = Path(sys.executable).parent / "envoy"
     run = subprocess.run(
-        [str(envoy), "--mode", "validate", "-c", str(ROOT / "envoy/envoy.yaml")],
+        [str(envoy), "--mode", "validate", "-c", str(ROOT / "envoy" / config)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -30,6 +30,7 @@ from authz.metrics import Metrics
 from authz.policy import compile_policy
 from authz.store import open_store
 from authz.tls import TlsFiles
+from tests.support.redis_server import RedisServer
 from tests.support.stack import authz_proc, free_port, running, wait_ready
 from tests.test_grpc_tls import Pki, pki  # noqa: F401 (the fixture)
 
@@ -454,3 +455,35 @@ def test_sigterm_drains_the_http_listener_without_dropping_a_check(tmp_path: Pat
             assert proc.popen.wait(10) == 0
             assert sock.recv(65536) == b""  # closed once stopped
     assert '"message":"stopped"' in proc.output().replace(" ", "")
+
+
+def test_workers_share_the_http_listener(tmp_path: Path, redis_server: RedisServer) -> None:
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(POLICY_DOC))
+    check_port, http_port = free_port(), free_port()
+    proc = authz_proc(
+        tmp_path,
+        policy,
+        check_port,
+        http_port,
+        ["--redis", redis_server.url],
+        "--workers",
+        "2",
+        transport="http",
+    )
+    with running(proc, check_port):
+        deadline = time.monotonic() + 20
+        while proc.output().count("serving ext_authz on") < 2:
+            assert time.monotonic() < deadline, proc.output()[-2000:]
+            time.sleep(0.1)
+        connections = [socket.create_connection(("127.0.0.1", check_port)) for _ in range(8)]
+        try:
+            for sock in connections:
+                sock.sendall(request(call("containerize_app")))
+            assert all(sock.recv(65536).startswith(b"HTTP/1.1 200") for sock in connections)
+        finally:
+            for sock in connections:
+                sock.close()
+        assert proc.popen is not None
+        proc.popen.send_signal(signal.SIGTERM)
+        assert proc.popen.wait(30) == 0

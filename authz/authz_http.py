@@ -30,7 +30,7 @@ import asyncio
 import base64
 import binascii
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from http import HTTPStatus
 from typing import Any, cast
 
@@ -208,6 +208,18 @@ def _refusal(status: int) -> bytes:
     )
 
 
+Decide = Callable[[HttpRequest], Awaitable[reply.Reply]]
+
+
+def checks(engine: Engine, metrics: Metrics) -> Decide:
+    """The service's checks: :func:`authz.check.answer` on this engine and metrics."""
+
+    async def decide(http: HttpRequest) -> reply.Reply:
+        return await check.answer(engine, metrics, http)
+
+    return decide
+
+
 class _Refused(Exception):
     def __init__(self, status: int) -> None:
         self.status = status
@@ -319,7 +331,7 @@ class _Connection(asyncio.Protocol):
     async def _answer(
         self, http: HttpRequest, previous: asyncio.Task[None] | None, *, head: bool, close: bool
     ) -> None:
-        answer = await check.answer(self.listener.engine, self.listener.metrics, http)
+        answer = await self.listener.decide(http)
         data = encode(answer, head=head, close=close or self.listener.closing)
         if previous is not None:
             await previous
@@ -360,13 +372,15 @@ class _Connection(asyncio.Protocol):
 
 
 class Listener:
-    """The HTTP ext_authz listener: its connections, to drain them when stopping."""
+    """The HTTP ext_authz listener: its connections, to drain them when stopping.
 
-    def __init__(
-        self, engine: Engine, metrics: Metrics, tls_context: tls.FollowedContext | None = None
-    ) -> None:
-        self.engine = engine
-        self.metrics = metrics
+    ``decide`` answers one check: :func:`checks` for the service; the no-op benchmark
+    floor (bench/noop_authz.py) passes one that allows at once, so it measures this same
+    protocol code and nothing else.
+    """
+
+    def __init__(self, decide: Decide, tls_context: tls.FollowedContext | None = None) -> None:
+        self.decide = decide
         self.tls = tls_context
         self.connections: set[_Connection] = set()
         self.closing = False

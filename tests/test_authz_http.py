@@ -133,7 +133,7 @@ async def exchange(
 @pytest.fixture
 async def port() -> AsyncIterator[int]:
     engine = Engine(compile_policy(POLICY_DOC), open_store("memory://"))
-    listener = authz_http.Listener(engine, Metrics())
+    listener = authz_http.Listener(authz_http.checks(engine, Metrics()))
     number = free_port()
     await listener.start("127.0.0.1", number, reuse_port=False)
     yield number
@@ -196,7 +196,9 @@ async def test_answers_wait_for_earlier_slower_ones(port: int) -> None:
             "limited": {"limits": [{"counter": "c", "window": "minute", "max": 5}]},
         },
     }
-    listener = authz_http.Listener(Engine(compile_policy(doc), SlowStore()), Metrics())
+    listener = authz_http.Listener(
+        authz_http.checks(Engine(compile_policy(doc), SlowStore()), Metrics())
+    )
     slow_port = free_port()
     await listener.start("127.0.0.1", slow_port, reuse_port=False)
     try:
@@ -359,7 +361,9 @@ def _payload(claims: object) -> str:
 
 
 async def _grant(doc: dict[str, Any], *headers: str) -> Answer:
-    listener = authz_http.Listener(Engine(compile_policy(doc), open_store("memory://")), Metrics())
+    listener = authz_http.Listener(
+        authz_http.checks(Engine(compile_policy(doc), open_store("memory://")), Metrics())
+    )
     number = free_port()
     await listener.start("127.0.0.1", number, reuse_port=False)
     try:
@@ -397,7 +401,7 @@ async def test_mtls_on_the_listener(pki: Pki) -> None:  # noqa: F811
         client_ca=pki.path("client-ca.pem"),
     )
     engine = Engine(compile_policy(POLICY_DOC), open_store("memory://"))
-    listener = authz_http.Listener(engine, Metrics(), tls.FollowedContext(files))
+    listener = authz_http.Listener(authz_http.checks(engine, Metrics()), tls.FollowedContext(files))
     number = free_port()
     await listener.start("127.0.0.1", number, reuse_port=False)
     client = ssl.create_default_context(cafile=pki.path("ca.pem"))

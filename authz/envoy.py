@@ -100,9 +100,11 @@ def encode(answer: reply.Reply) -> external_auth_pb2.CheckResponse:
         ok.SetInParent()  # present even when it carries nothing
         for key, value in answer.upstream_headers:
             _add_header(ok.headers, key, value)
-        for key, value in answer.client_headers:
-            _add_header(ok.response_headers_to_add, key, value)
-        ok.headers_to_remove.extend(answer.remove_headers)
+        if answer.client_headers:
+            for key, value in answer.client_headers:
+                _add_header(ok.response_headers_to_add, key, value)
+        if answer.remove_headers:
+            ok.headers_to_remove.extend(answer.remove_headers)
         return response
     response.status.code = _GRPC_CODE.get(answer.status, 7)
     response.status.message = answer.reason

@@ -8,7 +8,8 @@ ext_authz mode, so both transports tell the client, the upstream and the access 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+
+import msgspec
 
 from authz.engine import Decision, Reason
 
@@ -26,8 +27,7 @@ _JSON = (("content-type", "application/json"),)
 Headers = tuple[tuple[str, str], ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(msgspec.Struct, frozen=True):
     """Allow or deny, and every header, body and log field that goes with it.
 
     On an allow, ``upstream_headers`` are set on the request to the upstream,
@@ -52,16 +52,6 @@ def header_text(text: str) -> str:
     return "".join(ch if " " <= ch <= "~" else "?" for ch in text[:_MAX_HEADER_TEXT])
 
 
-def _metadata(decision: Decision) -> Headers:
-    return (
-        ("decision", "allow" if decision.allowed else "deny"),
-        ("reason", decision.reason.code),
-        ("grant", decision.grant or ""),
-        ("tool", decision.tool or ""),
-        ("would_deny", decision.would_deny.code if decision.would_deny else ""),
-    )
-
-
 def _spoofed(request_headers: Mapping[str, str], grant: str | None) -> tuple[str, ...]:
     """Client-supplied x-mcp-authz-* names: they must never reach the upstream as ours.
 
@@ -79,27 +69,30 @@ def _spoofed(request_headers: Mapping[str, str], grant: str | None) -> tuple[str
 
 def of(decision: Decision, request_headers: Mapping[str, str]) -> Reply:
     """Allow with the grant header for the upstream, or deny with a JSON-RPC error body."""
+    metadata = (
+        ("decision", "allow" if decision.allowed else "deny"),
+        ("reason", decision.reason.code),
+        ("grant", decision.grant or ""),
+        ("tool", decision.tool or ""),
+        ("would_deny", decision.would_deny.code if decision.would_deny else ""),
+    )
     if decision.allowed:
-        upstream: list[tuple[str, str]] = []
-        client: list[tuple[str, str]] = []
-        if decision.grant:
-            upstream.append((GRANT_HEADER, decision.grant))
+        grant = decision.grant
+        upstream: Headers = ((GRANT_HEADER, grant),) if grant else ()
+        client: Headers = ()
         if decision.fail_open:
-            marker = (FAIL_OPEN_HEADER, "store unavailable")
-            upstream.append(marker)
-            client.append(marker)
+            client += ((FAIL_OPEN_HEADER, "store unavailable"),)
         if decision.would_deny is not None:
-            marker = (DRY_RUN_HEADER, f"deny:{decision.would_deny.code}")
-            upstream.append(marker)
-            client.append(marker)
+            client += ((DRY_RUN_HEADER, f"deny:{decision.would_deny.code}"),)
         return Reply(
             allowed=True,
             status=200,
             reason=decision.reason.code,
-            client_headers=tuple(client),
-            upstream_headers=tuple(upstream),
-            remove_headers=_spoofed(request_headers, decision.grant),
-            metadata=_metadata(decision),
+            # The markers go both ways: the upstream logs them, the client sees them.
+            client_headers=client,
+            upstream_headers=upstream + client if client else upstream,
+            remove_headers=_spoofed(request_headers, grant),
+            metadata=metadata,
         )
     headers: Headers = (*_JSON, (REASON_HEADER, header_text(decision.message)))
     if decision.reason is Reason.RATE_LIMITED and decision.retry_after_s is not None:
@@ -110,5 +103,5 @@ def of(decision: Decision, request_headers: Mapping[str, str]) -> Reply:
         reason=decision.reason.code,
         client_headers=headers,
         body=decision.reply_body(),
-        metadata=_metadata(decision),
+        metadata=metadata,
     )

@@ -331,11 +331,15 @@ class _Connection(asyncio.Protocol):
     async def _answer(
         self, http: HttpRequest, previous: asyncio.Task[None] | None, *, head: bool, close: bool
     ) -> None:
-        answer = await self.listener.decide(http)
-        data = encode(answer, head=head, close=close or self.listener.closing)
+        close = close or self.listener.closing
+        try:
+            data = encode(await self.listener.decide(http), head=head, close=close)
+        except Exception as exc:  # a bug: no answer, and Envoy's status_on_error (fail closed)
+            log.error("ext_authz HTTP answer failed: %s", type(exc).__name__)
+            data, close = b"", True
         if previous is not None:
             await previous
-        self._write(data, close=close or self.listener.closing)
+        self._write(data, close=close)
         self.waiting -= 1
         if self.paused and self.waiting < MAX_PIPELINED // 2 and self.transport is not None:
             self.paused = False

@@ -265,6 +265,23 @@ async def test_connection_close_is_honoured(port: int) -> None:
     assert closed
 
 
+async def test_a_failing_answer_closes_the_connection_unanswered() -> None:
+    """A bug leaves Envoy without an answer (its status_on_error, fail closed), never with
+    a partial or misplaced one."""
+
+    async def broken(_: Any) -> reply.Reply:
+        raise RuntimeError("bug")
+
+    listener = authz_http.Listener(broken)
+    number = free_port()
+    await listener.start("127.0.0.1", number, reuse_port=False)
+    try:
+        answers, closed = await exchange(number, request(call("containerize_app")) * 2, 1)
+    finally:
+        await listener.stop(1.0)
+    assert answers == [] and closed
+
+
 async def test_client_copies_of_our_headers_are_listed_for_removal(port: int) -> None:
     data = request(call("containerize_app"), "x-mcp-authz-dry-run: forged", "x-mcp-authz-x: 1")
     (answer,), _ = await exchange(port, data, 1)

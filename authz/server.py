@@ -136,6 +136,8 @@ async def serve(engine: Engine, settings: Settings, metrics: Metrics) -> None:
     checks_over_http = None
     if settings.authz_http_address:
         followed = tls.FollowedContext(settings.grpc_tls) if settings.grpc_tls else None
+        if followed is None:
+            tls.warn_if_exposed(settings.authz_http_address)
         checks_over_http = authz_http.Listener(authz_http.checks(engine, metrics), followed)
         host, port = _split(settings.authz_http_address)
         await checks_over_http.start(host, port, reuse_port=settings.reuse_port)

@@ -144,10 +144,15 @@ def bind(server: grpc.aio.Server, address: str, files: TlsFiles | None) -> int:
     """Add the gRPC listener: plaintext (meant for loopback) or TLS. Returns the port."""
     if files is not None:
         return int(server.add_secure_port(address, server_credentials(files)))
+    warn_if_exposed(address)
+    return int(server.add_insecure_port(address))
+
+
+def warn_if_exposed(address: str) -> None:
+    """Log that a plaintext ext_authz listener is bound off loopback."""
     if not _loopback(address):
         log.warning(
             "ext_authz listens on %s without TLS: use --grpc-tls-cert/--grpc-tls-key "
             "(and --grpc-tls-client-ca) off loopback",
             address,
         )
-    return int(server.add_insecure_port(address))

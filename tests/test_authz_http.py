@@ -22,6 +22,7 @@ from typing import Any
 import httptools
 import httpx
 import pytest
+import yaml
 
 from authz import authz_http, envoy, reply, tls
 from authz.cli import main
@@ -31,7 +32,16 @@ from authz.policy import compile_policy
 from authz.store import open_store
 from authz.tls import TlsFiles
 from tests.support.redis_server import RedisServer
-from tests.support.stack import authz_proc, free_port, running, wait_ready
+from tests.support.stack import (
+    ENVOY_CONFIGS,
+    authz_proc,
+    envoy_config,
+    envoy_proc,
+    free_port,
+    running,
+    upstream_proc,
+    wait_ready,
+)
 from tests.test_grpc_tls import Pki, pki  # noqa: F401 (the fixture)
 
 POLICY_DOC: dict[str, Any] = {
@@ -508,3 +518,95 @@ def test_workers_share_the_http_listener(tmp_path: Path, redis_server: RedisServ
         assert proc.popen is not None
         proc.popen.send_signal(signal.SIGTERM)
         assert proc.popen.wait(30) == 0
+
+
+def test_jwt_grant_through_envoy_jwt_authn_forwarded_payload(tmp_path: Path) -> None:
+    """Real Envoy, envoy-http.yaml with the jwt_authn filter its comment describes: the grant
+    is the verified token's claim, and a client's own x-jwt-payload never counts."""
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    jwks = json.dumps({"keys": [{**jwk, "kid": "k1", "alg": "RS256", "use": "sig"}]})
+
+    def token(sub: str) -> str:
+        claims = {"iss": "https://idp.test/", "aud": "mcp", "sub": sub, "exp": time.time() + 600}
+        return jwt.encode(claims, key, algorithm="RS256", headers={"kid": "k1"})
+
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({**POLICY_DOC, "grants": {"source": "jwt", "claim": "sub"}}))
+    listen, admin, upstream, check_port, http_port = (free_port() for _ in range(5))
+    record = tmp_path / "record.jsonl"
+    config_path = envoy_config(
+        tmp_path,
+        listen=listen,
+        authz=check_port,
+        upstream=upstream,
+        admin=admin,
+        source=ENVOY_CONFIGS["http"],
+    )
+    config = yaml.safe_load(config_path.read_text())
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    filters = hcm["typed_config"]["http_filters"]
+    jwt_filter = {
+        "name": "envoy.filters.http.jwt_authn",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3."
+            "JwtAuthentication",
+            "providers": {
+                "idp": {
+                    "issuer": "https://idp.test/",
+                    "audiences": ["mcp"],
+                    "local_jwks": {"inline_string": jwks},
+                    "forward": True,
+                    "forward_payload_header": authz_http.JWT_PAYLOAD_HEADER,
+                }
+            },
+            "rules": [{"match": {"prefix": "/"}, "requires": {"provider_name": "idp"}}],
+        },
+    }
+    filters.insert(1, jwt_filter)  # after header_mutation, before ext_authz
+    config_path.write_text(yaml.safe_dump(config))
+    authz = authz_proc(
+        tmp_path, policy, check_port, http_port, ["--store", "memory"], transport="http"
+    )
+    with (
+        running(upstream_proc(tmp_path, upstream, record), upstream),
+        running(authz, check_port),
+        running(envoy_proc(tmp_path, config_path), listen),
+    ):
+        wait_ready(f"http://127.0.0.1:{admin}/ready")
+        url = f"http://127.0.0.1:{listen}/mcp"
+        headers = {
+            "content-type": "application/json",
+            "accept": "application/json, text/event-stream",
+            "mcp-protocol-version": "2025-11-25",
+        }
+        forged = _payload({"sub": "mallory"})
+        allowed = httpx.post(
+            url,
+            content=call("containerize_app"),
+            headers={
+                **headers,
+                "authorization": f"Bearer {token('alice')}",
+                authz_http.JWT_PAYLOAD_HEADER: forged,
+            },
+        )
+        assert allowed.status_code != 403, allowed.text
+        denied = httpx.post(
+            url,
+            content=call("delete_app"),
+            headers={**headers, "authorization": f"Bearer {token('bob')}"},
+        )
+        assert denied.status_code == 403
+        no_token = httpx.post(
+            url,
+            content=call("containerize_app"),
+            headers={**headers, authz_http.JWT_PAYLOAD_HEADER: forged},
+        )
+        assert no_token.status_code == 401
+    reached = [json.loads(line) for line in record.read_text().splitlines() if line]
+    assert [r["grant"] for r in reached] == ["alice"]
+    audit = [json.loads(x) for x in authz.output().splitlines() if '"decision"' in x]
+    assert [(e["grant"], e["decision"]) for e in audit] == [("alice", "allow"), ("bob", "deny")]

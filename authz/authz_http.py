@@ -179,10 +179,10 @@ def encode(answer: reply.Reply, *, head: bool = False, close: bool = False) -> b
         status = UNAVAILABLE_WIRE_STATUS
     lines = [b"HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase.encode())]
     if answer.allowed:
-        # The dry-run and fail-open markers go both ways under one name; Envoy's lists
-        # (allowed_upstream_headers, allowed_client_headers_on_success) pick them up.
+        # One header serves both ways: the dry-run and fail-open markers are in both lists,
+        # and Envoy's allowed_upstream_headers and allowed_client_headers_on_success pick
+        # each where it goes.
         headers = dict(answer.upstream_headers)
-        headers.update(answer.client_headers)
         if answer.remove_headers:
             headers[REMOVE_HEADER] = ",".join(answer.remove_headers)
     else:

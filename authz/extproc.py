@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from authz import audit, envoy, listing, mcp
+from authz import audit, listing, mcp, reply
 from authz.engine import Engine
 from authz.metrics import Metrics
 from authz.pb import (
@@ -60,7 +60,7 @@ class _Exchange:
     @property
     def grant(self) -> str | None:
         """The grant ext_authz derived (its header: a client's copy never gets through)."""
-        return self.headers.get(envoy.GRANT_HEADER) or None
+        return self.headers.get(reply.GRANT_HEADER) or None
 
     @property
     def request_id(self) -> str:
@@ -118,7 +118,7 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
         part = message.WhichOneof("request")
         if part == "request_headers":
             exchange.headers = _header_map(message.request_headers.headers)
-            if envoy.LIST_HEADER not in exchange.headers:
+            if reply.LIST_HEADER not in exchange.headers:
                 return _skip_rest()  # not marked by ext_authz: not a list request
             reply.request_headers.SetInParent()
         elif part == "request_body":
@@ -158,7 +158,7 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
         if not body.end_of_stream or len(body.body) > MAX_LIST_BYTES:
             return self._unfilterable(exchange, "over the buffer limit")
         grant, request_id = exchange.grant, exchange.request_id
-        sets = exchange.headers.get(envoy.CALLERS_HEADER, "")
+        sets = exchange.headers.get(reply.CALLERS_HEADER, "")
         caller = listing.Caller(grant=grant, sets=frozenset(filter(None, sets.split(","))))
         try:
             filtered = listing.filter_response(

@@ -106,10 +106,11 @@ def test_ext_proc_wire_names_match_envoy() -> None:
     assert (mode.BUFFERED, mode.BUFFERED_PARTIAL, mode.SKIP) == (2, 3, 2)
 
 
-def test_envoy_config_validates() -> None:
+@pytest.mark.parametrize("config", ["envoy.yaml", "envoy-http.yaml"])
+def test_envoy_config_validates(config: str) -> None:
     envoy = Path(sys.executable).parent / "envoy"
     run = subprocess.run(
-        [str(envoy), "--mode", "validate", "-c", str(ROOT / "envoy/envoy.yaml")],
+        [str(envoy), "--mode", "validate", "-c", str(ROOT / "envoy" / config)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -151,7 +151,7 @@ def value(
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, transport: str) -> Iterator[Stack]:
     """The stack with a known mix of traffic already sent through it."""
     tmp = tmp_path_factory.mktemp("ops")
     policy = tmp / "policy.json"
@@ -160,7 +160,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tokens.write_text("ops:ops-token-0123456789abcdef\n")  # approvals on: their gauge too
     with (
         running_redis(tmp) as redis,
-        mcp_stack(tmp, policy, ["--redis", redis.url], "--admin-tokens-file", str(tokens)) as s,
+        mcp_stack(
+            tmp,
+            policy,
+            ["--redis", redis.url],
+            "--admin-tokens-file",
+            str(tokens),
+            transport=transport,
+        ) as s,
     ):
         for i in range(EXPORT_LIMIT + 2):  # 5 allowed (the last near the limit), 2 refused
             post(s, call("start_dicom_export_job", PHI, i))

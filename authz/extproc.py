@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from authz import audit, listing, mcp, reply
+from authz import audit, listing, mcp
 from authz.engine import Engine
 from authz.metrics import Metrics
 from authz.pb import (
@@ -30,6 +30,7 @@ from authz.pb import (
     external_processor_pb2_grpc,
     processing_mode_pb2,
 )
+from authz.reply import CALLERS_HEADER, GRANT_HEADER, LIST_HEADER
 
 log = logging.getLogger("mcp_authz")
 
@@ -60,7 +61,7 @@ class _Exchange:
     @property
     def grant(self) -> str | None:
         """The grant ext_authz derived (its header: a client's copy never gets through)."""
-        return self.headers.get(reply.GRANT_HEADER) or None
+        return self.headers.get(GRANT_HEADER) or None
 
     @property
     def request_id(self) -> str:
@@ -118,7 +119,7 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
         part = message.WhichOneof("request")
         if part == "request_headers":
             exchange.headers = _header_map(message.request_headers.headers)
-            if reply.LIST_HEADER not in exchange.headers:
+            if LIST_HEADER not in exchange.headers:
                 return _skip_rest()  # not marked by ext_authz: not a list request
             reply.request_headers.SetInParent()
         elif part == "request_body":
@@ -158,7 +159,7 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
         if not body.end_of_stream or len(body.body) > MAX_LIST_BYTES:
             return self._unfilterable(exchange, "over the buffer limit")
         grant, request_id = exchange.grant, exchange.request_id
-        sets = exchange.headers.get(reply.CALLERS_HEADER, "")
+        sets = exchange.headers.get(CALLERS_HEADER, "")
         caller = listing.Caller(grant=grant, sets=frozenset(filter(None, sets.split(","))))
         try:
             filtered = listing.filter_response(

@@ -152,10 +152,12 @@ async def serve(engine: Engine, settings: Settings, metrics: Metrics) -> None:
     host, port = _split(settings.http_address)
     site = web.TCPSite(runner, host, port, reuse_port=settings.reuse_port)
     await site.start()
+    listeners = [f"{settings.grpc_address} (gRPC)"] if settings.grpc_address else []
+    if settings.authz_http_address:
+        listeners.append(f"{settings.authz_http_address} (HTTP)")
     log.info(
-        "serving ext_authz on %s (gRPC) %s (HTTP), health and metrics on http://%s (policy %s)",
-        settings.grpc_address or "-",
-        settings.authz_http_address or "-",
+        "serving ext_authz on %s, health and metrics on http://%s (policy %s)",
+        " and ".join(listeners),
         settings.http_address,
         engine.policy.digest[:12],
     )

@@ -4,6 +4,7 @@ dashboard and alert rules, and a graceful shutdown, all against the real process
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import re
@@ -127,9 +128,13 @@ def audit_lines(text: str) -> list[dict[str, Any]]:
 
 
 def wait_for(predicate: Any, what: str, timeout: float = 10.0) -> Any:
+    """``predicate()`` once it is true; a port not open yet counts as not yet (the HTTP
+    port opens after the ext_authz ports a test waits for)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = predicate()
+        found = None
+        with contextlib.suppress(httpx.ConnectError):
+            found = predicate()
         if found:
             return found
         time.sleep(0.05)

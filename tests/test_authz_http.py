@@ -1,8 +1,9 @@
 """The HTTP ext_authz listener (authz/authz_http.py) on real sockets: HTTP/1.1 framing,
-bounds, identity headers, the reply both transports share, TLS, and drain on SIGTERM.
+bounds, identity headers, the reply both transports share, TLS, drain on SIGTERM, and
+caller sets, step-up and list filtering through the real Envoy in HTTP mode.
 
-Through Envoy, the end-to-end suites (test_e2e, test_bypass, test_faults, test_operations,
-test_approvals_e2e) run on this transport too (the ``transport`` fixture).
+Through Envoy, the end-to-end suites (test_e2e, test_bypass, test_listing_e2e, test_faults,
+test_operations, test_approvals_e2e) run on this transport too (the ``transport`` fixture).
 """
 
 from __future__ import annotations

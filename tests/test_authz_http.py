@@ -25,7 +25,7 @@ import httpx
 import pytest
 import yaml
 
-from authz import authz_http, envoy, reply, tls
+from authz import authz_http, envoy, reply, settings, tls
 from authz.cli import main
 from authz.engine import Decision, Engine, Reason
 from authz.metrics import Metrics
@@ -475,6 +475,19 @@ async def test_mtls_on_the_listener(pki: Pki) -> None:  # noqa: F811
     finally:
         await listener.stop(1.0)
     assert [a.status for a in answers] == [403]
+
+
+def test_settings_of_the_http_transport() -> None:
+    """--authz-http and MCP_AUTHZ_AUTHZ_HTTP fill one setting; --grpc off empties the gRPC
+    address (no gRPC listener), and only goes with --authz-http."""
+    base = {"policy": "p.json", "store": "memory"}
+    from_env = settings.from_arguments(base, {"MCP_AUTHZ_AUTHZ_HTTP": "127.0.0.1:9003"})
+    assert from_env.authz_http_address == "127.0.0.1:9003"
+    assert from_env.grpc_address == "127.0.0.1:9001"
+    alone = settings.from_arguments({**base, "grpc": "off", "authz_http": "127.0.0.1:1"}, {})
+    assert (alone.grpc_address, alone.authz_http_address) == ("", "127.0.0.1:1")
+    with pytest.raises(settings.SettingsError, match="--grpc off needs --authz-http"):
+        settings.from_arguments(base, {"MCP_AUTHZ_GRPC": "off"})
 
 
 def test_serve_needs_an_ext_authz_listener(tmp_path: Path) -> None:

@@ -43,8 +43,9 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser(
         "serve",
-        help="run the ext_authz gRPC service",
-        description="Run the ext_authz gRPC service. Every flag can also be set as "
+        help="run the ext_authz service (gRPC, Envoy's HTTP mode, or both)",
+        description="Run the ext_authz service over gRPC (with the list filter), Envoy's "
+        "HTTP mode (--authz-http), or both. Every flag can also be set as "
         "MCP_AUTHZ_<FLAG> (--grant-header: MCP_AUTHZ_GRANT_HEADER); a flag given wins.",
     )
     settings.add_arguments(run)

@@ -1,7 +1,9 @@
 """Envoy's ext_authz v3 wire types in and out: the only module that knows them.
 
 ``http_request`` turns a CheckRequest into the plain :class:`authz.mcp.HttpRequest`;
-``check_response`` turns a :class:`authz.engine.Decision` into a CheckResponse.
+``encode`` turns the :class:`authz.reply.Reply` of a decision into a CheckResponse
+(``check_response`` does both steps from a :class:`authz.engine.Decision`). The list
+filter's ext_proc stream has its own wire module, ``extproc.py``.
 """
 
 from __future__ import annotations
@@ -11,34 +13,10 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from authz.engine import Decision, Reason
+from authz import reply
+from authz.engine import Decision
 from authz.mcp import HttpRequest
 from authz.pb import core_pb2, external_auth_pb2
-
-HEADER_PREFIX = "x-mcp-authz-"
-GRANT_HEADER = "x-mcp-authz-grant"
-REASON_HEADER = "x-mcp-authz-reason"
-FAIL_OPEN_HEADER = "x-mcp-authz-fail-open"
-# On a call a dry-run rule would have denied: "deny:<reason code>", to the upstream (for
-# its logs) and in the response.
-DRY_RUN_HEADER = "x-mcp-authz-dry-run"
-# On an allowed list request, to the upstream: the list methods it asks for. Envoy routes
-# such a request to the route whose response goes through the list filter (ext_proc);
-# on every other allowed request the header is removed, and the removal (a header
-# mutation) makes Envoy match the route again without a copy a client may have sent.
-LIST_HEADER = "x-mcp-authz-list"
-# With it, to the list filter: the caller sets the caller belongs to, comma-separated.
-CALLERS_HEADER = "x-mcp-authz-callers"
-# On an allowed request whose response issues or ends a session ("open": an initialize;
-# "close": a DELETE of a session): Envoy routes it to the route whose response headers
-# go through ext_proc, which records or drops the session (authz.records). Removed, like
-# the list mark, from every other allowed request.
-SESSION_HEADER = "x-mcp-authz-session"
-# On an allowed request whose response creates tasks ("create": a task-augmented
-# tools/call) or lists them ("list": tasks/list): Envoy routes it to the route whose
-# response body goes through ext_proc, which records the task ids for the grant or
-# filters the list (authz.records). Removed from every other allowed request.
-TASKS_HEADER = "x-mcp-authz-tasks"
 
 # gRPC status codes (google.rpc.Code) carried in CheckResponse.status; any non-OK code
 # denies, the HTTP status Envoy sends comes from denied_response.
@@ -54,7 +32,6 @@ _GRPC_CODE = {
 }
 
 _OVERWRITE = core_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-_MAX_HEADER_TEXT = 256
 
 
 def http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
@@ -88,11 +65,6 @@ def http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
     )
 
 
-def header_text(text: str) -> str:
-    """Printable ASCII only, bounded: header values must not carry controls or raw UTF-8."""
-    return "".join(ch if " " <= ch <= "~" else "?" for ch in text[:_MAX_HEADER_TEXT])
-
-
 def _add_header(headers: Any, key: str, value: str) -> None:
     option = headers.add()
     option.header.key = key
@@ -100,77 +72,39 @@ def _add_header(headers: Any, key: str, value: str) -> None:
     option.append_action = _OVERWRITE
 
 
-def _set_metadata(response: external_auth_pb2.CheckResponse, decision: Decision) -> None:
-    fields = response.dynamic_metadata.fields
-    fields["decision"].string_value = "allow" if decision.allowed else "deny"
-    fields["reason"].string_value = decision.reason.code
-    fields["grant"].string_value = decision.grant or ""
-    fields["tool"].string_value = decision.tool or ""
-    fields["would_deny"].string_value = decision.would_deny.code if decision.would_deny else ""
-    if decision.caller is not None:  # only under a policy with caller sets
-        fields["caller"].string_value = decision.caller
-
-
 def check_response(
     decision: Decision, request_headers: Mapping[str, str]
 ) -> external_auth_pb2.CheckResponse:
-    """Allow with the grant header for the upstream, or deny with a JSON-RPC error body.
+    """The :class:`authz.reply.Reply` of a decision as a CheckResponse."""
+    return encode(reply.of(decision, request_headers))
+
+
+def encode(answer: reply.Reply) -> external_auth_pb2.CheckResponse:
+    """A reply as a CheckResponse.
 
     Built in place: protobuf copies a sub-message passed to a constructor.
     """
     response = external_auth_pb2.CheckResponse()
-    _set_metadata(response, decision)
-    if decision.allowed:
+    fields = response.dynamic_metadata.fields
+    for key, value in answer.metadata:
+        fields[key].string_value = value
+    if answer.allowed:
         response.status.code = _GRPC_OK
         ok = response.ok_response
         ok.SetInParent()  # present even when it carries nothing
-        if decision.grant:
-            _add_header(ok.headers, GRANT_HEADER, decision.grant)
-        if decision.fail_open:
-            _add_header(ok.headers, FAIL_OPEN_HEADER, "store unavailable")
-            _add_header(ok.response_headers_to_add, FAIL_OPEN_HEADER, "store unavailable")
-        if decision.would_deny is not None:
-            would = f"deny:{decision.would_deny.code}"
-            _add_header(ok.headers, DRY_RUN_HEADER, would)
-            _add_header(ok.response_headers_to_add, DRY_RUN_HEADER, would)
-        if decision.lists:
-            _add_header(ok.headers, LIST_HEADER, ",".join(decision.lists))
-            if decision.caller_sets:
-                _add_header(ok.headers, CALLERS_HEADER, ",".join(decision.caller_sets))
-        else:
-            ok.headers_to_remove.append(LIST_HEADER)
-        if decision.session_event:
-            _add_header(ok.headers, SESSION_HEADER, decision.session_event)
-        else:
-            ok.headers_to_remove.append(SESSION_HEADER)
-        if decision.task_event:
-            _add_header(ok.headers, TASKS_HEADER, decision.task_event)
-        else:
-            ok.headers_to_remove.append(TASKS_HEADER)
-        # Client-supplied x-mcp-authz-* headers must never reach the upstream as ours. The
-        # names are joined (in C) and searched once, since most requests carry none; only
-        # then are they looked at one by one.
-        if HEADER_PREFIX in "\n".join(request_headers):
-            spoofed = [
-                name
-                for name in request_headers
-                if name.startswith(HEADER_PREFIX)
-                and not (name == GRANT_HEADER and decision.grant)
-                and not (name == CALLERS_HEADER and decision.caller_sets)
-                and name not in (LIST_HEADER, SESSION_HEADER, TASKS_HEADER)
-            ]
-            ok.headers_to_remove.extend(spoofed)
+        for key, value in answer.upstream_headers:
+            _add_header(ok.headers, key, value)
+        if answer.client_headers:
+            for key, value in answer.client_headers:
+                _add_header(ok.response_headers_to_add, key, value)
+        if answer.remove_headers:
+            ok.headers_to_remove.extend(answer.remove_headers)
         return response
-    status = decision.reason.status
-    response.status.code = _GRPC_CODE.get(status, 7)
-    response.status.message = decision.reason.code
+    response.status.code = _GRPC_CODE.get(answer.status, 7)
+    response.status.message = answer.reason
     denied = response.denied_response
-    denied.status.code = status
-    _add_header(denied.headers, "content-type", "application/json")
-    _add_header(denied.headers, REASON_HEADER, header_text(decision.message))
-    if decision.reason is Reason.RATE_LIMITED and decision.retry_after_s is not None:
-        _add_header(denied.headers, "retry-after", str(decision.retry_after_s))
-    if decision.challenge is not None:  # step-up: the token lacks a caller set's scopes
-        _add_header(denied.headers, "www-authenticate", header_text(decision.challenge))
-    denied.body = decision.reply_body().decode()
+    denied.status.code = answer.status
+    for key, value in answer.client_headers:
+        _add_header(denied.headers, key, value)
+    denied.body = answer.body.decode()
     return response

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from authz import audit, envoy, listing, mcp, records
+from authz import audit, listing, mcp, records
 from authz.engine import Engine
 from authz.metrics import Metrics
 from authz.pb import (
@@ -35,6 +35,13 @@ from authz.pb import (
     external_processor_pb2,
     external_processor_pb2_grpc,
     processing_mode_pb2,
+)
+from authz.reply import (
+    CALLERS_HEADER,
+    GRANT_HEADER,
+    LIST_HEADER,
+    SESSION_HEADER,
+    TASKS_HEADER,
 )
 from authz.store import CounterStore, StoreUnavailable
 
@@ -67,7 +74,7 @@ class _Exchange:
     @property
     def grant(self) -> str | None:
         """The grant ext_authz derived (its header: a client's copy never gets through)."""
-        return self.headers.get(envoy.GRANT_HEADER) or None
+        return self.headers.get(GRANT_HEADER) or None
 
     @property
     def request_id(self) -> str:
@@ -131,7 +138,7 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
         part = message.WhichOneof("request")
         if part == "request_headers":
             exchange.headers = _header_map(message.request_headers.headers)
-            if envoy.LIST_HEADER not in exchange.headers:
+            if LIST_HEADER not in exchange.headers:
                 return _skip_rest()  # not marked by ext_authz: not a list request
             reply.request_headers.SetInParent()
         elif part == "request_body":
@@ -172,7 +179,7 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
             return self._unfilterable(exchange, "over the buffer limit")
         self._learn_tools(exchange, body.body)
         grant, request_id = exchange.grant, exchange.request_id
-        sets = exchange.headers.get(envoy.CALLERS_HEADER, "")
+        sets = exchange.headers.get(CALLERS_HEADER, "")
         caller = listing.Caller(grant=grant, sets=frozenset(filter(None, sets.split(","))))
         try:
             filtered = listing.filter_response(
@@ -262,15 +269,15 @@ class _Recording:
     @classmethod
     def of(cls, headers: Mapping[str, str]) -> _Recording | None:
         """The recording a request's headers ask for; ``None``: a list request or none."""
-        if envoy.LIST_HEADER in headers:
+        if LIST_HEADER in headers:
             return None
-        if envoy.SESSION_HEADER not in headers and envoy.TASKS_HEADER not in headers:
+        if SESSION_HEADER not in headers and TASKS_HEADER not in headers:
             return None
         return cls(headers)
 
     @property
     def grant(self) -> str | None:
-        return self.headers.get(envoy.GRANT_HEADER) or None
+        return self.headers.get(GRANT_HEADER) or None
 
     async def answer(
         self, store: CounterStore, message: external_processor_pb2.ProcessingRequest
@@ -288,7 +295,7 @@ class _Recording:
             )
             if not success and not readable:
                 reply.mode_override.response_body_mode = _Mode.NONE  # an error page
-            elif success and envoy.SESSION_HEADER in self.headers:
+            elif success and SESSION_HEADER in self.headers:
                 await self._session(store, response)
         elif part == "response_body":
             return await self._tasks(store, message.response_body)
@@ -304,7 +311,7 @@ class _Recording:
 
     async def _session(self, store: CounterStore, response: Mapping[str, str]) -> None:
         grant = self.grant
-        event = self.headers.get(envoy.SESSION_HEADER)
+        event = self.headers.get(SESSION_HEADER)
         issued = response if event == "open" else self.headers
         try:
             session = mcp.session_id({"mcp-session-id": issued.get("mcp-session-id", "")})
@@ -326,7 +333,7 @@ class _Recording:
     ) -> external_processor_pb2.ProcessingResponse:
         reply = external_processor_pb2.ProcessingResponse()
         reply.response_body.SetInParent()
-        event, grant = self.headers.get(envoy.TASKS_HEADER), self.grant
+        event, grant = self.headers.get(TASKS_HEADER), self.grant
         if event == "create" and grant is not None:
             for task, ttl_ms in records.created_tasks(self.content_type, body.body):
                 try:

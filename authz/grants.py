@@ -101,12 +101,13 @@ def claims_of(request: HttpRequest, source: GrantSource) -> dict[str, Any]:
     if source.source is not Source.JWT:
         return {}
     if source.payload_in_header:
-        return _decoded_payload(request.headers.get(source.payload_in_header, ""))
+        return decoded_payload(request.headers.get(source.payload_in_header, ""))
     payload = request.metadata.get(JWT_NAMESPACE, {}).get(source.payload_in_metadata)
     return payload if isinstance(payload, dict) else {}
 
 
-def _decoded_payload(value: str) -> dict[str, Any]:
+def decoded_payload(value: str) -> dict[str, Any]:
+    """A proxy's base64url JSON payload header as a dict; empty when it does not decode."""
     value = value.strip()
     if not _BASE64.fullmatch(value):
         return {}

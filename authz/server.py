@@ -1,4 +1,5 @@
-"""Wiring and lifecycle: the gRPC ext_authz service, health, and the HTTP side port.
+"""Wiring and lifecycle: the ext_authz services (gRPC, and Envoy's HTTP mode), health, and
+the HTTP side port.
 
 A check never raises out of the engine: anything unexpected becomes a 503 denial (fail
 closed), logged without the request's body, arguments or credentials. Every answered check
@@ -11,14 +12,13 @@ import asyncio
 import gc
 import logging
 import signal
-import time
 from collections.abc import Mapping
 
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from authz import admin, audit, console, envoy, tls, upstream
+from authz import admin, authz_http, check, console, envoy, tls, upstream
 from authz.engine import Engine
 from authz.extproc import EXT_PROC_SERVICE, ListFilterService
 from authz.metrics import Metrics
@@ -44,14 +44,8 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):  # typ
     async def Check(
         self, request: external_auth_pb2.CheckRequest, context: grpc.aio.ServicerContext
     ) -> external_auth_pb2.CheckResponse:
-        started = time.perf_counter()
         http = envoy.http_request(request)
-        result = await self.engine.check(http)
-        response = envoy.check_response(result.decision, http.headers)
-        latency = time.perf_counter() - started
-        self.metrics.record_check(result, latency)
-        audit.record(result, http.request_id, latency)
-        return response
+        return envoy.encode(await check.answer(self.engine, self.metrics, http))
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -118,10 +112,24 @@ async def serve(engine: Engine, settings: Settings, metrics: Metrics) -> None:
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = tls.bind(server, settings.grpc_address, settings.grpc_tls)
-    if bound == 0:
-        raise OSError(f"cannot bind gRPC address {settings.grpc_address}")
-    await server.start()
+    if settings.grpc_address:
+        bound = tls.bind(server, settings.grpc_address, settings.grpc_tls)
+        if bound == 0:
+            raise OSError(f"cannot bind gRPC address {settings.grpc_address}")
+        await server.start()
+    else:
+        # Envoy's ext_proc speaks gRPC only: the shipped envoy-http.yaml then refuses list
+        # requests (its list filter is unreachable: fail closed), and an Envoy without the
+        # list filter passes list responses unfiltered.
+        log.warning("--grpc off: no list filter is served (Envoy's ext_proc is gRPC only)")
+    checks_over_http = None
+    if settings.authz_http_address:
+        followed = tls.FollowedContext(settings.grpc_tls) if settings.grpc_tls else None
+        if followed is None:
+            tls.warn_if_exposed(settings.authz_http_address)
+        checks_over_http = authz_http.Listener(authz_http.checks(engine, metrics), followed)
+        host, port = _split(settings.authz_http_address)
+        await checks_over_http.start(host, port, reuse_port=settings.reuse_port)
     try:
         # Connect (and, for TLS, handshake) before the first check, which would otherwise
         # pay for it inside the store timeout and could be denied with 503.
@@ -144,9 +152,12 @@ async def serve(engine: Engine, settings: Settings, metrics: Metrics) -> None:
     host, port = _split(settings.http_address)
     site = web.TCPSite(runner, host, port, reuse_port=settings.reuse_port)
     await site.start()
+    listeners = [f"{settings.grpc_address} (gRPC)"] if settings.grpc_address else []
+    if settings.authz_http_address:
+        listeners.append(f"{settings.authz_http_address} (HTTP)")
     log.info(
         "serving ext_authz on %s, health and metrics on http://%s (policy %s)",
-        settings.grpc_address,
+        " and ".join(listeners),
         settings.http_address,
         engine.policy.digest[:12],
     )
@@ -183,7 +194,10 @@ async def serve(engine: Engine, settings: Settings, metrics: Metrics) -> None:
     draining.set()
     await health_servicer.enter_graceful_shutdown()
     await asyncio.sleep(settings.drain_seconds)
-    await server.stop(grace=IN_FLIGHT_GRACE_S)
+    await asyncio.gather(
+        server.stop(grace=IN_FLIGHT_GRACE_S),
+        checks_over_http.stop(IN_FLIGHT_GRACE_S) if checks_over_http else asyncio.sleep(0),
+    )
     await runner.cleanup()
     await engine.store.close()  # the approvals too: they live on the store's connection
     log.info("stopped")

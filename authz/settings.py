@@ -32,10 +32,16 @@ class Settings:
     policy_path: str
     # The counter store (and approvals) URL: redis://... or memory:// (one replica only).
     store_url: str
+    # ext_authz over gRPC, and the list filter (ext_proc, gRPC only); "": not served
+    # (``--grpc off``, with ``authz_http_address``).
     grpc_address: str = "127.0.0.1:9001"
+    # ext_authz over Envoy's HTTP mode (authz/authz_http.py; envoy/envoy-http.yaml) on this
+    # address, beside or instead of gRPC; "": not served.
+    authz_http_address: str = ""
     # Health, readiness, metrics and (with admin tokens) the approvals API.
     http_address: str = "127.0.0.1:9002"
-    # TLS (and with a client CA, mTLS) on the gRPC listener; None: plaintext, for loopback.
+    # TLS (and with a client CA, mTLS) on the ext_authz listeners, gRPC and HTTP alike;
+    # None: plaintext, for loopback.
     grpc_tls: TlsFiles | None = None
     # Take the grant id from this header (set by Envoy after verifying the caller).
     grant_header: str | None = None
@@ -61,7 +67,7 @@ class Settings:
 
     @property
     def reuse_port(self) -> bool:
-        """Share the gRPC and HTTP ports with the other workers (SO_REUSEPORT). Off for a
+        """Share the ext_authz and HTTP ports with the other workers (SO_REUSEPORT). Off for a
         single process, which then refuses a port another process holds instead of silently
         splitting the traffic with it (gRPC's default on Linux)."""
         return self.workers > 1
@@ -120,8 +126,14 @@ _FLAGS = (
     ),
     _Flag(
         "grpc",
-        f"gRPC HOST:PORT (default {_default('grpc_address')})",
-        setting="grpc_address",
+        f"ext_authz and the list filter over gRPC on HOST:PORT (default "
+        f"{_default('grpc_address')}; 'off': none, with --authz-http)",
+    ),
+    _Flag(
+        "authz-http",
+        "ext_authz over Envoy's HTTP mode (http_service; envoy/envoy-http.yaml) on "
+        "HOST:PORT, beside or instead of --grpc",
+        setting="authz_http_address",
     ),
     _Flag(
         "http",
@@ -130,7 +142,8 @@ _FLAGS = (
     ),
     _Flag(
         "grpc-tls-cert",
-        "serve gRPC over TLS with this certificate chain (PEM; reloaded when it changes)",
+        "serve ext_authz (gRPC and --authz-http) over TLS with this certificate chain "
+        "(PEM; reloaded when it changes)",
     ),
     _Flag("grpc-tls-key", "the key of --grpc-tls-cert (PEM)"),
     _Flag("grpc-tls-client-ca", "mTLS: require client certificates issued by this CA (PEM)"),
@@ -259,6 +272,11 @@ def from_arguments(arguments: Mapping[str, Any], environ: Mapping[str, str]) -> 
             "--workers must be 1, or more with --redis (with the memory store every worker "
             "would keep its own counters)"
         )
+    grpc = given.get("grpc", _default("grpc_address"))
+    if grpc == "off":
+        grpc = ""
+    if not grpc and not given.get("authz_http"):
+        raise SettingsError("--grpc off needs --authz-http HOST:PORT")
     timeout_ms = given.get("store_timeout_ms")
     if timeout_ms is not None and timeout_ms <= 0:
         raise SettingsError("--store-timeout-ms must be positive")
@@ -274,6 +292,7 @@ def from_arguments(arguments: Mapping[str, Any], environ: Mapping[str, str]) -> 
     return Settings(
         policy_path=policy,
         store_url=redis or "memory://",
+        grpc_address=grpc,
         grpc_tls=_grpc_tls(given),
         workers=workers,
         admin_tokens=admin_tokens,

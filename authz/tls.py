@@ -1,4 +1,5 @@
-"""TLS and mTLS on the gRPC listener, for a central deployment (not a loopback sidecar).
+"""TLS and mTLS on the ext_authz listeners (gRPC, and HTTP), for a central deployment (not
+a loopback sidecar).
 
 Certificates come from files and are re-read when they change: gRPC asks for the current
 certificate on every new connection, and gets a new one only when a file's identity
@@ -85,6 +86,50 @@ def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
     )
 
 
+def _context(files: TlsFiles) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(files.cert, files.key)
+    if files.client_ca is not None:
+        context.load_verify_locations(files.client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class FollowedContext:
+    """The HTTP ext_authz listener's SSLContext, following the files like the gRPC one.
+
+    asyncio keeps one context per listener, so a changed set that loads is loaded into
+    that same context (new handshakes use it); :meth:`refresh` runs as each connection is
+    accepted, before its handshake. A new client CA is added to the trusted ones (OpenSSL
+    only adds): restart to withdraw a CA.
+    """
+
+    def __init__(self, files: TlsFiles) -> None:
+        self.files = files
+        self.loaded: object = _identity(files)
+        self.failed: object = None
+        self.context = _context(files)
+
+    def refresh(self) -> None:
+        try:
+            identity: object = _identity(self.files)
+        except OSError:
+            identity = "missing"
+        if identity in (self.loaded, self.failed):
+            return
+        try:
+            _context(self.files)  # the whole set must load before any of it is used
+            self.context.load_cert_chain(self.files.cert, self.files.key)
+            if self.files.client_ca is not None:
+                self.context.load_verify_locations(self.files.client_ca)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            self.failed = identity
+            log.error("HTTP TLS files changed but do not load, keeping the previous: %s", exc)
+            return
+        self.loaded = identity
+        log.info("HTTP TLS certificate reloaded from %s", self.files.cert)
+
+
 def _loopback(address: str) -> bool:
     host = address.rpartition(":")[0].strip("[]")
     if host == "localhost":
@@ -99,10 +144,15 @@ def bind(server: grpc.aio.Server, address: str, files: TlsFiles | None) -> int:
     """Add the gRPC listener: plaintext (meant for loopback) or TLS. Returns the port."""
     if files is not None:
         return int(server.add_secure_port(address, server_credentials(files)))
+    warn_if_exposed(address)
+    return int(server.add_insecure_port(address))
+
+
+def warn_if_exposed(address: str) -> None:
+    """Log that a plaintext ext_authz listener is bound off loopback."""
     if not _loopback(address):
         log.warning(
             "ext_authz listens on %s without TLS: use --grpc-tls-cert/--grpc-tls-key "
             "(and --grpc-tls-client-ca) off loopback",
             address,
         )
-    return int(server.add_insecure_port(address))

@@ -9,7 +9,10 @@ differs between configurations:
 3. ``mcp-authz``, reference policy, limits that never deny, Redis store;
 4. the same with the memory store;
 5. the same as 3 with a 1,000-tool policy;
-6. ``mcp-authz --workers N`` for N = 1, 2 and the number of cores (Redis store).
+6. ``mcp-authz --workers N`` for N = 1, 2 and the number of cores (Redis store);
+7. the no-op floor of Envoy's HTTP ext_authz mode (``bench/noop_authz.py --authz-http``:
+   mcp-authz's HTTP protocol with a decision that allows at once), ``envoy/envoy-http.yaml``;
+8. ``mcp-authz`` over the HTTP mode (``--authz-http``), as 3 otherwise (issue #16).
 
 For each: requests per second at saturation, latency percentiles at a fixed moderate rate,
 the authorization processes' CPU time per check (``/proc/<pid>/stat``), and Redis commands
@@ -50,7 +53,7 @@ import yaml
 
 from bench import instructions, micro, mix
 from devstack.redis_server import RedisServer, redis_server_binary, running_redis
-from devstack.stack import ENVOY_YAML, Proc, free_port, running, wait_for_port
+from devstack.stack import ENVOY_CONFIGS, Proc, free_port, running, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -62,13 +65,16 @@ WARMUP_S = 3
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # The configurations whose saturation runs twice (see main).
-REPEATED = ("1", "2", "3", "5")
+REPEATED = ("1", "2", "3", "5", "7", "8")
 
 # Targets of issue #8.
 TARGET_FLOOR_RATIO = 0.85
 TARGET_ADDED_P99_MS = 2.0
 TARGET_POLICY_SIZE = 0.05
 TARGET_PER_CORE = 0.85
+# Targets of issue #16 (the HTTP transport).
+TARGET_HTTP_OVER_GRPC_FLOOR = 1.0
+TARGET_HTTP_ADDED_P99_MS = 1.0
 
 
 _SCRIPT_COMMANDS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
@@ -81,6 +87,7 @@ class Config:
     authz: Sequence[str] | None  # the command after the port flags are added; None: no ext_authz
     pinned: bool = True
     workers: int = 1
+    transport: str = "grpc"  # or "http": Envoy's HTTP ext_authz mode, envoy-http.yaml
 
 
 @dataclass
@@ -144,11 +151,21 @@ class Result:
 # --- the pieces ---------------------------------------------------------------------------
 
 
-def envoy_config(tmp: Path, *, listen: int, admin: int, authz: int | None) -> Path:
-    """``envoy/envoy.yaml`` with ports changed, ``/mcp`` answered by Envoy itself, the
-    access log off (it measures Envoy's stdout, not the check), and, for configuration 1,
-    no ext_authz filter."""
-    config: dict[str, Any] = yaml.safe_load(ENVOY_YAML.read_text())
+def envoy_config(
+    tmp: Path,
+    *,
+    listen: int,
+    admin: int,
+    authz: int | None,
+    list_filter: int | None = None,
+    transport: str = "grpc",
+) -> Path:
+    """``envoy/envoy.yaml`` (``envoy-http.yaml`` for the HTTP transport) with ports changed,
+    ``/mcp`` answered by Envoy itself, the access log off (it measures Envoy's stdout, not
+    the check), and, for configuration 1, no ext_authz filter. ``authz``: the ext_authz
+    port; ``list_filter``: the list filter's gRPC port, where it is not ``authz`` (the HTTP
+    transport)."""
+    config: dict[str, Any] = yaml.safe_load(ENVOY_CONFIGS[transport].read_text())
     config["admin"]["address"]["socket_address"]["port_value"] = admin
     listener = config["static_resources"]["listeners"][0]
     listener["address"]["socket_address"].update(address="127.0.0.1", port_value=listen)
@@ -161,17 +178,20 @@ def envoy_config(tmp: Path, *, listen: int, admin: int, authz: int | None) -> Pa
                 "status": 200,
                 "body": {"inline_string": '{"jsonrpc":"2.0","id":1,"result":{}}'},
             }
+    ports = {"mcp_authz": authz}
+    if transport == "http":
+        ports = {"mcp_authz_http": authz, "mcp_authz": list_filter}
     clusters = config["static_resources"]["clusters"]
-    config["static_resources"]["clusters"] = [c for c in clusters if c["name"] == "mcp_authz"]
+    config["static_resources"]["clusters"] = [c for c in clusters if c["name"] in ports]
     if authz is None:
         hcm["http_filters"] = [
             f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_authz"
         ]
         config["static_resources"]["clusters"] = []
     else:
-        cluster = config["static_resources"]["clusters"][0]
-        endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
-        endpoint["address"]["socket_address"]["port_value"] = authz
+        for cluster in config["static_resources"]["clusters"]:
+            endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+            endpoint["address"]["socket_address"]["port_value"] = ports[cluster["name"]]
     path = tmp / f"envoy-{listen}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -332,11 +352,21 @@ def serving(config: Config, tmp: Path, store: RedisServer) -> Iterator[Serving]:
     if store.proc is not None:
         pin_all_threads(store.proc.pid, load_cpus or ",".join(map(str, os.sched_getaffinity(0))))
     grpc_port, listen, admin = free_port(), free_port(), free_port()
+    # The HTTP transport: ext_authz on its own port, the list filter on the gRPC one.
+    authz_http = free_port() if config.transport == "http" else None
+    check_port = authz_http or grpc_port
     envoy_cmd = [
         str(BIN / "envoy"),
         "-c",
         str(
-            envoy_config(tmp, listen=listen, admin=admin, authz=grpc_port if config.authz else None)
+            envoy_config(
+                tmp,
+                listen=listen,
+                admin=admin,
+                authz=check_port if config.authz else None,
+                list_filter=grpc_port,
+                transport=config.transport,
+            )
         ),
         "--concurrency",
         str(ENVOY_CONCURRENCY),
@@ -350,14 +380,21 @@ def serving(config: Config, tmp: Path, store: RedisServer) -> Iterator[Serving]:
     with contextlib.ExitStack() as stack:
         pids: list[int] = []
         if config.authz is not None:
-            cmd = [*config.authz, "--grpc", f"127.0.0.1:{grpc_port}"]
-            if config.authz[0].endswith("mcp-authz"):
+            is_service = config.authz[0].endswith("mcp-authz")
+            if authz_http is None:
+                cmd = [*config.authz, "--grpc", f"127.0.0.1:{grpc_port}"]
+            elif is_service:
+                cmd = [*config.authz, "--grpc", f"127.0.0.1:{grpc_port}"]
+                cmd += ["--authz-http", f"127.0.0.1:{authz_http}"]
+            else:  # the no-op floor allows everything: no list is marked for the filter
+                cmd = [*config.authz, "--authz-http", f"127.0.0.1:{authz_http}"]
+            if is_service:
                 cmd += ["--http", f"127.0.0.1:{free_port()}"]
             authz = Proc(name, on_cpus(cmd, authz_cpus), tmp / f"authz-{name}.log")
-            stack.enter_context(running(authz, grpc_port))
+            stack.enter_context(running(authz, check_port))
             assert authz.popen is not None
             deadline = time.monotonic() + 60
-            while listening_sockets(grpc_port) < config.workers:
+            while listening_sockets(check_port) < config.workers:
                 if time.monotonic() > deadline or authz.popen.poll() is not None:
                     raise RuntimeError(f"{config.key} did not start:\n{authz.output()[-3000:]}")
                 time.sleep(0.1)
@@ -552,7 +589,9 @@ def render(
         "that Envoy answers `/mcp` itself (`direct_response` 200, so no MCP server is measured), "
         "and the access log is off (its ext_authz cluster allows a few HTTP/2 streams per "
         "connection, so Envoy opens several connections, which `--workers` needs). "
-        "Configuration 1 has no ext_authz filter.",
+        "Configuration 1 has no ext_authz filter; 7 and 8 use `envoy/envoy-http.yaml` (Envoy's "
+        "HTTP ext_authz mode, HTTP/1.1 connections to the authorization service) changed the "
+        "same way.",
         f"- Load: wrk {host['wrk']} with `bench/mix.lua` replaying {setup['requests']:,} "
         f"pre-rendered requests: {setup['calls']:,} `tools/call` (bodies {setup['body_min']:,} "
         f"to {setup['body_max']:,} B, median {setup['body_median']:,} B), "
@@ -560,7 +599,8 @@ def render(
         f"{mix.GRANTS:,} grants (one bearer token each); {setup['limited_share']:.0%} of the "
         "requests call a tool with a limit (a Redis round trip), the rest need no counter.",
         f"- Saturation: {SATURATION_CONNECTIONS} connections for {setup['seconds']:.0f} s after "
-        f"a {WARMUP_S} s warm-up. Run order 1, 2, 3, 5, 4, 6, then {', '.join(reversed(REPEATED))}"
+        f"a {WARMUP_S} s warm-up. Run order 1, 2, 3, 5, 4, 7, 8, 6, then "
+        f"{', '.join(reversed(REPEATED))}"
         " again (the better saturation run, and the fixed-rate run with the lower p99, of "
         "those count, so that the ratios of the targets are not decided by a burst of load "
         "elsewhere on the machine: it is a VM on a shared host).\n"
@@ -633,6 +673,20 @@ def render(
         f"| 5 within {TARGET_POLICY_SIZE:.0%} of 3 | {size_ratio:.3f} | "
         f"{_verdict(abs(size_ratio - 1) <= TARGET_POLICY_SIZE)} |",
     ]
+    if "8" in by:
+        eight = by["8"]
+        http_ratio = eight.saturation.rps / two.saturation.rps
+        http_p99 = (eight.paced.latency_us["p99"] - one.paced.latency_us["p99"]) / 1000
+        lines += [
+            f"| 8/2 throughput ≥ {TARGET_HTTP_OVER_GRPC_FLOOR} (mcp-authz over HTTP against "
+            f"the no-op gRPC floor) | {http_ratio:.2f} ({eight.saturation.rps:,.0f} / "
+            f"{two.saturation.rps:,.0f}) | {_verdict(http_ratio >= TARGET_HTTP_OVER_GRPC_FLOOR)} |",
+            f"| p99 added by 8 over 1 at {rate:g}/s ≤ {TARGET_HTTP_ADDED_P99_MS} ms | "
+            f"{http_p99:.2f} ms | {_verdict(http_p99 <= TARGET_HTTP_ADDED_P99_MS)} |",
+            f"| CPU per check at {rate:g}/s, HTTP (8) beside gRPC (3) (reported) | "
+            f"{_opt(eight.paced.cpu_us_per_check, '.0f')} µs / "
+            f"{_opt(three.paced.cpu_us_per_check, '.0f')} µs | - |",
+        ]
     if len(workers) >= 2:
         low, high = workers[0], workers[-1]
         speedup = high.saturation.rps / low.saturation.rps
@@ -716,6 +770,21 @@ def configurations(tmp: Path, store_url: str) -> list[Config]:
             f"mcp-authz, Redis store, policy of {mix.BIG_POLICY_TOOLS:,} more tools, "
             f"{mix.BIG_POLICY_PATTERNS} patterns, argument schemas",
             [authz, "serve", "--policy", str(big), *redis_store],
+        ),
+    ]
+    configs += [
+        Config(
+            "7",
+            "no-op ext_authz over Envoy's HTTP mode: mcp-authz's HTTP protocol allowing at "
+            "once (HTTP floor)",
+            [sys.executable, str(ROOT / "bench" / "noop_authz.py")],
+            transport="http",
+        ),
+        Config(
+            "8",
+            "mcp-authz over Envoy's HTTP mode, Redis store",
+            [authz, "serve", "--policy", str(ref), *redis_store],
+            transport="http",
         ),
     ]
     # 5 runs right after 3, so that a change in the machine's load between them (it is

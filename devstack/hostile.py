@@ -19,7 +19,7 @@ import unicodedata
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
-from authz import envoy
+from authz import envoy, reply
 from authz.engine import Decision, Engine, Reason
 from authz.pb import external_auth_pb2
 from authz.policy import compile_policy
@@ -132,11 +132,11 @@ def assert_well_formed(decision: Decision, response: external_auth_pb2.CheckResp
     assert denied.status.code in DENIAL_STATUS
     headers = {h.header.key: h.header.value for h in denied.headers}
     assert headers["content-type"] == "application/json"
-    reason_text = headers[envoy.REASON_HEADER]
+    reason_text = headers[reply.REASON_HEADER]
     assert reason_text.startswith("policy violation:")
     assert len(reason_text) <= 256 and all(" " <= ch <= "~" for ch in reason_text)
-    reply = json.loads(denied.body)
-    errors = reply if isinstance(reply, list) else [reply]
+    body = json.loads(denied.body)
+    errors = body if isinstance(body, list) else [body]
     assert errors
     for error in errors:
         assert error["jsonrpc"] == "2.0"

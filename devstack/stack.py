@@ -26,6 +26,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
+# The ext_authz transports, and the shipped Envoy config of each.
+TRANSPORTS = ("grpc", "http")
+ENVOY_CONFIGS = {"grpc": ENVOY_YAML, "http": ROOT / "envoy" / "envoy-http.yaml"}
+
+
+def on_transport(section: str, transport: str) -> str:
+    """A RELIABILITY.md section title for a run on ``transport`` (gRPC keeps the plain one)."""
+    return section if transport == "grpc" else f"{section} ({transport} ext_authz)"
 
 
 def free_port() -> int:
@@ -103,14 +111,18 @@ def envoy_config(
     admin: int,
     source: Path = ENVOY_YAML,
     listen_address: str = "127.0.0.1",
+    authz_http: int | Sequence[int] = (),
 ) -> Path:
-    """The shipped envoy.yaml with only its ports and the listener address changed."""
+    """A shipped Envoy config with only its ports and the listener address changed:
+    ``authz`` the gRPC ports (ext_authz, the list filter), ``authz_http`` the HTTP ext_authz
+    ports of envoy-http.yaml."""
     config: dict[str, Any] = yaml.safe_load(source.read_text())
     config["admin"]["address"]["socket_address"]["port_value"] = admin
     listener = config["static_resources"]["listeners"][0]
     listener["address"]["socket_address"].update(address=listen_address, port_value=listen)
     ports = {
         "mcp_authz": [authz] if isinstance(authz, int) else list(authz),
+        "mcp_authz_http": [authz_http] if isinstance(authz_http, int) else list(authz_http),
         "mcp_server": [upstream],
     }
     for cluster in config["static_resources"]["clusters"]:
@@ -145,8 +157,19 @@ def envoy_proc(tmp: Path, config: Path, concurrency: int = 1) -> Proc:
 
 
 def authz_proc(
-    tmp: Path, policy: Path, grpc_port: int, http_port: int, store: Sequence[str], *extra: str
+    tmp: Path,
+    policy: Path,
+    grpc_port: int,
+    http_port: int,
+    store: Sequence[str],
+    *extra: str,
+    authz_http: int | None = None,
 ) -> Proc:
+    """mcp-authz serving ext_authz and the list filter over gRPC on ``grpc_port``, and with
+    ``authz_http`` ext_authz over Envoy's HTTP mode on that port too."""
+    listener = ["--grpc", f"127.0.0.1:{grpc_port}"]
+    if authz_http is not None:
+        listener += ["--authz-http", f"127.0.0.1:{authz_http}"]
     return Proc(
         f"mcp-authz-{grpc_port}",
         [
@@ -155,8 +178,7 @@ def authz_proc(
             "--policy",
             str(policy),
             *store,
-            "--grpc",
-            f"127.0.0.1:{grpc_port}",
+            *listener,
             "--http",
             f"127.0.0.1:{http_port}",
             *extra,
@@ -219,14 +241,27 @@ class Stack:
 
 
 @contextlib.contextmanager
-def mcp_stack(tmp: Path, policy: Path, store: Sequence[str], *authz_args: str) -> Iterator[Stack]:
+def mcp_stack(
+    tmp: Path, policy: Path, store: Sequence[str], *authz_args: str, transport: str = "grpc"
+) -> Iterator[Stack]:
+    """The stack with ext_authz over ``transport`` ("grpc" or "http"), each with its
+    shipped Envoy config; the list filter is on the gRPC port either way."""
     listen, admin, upstream, grpc_port, http_port = (free_port() for _ in range(5))
+    authz_http = free_port() if transport == "http" else None
     record = tmp / "upstream-record.jsonl"
-    config = envoy_config(tmp, listen=listen, authz=grpc_port, upstream=upstream, admin=admin)
-    authz = authz_proc(tmp, policy, grpc_port, http_port, store, *authz_args)
+    config = envoy_config(
+        tmp,
+        listen=listen,
+        authz=grpc_port,
+        upstream=upstream,
+        admin=admin,
+        source=ENVOY_CONFIGS[transport],
+        authz_http=authz_http or (),
+    )
+    authz = authz_proc(tmp, policy, grpc_port, http_port, store, *authz_args, authz_http=authz_http)
     with (
         running(upstream_proc(tmp, upstream, record), upstream) as up,
-        running(authz, grpc_port),
+        running(authz, authz_http or grpc_port),
         running(envoy_proc(tmp, config), listen) as envoy,
     ):
         wait_ready(f"http://127.0.0.1:{admin}/ready")

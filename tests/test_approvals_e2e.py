@@ -24,6 +24,7 @@ from aiohttp import web
 from devstack.redis_server import running_redis
 from devstack.stack import (
     BIN,
+    ENVOY_CONFIGS,
     Proc,
     authz_proc,
     envoy_config,
@@ -129,7 +130,7 @@ def _webhook_receiver(hooks: list[dict[str, Any]], port: int) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApprovalStack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, transport: str) -> Iterator[ApprovalStack]:
     tmp = tmp_path_factory.mktemp("approvals")
     policy = tmp / "policy.json"
     policy.write_text(json.dumps(POLICY))
@@ -140,6 +141,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApprovalStack]:
     listen, admin, upstream, hook_port = (free_port() for _ in range(4))
     grpc_ports = [free_port(), free_port()]
     http_ports = [free_port(), free_port()]
+    # The HTTP transport: each replica's ext_authz on a port of its own.
+    check_ports = [free_port(), free_port()] if transport == "http" else []
     record = tmp / "record.jsonl"
     hooks: list[dict[str, Any]] = []
     with ExitStack() as es:
@@ -147,7 +150,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApprovalStack]:
         redis = es.enter_context(running_redis(tmp))
         es.enter_context(running(upstream_proc(tmp, upstream, record), upstream))
         procs = []
-        for grpc_port, http_port in zip(grpc_ports, http_ports, strict=True):
+        for n, (grpc_port, http_port) in enumerate(zip(grpc_ports, http_ports, strict=True)):
+            authz_http = check_ports[n] if check_ports else None
             proc = authz_proc(
                 tmp,
                 policy,
@@ -158,9 +162,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApprovalStack]:
                 str(tokens),
                 "--approval-webhook",
                 f"http://127.0.0.1:{hook_port}/hook",
+                authz_http=authz_http,
             )
-            procs.append(es.enter_context(running(proc, grpc_port)))
-        config = envoy_config(tmp, listen=listen, authz=grpc_ports, upstream=upstream, admin=admin)
+            procs.append(es.enter_context(running(proc, authz_http or grpc_port)))
+        config = envoy_config(
+            tmp,
+            listen=listen,
+            authz=grpc_ports,
+            upstream=upstream,
+            admin=admin,
+            source=ENVOY_CONFIGS[transport],
+            authz_http=check_ports,
+        )
         es.enter_context(running(envoy_proc(tmp, config), listen))
         wait_ready(f"http://127.0.0.1:{admin}/ready")
         yield ApprovalStack(

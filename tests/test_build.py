@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from authz import authz_http, reply
 from tests import conftest
 from tests.support import reliability
 
@@ -106,10 +107,11 @@ def test_ext_proc_wire_names_match_envoy() -> None:
     assert (mode.BUFFERED, mode.BUFFERED_PARTIAL, mode.SKIP) == (2, 3, 2)
 
 
-def test_envoy_config_validates() -> None:
+@pytest.mark.parametrize("config", ["envoy.yaml", "envoy-http.yaml"])
+def test_envoy_config_validates(config: str) -> None:
     envoy = Path(sys.executable).parent / "envoy"
     run = subprocess.run(
-        [str(envoy), "--mode", "validate", "-c", str(ROOT / "envoy/envoy.yaml")],
+        [str(envoy), "--mode", "validate", "-c", str(ROOT / "envoy" / config)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -146,10 +148,63 @@ def test_envoy_config_fails_closed_and_reads_the_body() -> None:
     assert all(r["route"]["timeout"] == "0s" for r in upstream_routes)
 
 
-def test_envoy_config_filters_only_allowed_list_responses() -> None:
+def test_http_envoy_config_fails_closed_and_passes_every_reply_header() -> None:
+    """envoy-http.yaml: the same fail-closed ext_authz as envoy.yaml over HTTP, and every
+    header of the shared reply (authz/reply.py) let through where it goes."""
+    config = yaml.safe_load((ROOT / "envoy/envoy-http.yaml").read_text())
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    filters = {f["name"]: f.get("typed_config", {}) for f in hcm["typed_config"]["http_filters"]}
+    authz = filters["envoy.filters.http.ext_authz"]
+    assert authz["failure_mode_allow"] is False
+    assert authz["status_on_error"] == {"code": "ServiceUnavailable"}
+    assert authz["http_service"]["server_uri"]["timeout"] == "0.25s"
+    assert authz["http_service"]["server_uri"]["cluster"] == "mcp_authz_http"
+    assert authz["with_request_body"] == {
+        "max_request_bytes": authz_http.MAX_BODY_BYTES,
+        "allow_partial_message": False,
+    }
+    response = authz["http_service"]["authorization_response"]
+
+    def exact(key: str) -> set[str]:
+        return {p["exact"] for p in response[key]["patterns"]}
+
+    assert exact("allowed_upstream_headers") == {
+        reply.GRANT_HEADER,
+        reply.FAIL_OPEN_HEADER,
+        reply.DRY_RUN_HEADER,
+        reply.LIST_HEADER,
+        reply.CALLERS_HEADER,
+        reply.SESSION_HEADER,
+        reply.TASKS_HEADER,
+    }
+    assert exact("allowed_client_headers_on_success") == {
+        reply.FAIL_OPEN_HEADER,
+        reply.DRY_RUN_HEADER,
+    }
+    assert exact("allowed_client_headers") == {
+        "content-type",
+        reply.REASON_HEADER,
+        "retry-after",
+        "www-authenticate",
+    }
+    assert response["dynamic_metadata_from_headers"]["patterns"] == [
+        {"prefix": authz_http.METADATA_HEADER_PREFIX}
+    ]
+    # What only Envoy may set is removed from clients before anything reads it.
+    removed = filters["envoy.filters.http.header_mutation"]["mutations"]["request_mutations"]
+    assert {r["remove"] for r in removed} >= {"x-mcp-grant", authz_http.JWT_PAYLOAD_HEADER}
+    # 503 denials travel as 424 and are mapped back.
+    (mapper,) = hcm["typed_config"]["local_reply_config"]["mappers"]
+    wire = mapper["filter"]["status_code_filter"]["comparison"]["value"]["default_value"]
+    assert (wire, mapper["status_code"]) == (authz_http.UNAVAILABLE_WIRE_STATUS, 503)
+
+
+@pytest.mark.parametrize("name", ["envoy.yaml", "envoy-http.yaml"])
+def test_envoy_config_filters_only_allowed_list_responses(name: str) -> None:
     """ext_proc runs after ext_authz, fails closed, and is switched off on every route but
-    the one ext_authz sends allowed list requests to (a client's mark is removed first)."""
-    config = yaml.safe_load((ROOT / "envoy/envoy.yaml").read_text())
+    the one ext_authz sends allowed list requests to (a client's mark is removed first).
+    On either transport the list filter is the gRPC port's."""
+    config = yaml.safe_load((ROOT / "envoy" / name).read_text())
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     chain = hcm["typed_config"]["http_filters"]
     filters = {f["name"]: f.get("typed_config", {}) for f in chain}

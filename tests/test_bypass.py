@@ -33,7 +33,7 @@ from devstack.corpus import (
     Variant,
 )
 from devstack.redis_server import running_redis
-from devstack.stack import Stack, mcp_stack
+from devstack.stack import Stack, mcp_stack, on_transport
 from tests.support.reliability import record
 
 pytestmark = pytest.mark.e2e
@@ -125,10 +125,14 @@ def _open_session(url: str) -> str:
 
 
 @contextlib.contextmanager
-def _corpus(tmp: Path, policy: dict[str, Any], section: str) -> Iterator[Corpus]:
+def _corpus(tmp: Path, policy: dict[str, Any], section: str, transport: str) -> Iterator[Corpus]:
     policy_file = tmp / "policy.json"
     policy_file.write_text(json.dumps(policy))
-    with running_redis(tmp) as redis, mcp_stack(tmp, policy_file, ["--redis", redis.url]) as s:
+    section = on_transport(section, transport)
+    with (
+        running_redis(tmp) as redis,
+        mcp_stack(tmp, policy_file, ["--redis", redis.url], transport=transport) as s,
+    ):
         corpus = Corpus(
             stack=s,
             port=httpx.URL(s.url).port or 80,
@@ -158,19 +162,23 @@ def _corpus(tmp: Path, policy: dict[str, Any], section: str) -> Iterator[Corpus]
 
 
 @pytest.fixture(scope="module")
-def deny_default(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
+def deny_default(tmp_path_factory: pytest.TempPathFactory, transport: str) -> Iterator[Corpus]:
     with _corpus(
-        tmp_path_factory.mktemp("bypass"), DENY_BY_DEFAULT_POLICY, "Bypass corpus (default deny)"
+        tmp_path_factory.mktemp("bypass"),
+        DENY_BY_DEFAULT_POLICY,
+        "Bypass corpus (default deny)",
+        transport,
     ) as corpus:
         yield corpus
 
 
 @pytest.fixture(scope="module")
-def allow_default(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Corpus]:
+def allow_default(tmp_path_factory: pytest.TempPathFactory, transport: str) -> Iterator[Corpus]:
     with _corpus(
         tmp_path_factory.mktemp("lookalike"),
         ALLOW_BY_DEFAULT_POLICY,
         "Bypass corpus (default allow, look-alike names)",
+        transport,
     ) as corpus:
         yield corpus
 

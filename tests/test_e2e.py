@@ -65,11 +65,14 @@ def grant_id(token: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, transport: str) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("e2e")
     policy = tmp / "policy.json"
     policy.write_text(json.dumps(POLICY))
-    with running_redis(tmp) as redis, mcp_stack(tmp, policy, ["--redis", redis.url]) as s:
+    with (
+        running_redis(tmp) as redis,
+        mcp_stack(tmp, policy, ["--redis", redis.url], transport=transport) as s,
+    ):
         yield s
 
 
@@ -272,11 +275,18 @@ def test_gzip_body_is_refused(stack: Stack) -> None:
     assert_denied(resp, 415, "unsupported_media_type")
 
 
-def test_grant_header_mode_strips_client_copies(tmp_path: Path) -> None:
+def test_grant_header_mode_strips_client_copies(tmp_path: Path, transport: str) -> None:
     """With --grant-header, Envoy removes the client's copy before mcp-authz reads it."""
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps(POLICY))
-    with mcp_stack(tmp_path, policy, ["--store", "memory"], "--grant-header", "x-mcp-grant") as s:
+    with mcp_stack(
+        tmp_path,
+        policy,
+        ["--store", "memory"],
+        "--grant-header",
+        "x-mcp-grant",
+        transport=transport,
+    ) as s:
         resp = raw_post(
             s, json.dumps(tool_call("containerize_app", 1, app_path="/x")), {"x-mcp-grant": "alice"}
         )
@@ -284,10 +294,10 @@ def test_grant_header_mode_strips_client_copies(tmp_path: Path) -> None:
         assert s.recorded_tools() == []
 
 
-def test_authz_down_fails_closed(tmp_path: Path) -> None:
+def test_authz_down_fails_closed(tmp_path: Path, transport: str) -> None:
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps(POLICY))
-    with mcp_stack(tmp_path, policy, ["--store", "memory"]) as s:
+    with mcp_stack(tmp_path, policy, ["--store", "memory"], transport=transport) as s:
         s.authz.stop()
         for body in (
             tool_call("containerize_app", 1, app_path="/x"),

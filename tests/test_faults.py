@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from devstack.redis_server import RedisServer, running_redis
-from devstack.stack import Stack, mcp_stack
+from devstack.stack import Stack, mcp_stack, on_transport
 from tests.support.reliability import record
 
 pytestmark = pytest.mark.e2e
@@ -188,11 +188,16 @@ class Load:
 
 
 async def test_redis_killed_mid_load_fails_closed_and_recovers(
-    tmp_path: Path, policy_file: Path, persistent_redis: RedisServer
+    tmp_path: Path, policy_file: Path, persistent_redis: RedisServer, transport: str
 ) -> None:
     tokens = [f"fault-{n}" for n in range(6)]
     with mcp_stack(
-        tmp_path, policy_file, ["--redis", persistent_redis.url], "--store-timeout-ms", "100"
+        tmp_path,
+        policy_file,
+        ["--redis", persistent_redis.url],
+        "--store-timeout-ms",
+        "100",
+        transport=transport,
     ) as stack:
         async with httpx.AsyncClient(timeout=10) as client, Load(stack.url, tokens) as load:
             await asyncio.sleep(1.0)
@@ -243,7 +248,7 @@ async def test_redis_killed_mid_load_fails_closed_and_recovers(
     drained = [allowed[grant_id(t)] for t in tokens]
     assert {a.status for a in every if a.kind == "export" and not a.allowed} <= {429, 503}
     record(
-        "Store fault: Redis killed mid-load",
+        on_transport("Store fault: Redis killed mid-load", transport),
         "Four clients send a mix of rate-limited calls, unlimited calls and tools/list "
         "through Envoy; Redis (append-only, fsync always) is killed with SIGKILL, left "
         "down for 1.5 s and restarted on the same port. Afterwards every grant's budget is "
@@ -267,13 +272,18 @@ async def test_redis_killed_mid_load_fails_closed_and_recovers(
 
 
 async def test_slow_redis_answers_within_the_store_timeout(
-    tmp_path: Path, policy_file: Path, redis_server: RedisServer
+    tmp_path: Path, policy_file: Path, redis_server: RedisServer, transport: str
 ) -> None:
     """CLIENT PAUSE and DEBUG SLEEP: checks needing a counter are refused in about the
     store timeout, by mcp-authz itself (its reason header), well inside Envoy's 250 ms."""
     timeout_ms = 50
     with mcp_stack(
-        tmp_path, policy_file, ["--redis", redis_server.url], "--store-timeout-ms", str(timeout_ms)
+        tmp_path,
+        policy_file,
+        ["--redis", redis_server.url],
+        "--store-timeout-ms",
+        str(timeout_ms),
+        transport=transport,
     ) as stack:
         async with httpx.AsyncClient(timeout=10) as client:
             assert (await send(client, stack.url, "export", "slow", 1)).allowed
@@ -312,7 +322,7 @@ async def test_slow_redis_answers_within_the_store_timeout(
     # 250 ms ext_authz timeout.
     assert max(latencies) < timeout_ms + 150, latencies
     record(
-        "Store fault: Redis slow (CLIENT PAUSE, DEBUG SLEEP)",
+        on_transport("Store fault: Redis slow (CLIENT PAUSE, DEBUG SLEEP)", transport),
         f"mcp-authz with --store-timeout-ms {timeout_ms} behind Envoy (ext_authz timeout "
         "250 ms) while Redis is paused for 2 s, then while DEBUG SLEEP blocks it for 2 s.",
         {
@@ -340,9 +350,11 @@ def _audit_latencies_ms(stack: Stack, reason: str) -> list[float]:
 
 
 async def test_fail_open_allows_and_says_so(
-    tmp_path: Path, policy_file: Path, redis_server: RedisServer
+    tmp_path: Path, policy_file: Path, redis_server: RedisServer, transport: str
 ) -> None:
-    with mcp_stack(tmp_path, policy_file, ["--redis", redis_server.url], "--fail-open") as stack:
+    with mcp_stack(
+        tmp_path, policy_file, ["--redis", redis_server.url], "--fail-open", transport=transport
+    ) as stack:
         redis_server.stop()
         async with httpx.AsyncClient(timeout=10) as client:
             opened = [await send(client, stack.url, "export", "open", n) for n in range(3)]
@@ -363,7 +375,7 @@ async def test_fail_open_allows_and_says_so(
     assert len(flagged) == 3
     assert {e["tool"] for e in flagged} == {"start_dicom_export_job"}
     record(
-        "Store fault: --fail-open",
+        on_transport("Store fault: --fail-open", transport),
         "The operator's opt-out: Redis down, rate-limited calls are allowed and say so.",
         {
             "calls allowed while Redis was down": len(opened),
@@ -374,11 +386,13 @@ async def test_fail_open_allows_and_says_so(
 
 
 async def test_authz_down_under_load_fails_closed(
-    tmp_path: Path, policy_file: Path, redis_server: RedisServer
+    tmp_path: Path, policy_file: Path, redis_server: RedisServer, transport: str
 ) -> None:
     """mcp-authz killed mid-load: Envoy answers 503 to every MCP request, of every kind,
     and nothing more reaches the upstream."""
-    with mcp_stack(tmp_path, policy_file, ["--redis", redis_server.url]) as stack:
+    with mcp_stack(
+        tmp_path, policy_file, ["--redis", redis_server.url], transport=transport
+    ) as stack:
         async with Load(stack.url, ["down-1", "down-2"]) as load:
             await asyncio.sleep(0.7)
             assert stack.authz.popen is not None
@@ -403,7 +417,7 @@ async def test_authz_down_under_load_fails_closed(
     assert {r.status_code for r in others} == {503}
     assert reached_after == reached_before
     record(
-        "Service fault: mcp-authz down",
+        on_transport("Service fault: mcp-authz down", transport),
         "mcp-authz killed with SIGKILL under load; Envoy (failure_mode_allow: false) must "
         "answer every MCP request itself.",
         {

@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from devstack.stack import (
+    ENVOY_CONFIGS,
     ROOT,
     Proc,
     Stack,
@@ -31,6 +32,7 @@ from devstack.stack import (
     envoy_config,
     envoy_proc,
     free_port,
+    mcp_stack,
     running,
     upstream_proc,
     wait_ready,
@@ -79,17 +81,31 @@ def bearer() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def stack_with(tmp: Path, upstream: Proc, upstream_port: int) -> Iterator[tuple[Stack, int]]:
-    """Envoy (the shipped config) -> mcp-authz (memory store) -> ``upstream``; yields the
-    stack and Envoy's admin port."""
+def stack_with(
+    tmp: Path, upstream: Proc, upstream_port: int, transport: str
+) -> Iterator[tuple[Stack, int]]:
+    """Envoy (the shipped config of ``transport``) -> mcp-authz (memory store) ->
+    ``upstream``; yields the stack and Envoy's admin port. The list filter is on the gRPC
+    port on either transport."""
     listen, admin, grpc_port, http_port = (free_port() for _ in range(4))
+    authz_http = free_port() if transport == "http" else None
     policy = tmp / "policy.json"
     policy.write_text(json.dumps(POLICY))
-    config = envoy_config(tmp, listen=listen, authz=grpc_port, upstream=upstream_port, admin=admin)
-    authz = authz_proc(tmp, policy, grpc_port, http_port, ["--store", "memory"])
+    config = envoy_config(
+        tmp,
+        listen=listen,
+        authz=grpc_port,
+        upstream=upstream_port,
+        admin=admin,
+        source=ENVOY_CONFIGS[transport],
+        authz_http=authz_http or (),
+    )
+    authz = authz_proc(
+        tmp, policy, grpc_port, http_port, ["--store", "memory"], authz_http=authz_http
+    )
     with (
         running(upstream, upstream_port) as up,
-        running(authz, grpc_port),
+        running(authz, authz_http or grpc_port),
         running(envoy_proc(tmp, config), listen) as envoy,
     ):
         wait_ready(f"http://127.0.0.1:{admin}/ready")
@@ -137,11 +153,11 @@ def sse_messages(text: str) -> list[Any]:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, int]]:
+def demo(tmp_path_factory: pytest.TempPathFactory, transport: str) -> Iterator[tuple[Stack, int]]:
     tmp = tmp_path_factory.mktemp("listing-demo")
     port = free_port()
     upstream = upstream_proc(tmp, port, tmp / "upstream-record.jsonl")
-    with stack_with(tmp, upstream, port) as pair:
+    with stack_with(tmp, upstream, port, transport) as pair:
         yield pair
 
 
@@ -215,7 +231,9 @@ def test_only_list_requests_open_an_ext_proc_stream(demo: tuple[Stack, int]) -> 
 
 
 @pytest.fixture(scope="module")
-def scripted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, int, str]]:
+def scripted(
+    tmp_path_factory: pytest.TempPathFactory, transport: str
+) -> Iterator[tuple[Stack, int, str]]:
     tmp = tmp_path_factory.mktemp("listing-scripted")
     port = free_port()
     upstream = Proc(
@@ -223,7 +241,7 @@ def scripted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, 
         [sys.executable, str(ROOT / "tests/support/list_upstream.py"), "--port", str(port)],
         tmp / "upstream.log",
     )
-    with stack_with(tmp, upstream, port) as (stack, admin):
+    with stack_with(tmp, upstream, port, transport) as (stack, admin):
         yield stack, admin, f"http://127.0.0.1:{port}"
 
 
@@ -412,6 +430,22 @@ def test_ext_proc_unreachable_fails_list_requests_only(tmp_path: Path) -> None:
         assert post(url, call, bearer()).status_code == 200
 
 
+def test_http_transport_alone_refuses_list_requests_only(tmp_path: Path) -> None:
+    """``--grpc off``: no list filter is served, and envoy-http.yaml's ext_proc filter fails
+    closed, so list requests are refused (no unfiltered list); calls still pass."""
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps(POLICY))
+    # The last --grpc wins: mcp-authz serves ext_authz over HTTP alone.
+    with mcp_stack(tmp_path, policy, ["--store", "memory"], "--grpc", "off", transport="http") as s:
+        listed = post(s.url, rpc("tools/list"), bearer())
+        assert listed.status_code >= 500
+        assert "delete_app" not in listed.text
+        call = rpc("tools/call", name="containerize_app", arguments={"app_path": "/x"})
+        assert post(s.url, call, bearer()).status_code == 200
+        assert s.recorded_tools() == ["containerize_app"]
+    assert "no list filter is served" in s.authz.output()
+
+
 # --- the real awslabs ECS MCP server (FastMCP, SSE replies) ------------------------------
 
 HAS_ECS = importlib.util.find_spec("awslabs") is not None and (
@@ -436,7 +470,7 @@ def test_real_ecs_server_lists_exactly_the_permitted_tools(tmp_path: Path, clien
         tmp_path / "ecs.log",
         env={"AWS_REGION": "us-east-1", "FASTMCP_LOG_LEVEL": "WARNING"},
     )
-    with stack_with(tmp_path, server, port) as (stack, admin):
+    with stack_with(tmp_path, server, port, "grpc") as (stack, admin):
         before = ext_proc_streams(admin)
         list_tools = sdk_list_tools if client == "sdk" else fastmcp_list_tools
         tools = anyio.run(lambda: list_tools(stack.url, bearer(), timeout=30))

@@ -4,6 +4,7 @@ dashboard and alert rules, and a graceful shutdown, all against the real process
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import re
@@ -127,9 +128,13 @@ def audit_lines(text: str) -> list[dict[str, Any]]:
 
 
 def wait_for(predicate: Any, what: str, timeout: float = 10.0) -> Any:
+    """``predicate()`` once it is true; a port not open yet counts as not yet (the HTTP
+    port opens after the ext_authz ports a test waits for)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = predicate()
+        found = None
+        with contextlib.suppress(httpx.ConnectError):
+            found = predicate()
         if found:
             return found
         time.sleep(0.05)
@@ -151,7 +156,7 @@ def value(
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, transport: str) -> Iterator[Stack]:
     """The stack with a known mix of traffic already sent through it."""
     tmp = tmp_path_factory.mktemp("ops")
     policy = tmp / "policy.json"
@@ -160,7 +165,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tokens.write_text("ops:ops-token-0123456789abcdef\n")  # approvals on: their gauge too
     with (
         running_redis(tmp) as redis,
-        mcp_stack(tmp, policy, ["--redis", redis.url], "--admin-tokens-file", str(tokens)) as s,
+        mcp_stack(
+            tmp,
+            policy,
+            ["--redis", redis.url],
+            "--admin-tokens-file",
+            str(tokens),
+            transport=transport,
+        ) as s,
     ):
         for i in range(EXPORT_LIMIT + 2):  # 5 allowed (the last near the limit), 2 refused
             post(s, call("start_dicom_export_job", PHI, i))

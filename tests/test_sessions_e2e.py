@@ -27,7 +27,9 @@ from mcp.shared.exceptions import MCPError
 
 from devstack.redis_server import running_redis
 from devstack.stack import (
+    ENVOY_CONFIGS,
     ROOT,
+    TRANSPORTS,
     Proc,
     Stack,
     authz_proc,
@@ -61,14 +63,18 @@ def grant_id(token: str) -> str:
     return "b-" + hashlib.sha256(token.encode()).hexdigest()[:24]
 
 
-@pytest.fixture(scope="module", params=["sessions", "stateless"])
+@pytest.fixture(
+    scope="module",
+    params=[("sessions", t) for t in TRANSPORTS] + [("stateless", "grpc")],
+    ids=lambda p: "-".join(p),
+)
 def stack(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Stack, int, str]]:
-    """Envoy -> mcp-authz (Redis) -> the demo upstream, keeping sessions or not; yields the
-    stack, Envoy's admin port and the upstream's mode."""
-    mode = request.param
-    tmp = tmp_path_factory.mktemp(f"sessions-{mode}")
+    """Envoy -> mcp-authz (Redis) -> the demo upstream, keeping sessions (on both ext_authz
+    transports) or not; yields the stack, Envoy's admin port and the upstream's mode."""
+    mode, transport = request.param
+    tmp = tmp_path_factory.mktemp(f"sessions-{mode}-{transport}")
     policy = tmp / "policy.json"
     policy.write_text(json.dumps(POLICY))
     listen, admin, upstream_port, grpc_port, http_port = (free_port() for _ in range(5))
@@ -84,12 +90,22 @@ def stack(
     upstream = Proc(
         "upstream", cmd + (["--stateless"] if mode == "stateless" else []), tmp / "up.log"
     )
-    config = envoy_config(tmp, listen=listen, authz=grpc_port, upstream=upstream_port, admin=admin)
+    authz_http = free_port() if transport == "http" else None
+    config = envoy_config(
+        tmp,
+        listen=listen,
+        authz=grpc_port,
+        upstream=upstream_port,
+        admin=admin,
+        source=ENVOY_CONFIGS[transport],
+        authz_http=authz_http or (),
+    )
     with running_redis(tmp) as redis:
-        authz = authz_proc(tmp, policy, grpc_port, http_port, ["--redis", redis.url])
+        store = ["--redis", redis.url]
+        authz = authz_proc(tmp, policy, grpc_port, http_port, store, authz_http=authz_http)
         with (
             running(upstream, upstream_port) as up,
-            running(authz, grpc_port),
+            running(authz, authz_http or grpc_port),
             running(envoy_proc(tmp, config), listen) as envoy,
         ):
             wait_ready(f"http://127.0.0.1:{admin}/ready")

@@ -37,7 +37,7 @@ from devstack.redis_server import (
     tls_supported,
     wait_until,
 )
-from devstack.stack import authz_proc, free_port, running
+from devstack.stack import authz_proc, free_port, running, wait_for_port
 from tests.support.reliability import record
 
 EXPORT, ARGS = "start_dicom_export_job", {"datastoreId": "d"}
@@ -146,7 +146,10 @@ def approval_processes(tmp: Path, url: str) -> Iterator[list[tuple[int, int]]]:
                 ["--redis", url],
                 *("--store-timeout-ms", "1000", "--admin-tokens-file", str(tokens)),
             )
-            stack.enter_context(running(proc, grpc_port))
+            started = stack.enter_context(running(proc, grpc_port))
+            assert started.popen is not None
+            # The admin API (the HTTP port) opens after the gRPC port.
+            wait_for_port(http_port, started.popen, started.log)
         yield ports
 
 

@@ -1,7 +1,8 @@
 """The audit trail: one JSON line per decision on stdout, and the service's own logs.
 
-An audit line says who (grant), what (MCP method, tool, SHA-256 of the arguments), what
-was decided and why (decision, reason code and text, the policy entry), what it cost
+An audit line says who (grant), what (MCP method, tool, SHA-256 of the arguments, and the
+``server`` under a policy with servers), what was decided and why (decision, reason code
+and text, the policy entry), what it cost
 (counters touched and the budget left) and how long it took; ``request_id`` is Envoy's
 ``x-request-id``, which Envoy's access log prints too, so a denial can be followed from
 one log to the other. It never carries argument values, bodies, headers or tokens: the
@@ -128,6 +129,8 @@ def record(result: CheckResult, request_id: str, latency_s: float) -> None:
         "latency_ms": round(latency_s * 1000, 3),
         "policy": result.policy.digest[:12],
     }
+    if decision.server is not None:
+        line["server"] = decision.server
     if decision.retry_after_s is not None:
         line["retry_after_s"] = decision.retry_after_s
     if decision.element is not None:

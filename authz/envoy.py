@@ -16,6 +16,9 @@ from authz.mcp import HttpRequest
 from authz.pb import core_pb2, external_auth_pb2
 
 HEADER_PREFIX = "x-mcp-authz-"
+# The ext_authz per-route context extension (check_settings.context_extensions) naming the
+# MCP server a route leads to: set in the Envoy configuration, never by the client.
+SERVER_EXTENSION = "mcp_server"
 GRANT_HEADER = "x-mcp-authz-grant"
 REASON_HEADER = "x-mcp-authz-reason"
 FAIL_OPEN_HEADER = "x-mcp-authz-fail-open"
@@ -63,6 +66,9 @@ def http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
         body=http.raw_body or http.body.encode(),
         request_id=headers.get("x-request-id", http.id),
         peer_principal=attrs.source.principal,
+        server=attrs.context_extensions.get(SERVER_EXTENSION, ""),
+        destination_principal=attrs.destination.principal,
+        host=http.host,
         # Only what filters before ext_authz put there (jwt_authn's verified payload).
         metadata={
             namespace: json_format.MessageToDict(filter_metadata[namespace])
@@ -90,6 +96,8 @@ def _set_metadata(response: external_auth_pb2.CheckResponse, decision: Decision)
     fields["grant"].string_value = decision.grant or ""
     fields["tool"].string_value = decision.tool or ""
     fields["would_deny"].string_value = decision.would_deny.code if decision.would_deny else ""
+    if decision.server is not None:
+        fields["server"].string_value = decision.server
 
 
 def check_response(

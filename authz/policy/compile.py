@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from authz.grants import GrantSource, Source
@@ -21,6 +22,7 @@ from authz.policy.model import (
     Rule,
     RuleTable,
     Scope,
+    ServerFile,
 )
 from authz.policy.schemas import argument_validator
 from authz.policy.validate import schema_errors
@@ -30,13 +32,29 @@ MAX_WINDOW_MS = 366 * 86_400_000
 _SECTIONS = {"tools": "tool", "resources": "resource", "prompts": "prompt"}
 
 
+@dataclass(frozen=True)
+class _Names:
+    """What the names in a policy's limits refer to: ``server``, the server of a policy with
+    servers whose counters they are (``""`` otherwise), and the estate-wide ``budgets``
+    a ``{budget: NAME}`` limit spends."""
+
+    server: str = ""
+    budgets: Mapping[str, Limit] = field(default_factory=dict)
+
+
 def _window_ms(text: str) -> int:
     if text in WINDOWS_MS:
         return WINDOWS_MS[text]
     return int(text[:-1]) * _UNIT_MS[text[-1]]
 
 
-def _limit(where: str, raw: Mapping[str, Any], errors: list[str]) -> Limit:
+def _limit(where: str, raw: Mapping[str, Any], errors: list[str], names: _Names) -> Limit:
+    if "budget" in raw:
+        budget = names.budgets.get(raw["budget"])
+        if budget is None:
+            errors.append(f"{where}.budget: no budget {raw['budget']!r} is defined under budgets")
+            return Limit(raw["budget"], 1_000, 1, Scope.GRANT, budget=True)
+        return budget
     window_ms = _window_ms(raw["window"])
     if window_ms > MAX_WINDOW_MS:
         errors.append(f"{where}.window: longer than 366 days")
@@ -52,7 +70,20 @@ def _limit(where: str, raw: Mapping[str, Any], errors: list[str]) -> Limit:
         scope=Scope(raw.get("scope", "grant")),
         cost=cost if isinstance(cost, int) else 1,
         cost_pointer=cost if isinstance(cost, str) else None,
+        server=names.server,
     )
+
+
+def budgets_of(raw: Mapping[str, Any], errors: list[str]) -> dict[str, Limit]:
+    """The estate-wide counters of ``budgets:``, by name."""
+    budgets = {}
+    for name, spec in raw.items():
+        window_ms = _window_ms(spec["window"])
+        if window_ms > MAX_WINDOW_MS:
+            errors.append(f"budgets.{name}.window: longer than 366 days")
+        scope = Scope(spec.get("scope", "grant"))
+        budgets[name] = Limit(name, window_ms, spec["max"], scope, budget=True)
+    return budgets
 
 
 def _rule(
@@ -62,10 +93,12 @@ def _rule(
     policy_dry_run: bool,
     errors: list[str],
     warnings: list[str],
+    names: _Names,
 ) -> Rule:
     where = f"{section}.{key}"
     limits = tuple(
-        _limit(f"{where}.limits[{i}]", lim, errors) for i, lim in enumerate(raw.get("limits", ()))
+        _limit(f"{where}.limits[{i}]", lim, errors, names)
+        for i, lim in enumerate(raw.get("limits", ()))
     )
     arguments = None
     if "arguments" in raw:
@@ -76,7 +109,7 @@ def _rule(
         errors.append(f"{where}: a denied {noun} cannot have limits")
     if action is Action.DENY and arguments is not None:
         errors.append(f"{where}: a denied {noun} checks no arguments")
-    counters = [lim.counter for lim in limits]
+    counters = [(lim.budget, lim.counter) for lim in limits]
     if len(set(counters)) != len(counters):
         errors.append(f"{where}.limits: the same counter is listed twice")
     approval = None
@@ -105,12 +138,12 @@ def _rule(
 
 def _counter_conflicts(rules: Iterable[Rule]) -> list[str]:
     """Rules sharing a counter share one budget, so they must agree on what it counts."""
-    seen: dict[str, tuple[str, Limit, bool]] = {}
+    seen: dict[tuple[bool, str], tuple[str, Limit, bool]] = {}
     errors = []
     for rule in rules:
         for i, lim in enumerate(rule.limits):
             where, other, other_dry = seen.setdefault(
-                lim.counter, (f"{rule.where}.limits[{i}]", lim, rule.dry_run)
+                (lim.budget, lim.counter), (f"{rule.where}.limits[{i}]", lim, rule.dry_run)
             )
             if (other.window_ms, other.max, other.scope) != (lim.window_ms, lim.max, lim.scope):
                 errors.append(
@@ -125,7 +158,7 @@ def _counter_conflicts(rules: Iterable[Rule]) -> list[str]:
     return errors
 
 
-def _grants(raw: Mapping[str, Any] | None, errors: list[str]) -> GrantSource | None:
+def grants_of(raw: Mapping[str, Any] | None, errors: list[str]) -> GrantSource | None:
     if raw is None:
         return None
     source = Source(raw["source"])
@@ -150,18 +183,40 @@ def _grants(raw: Mapping[str, Any] | None, errors: list[str]) -> GrantSource | N
     )
 
 
-def compile_policy(doc: object, digest: str = "") -> Policy:
+def compile_policy(
+    doc: object,
+    digest: str = "",
+    *,
+    files: Mapping[str, ServerFile] | None = None,
+    previous: Policy | None = None,
+    server: str = "",
+    budgets: Mapping[str, Limit] | None = None,
+) -> Policy:
     """Validate a parsed policy document and compile it, or raise :class:`PolicyError`.
 
     Rules the schema accepts are compiled even when others are broken, so one run
     reports the schema errors and the errors only compiling finds (ties, conflicting
     counters, unresolvable references) together.
+
+    A document with ``servers`` is compiled by :func:`authz.policy.servers.compile_servers`
+    (with the server ``files`` the loader read, and the ``previous`` policy whose servers a
+    broken file keeps), which compiles each server's body here, as ``server`` with the
+    estate's ``budgets``.
     """
+    if isinstance(doc, dict) and "servers" in doc and not server:
+        # Imported here: that module compiles every server body with this function.
+        from authz.policy.servers import compile_servers
+
+        return compile_servers(doc, digest, files or {}, previous)
     found = schema_errors(doc)
     errors = [text for _, text in found]
     if not isinstance(doc, dict):
         raise PolicyError(errors)
     broken = {path[:2] for path, _ in found}
+    if budgets is None:
+        budgets_ok = not any(path[:1] == ("budgets",) for path, _ in found)
+        budgets = budgets_of(doc.get("budgets", {}), errors) if budgets_ok else {}
+    names = _Names(server, budgets)
     dry_run = doc.get("mode") == "dry-run"
     warnings: list[str] = []
     tables: dict[str, RuleTable] = {}
@@ -170,7 +225,7 @@ def compile_policy(doc: object, digest: str = "") -> Policy:
         if (section,) in broken or not isinstance(raw_rules, dict):
             continue
         rules = {
-            key: _rule(section, key, raw, dry_run, errors, warnings)
+            key: _rule(section, key, raw, dry_run, errors, warnings, names)
             for key, raw in raw_rules.items()
             if (section, key) not in broken
         }
@@ -180,7 +235,7 @@ def compile_policy(doc: object, digest: str = "") -> Policy:
         tables[section] = RuleTable(rules)
     errors += _counter_conflicts(rule for table in tables.values() for rule in table.values())
     grants_ok = not any(path[:1] == ("grants",) for path in broken)
-    grants = _grants(doc.get("grants"), errors) if grants_ok else None
+    grants = grants_of(doc.get("grants"), errors) if grants_ok else None
     if errors:
         raise PolicyError(errors)
     if not digest:
@@ -196,4 +251,6 @@ def compile_policy(doc: object, digest: str = "") -> Policy:
         dry_run=dry_run,
         warnings=tuple(warnings),
         max_json_members=int(doc.get("max_json_members", MAX_MEMBERS)),
+        server=server,
+        budgets=budgets,
     )

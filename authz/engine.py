@@ -465,9 +465,7 @@ class Engine:
                 continue
             denial = _denial(step, body, grant)
             if step.denial is Reason.APPROVAL_REQUIRED and self.approvals and not step.dry_run:
-                gated = await self._gate(
-                    self.approvals, step, denial, policy.digest, policy.server
-                )
+                gated = await self._gate(self.approvals, step, denial, policy.digest, policy.server)
                 if isinstance(gated, Decision):
                     return CheckResult(gated, policy, steps)
                 approved.append(gated)

@@ -100,7 +100,8 @@ def read_server_file(server: str, path: Path) -> ServerFile:
     try:
         doc = _parse_bytes(raw, syntax_of(path))
     except PolicyError as exc:
-        return ServerFile(server, str(path), digest, errors=tuple(f"{path}: {e}" for e in exc.errors))
+        errors = tuple(f"{path}: {e}" for e in exc.errors)
+        return ServerFile(server, str(path), digest, errors=errors)
     return ServerFile(server, str(path), digest, doc)
 
 

@@ -199,7 +199,9 @@ def compile_servers(
     if not digest:
         digest = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
     warnings = [
-        f"servers.{name}.{warning}" for name, server in servers.items() for warning in server.warnings
+        f"servers.{name}.{warning}"
+        for name, server in servers.items()
+        for warning in server.warnings
     ]
     return Policy(
         version=doc["version"],

@@ -54,7 +54,15 @@ def _parser() -> argparse.ArgumentParser:
         "a live MCP server lists",
     )
     check.add_argument("path")
-    check.add_argument("--against", metavar="URL", help="a live MCP server (streamable HTTP)")
+    check.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="URL|NAME=URL",
+        help="a live MCP server (streamable HTTP); for a policy with servers, NAME=URL per "
+        "server (repeatable), which prints the estate: every tool of every server, its rule "
+        "and the budgets it spends",
+    )
     check.add_argument(
         "--header",
         action="append",
@@ -76,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="K:V",
         help="request header (e.g. 'Mcp-Session-Id: abc'); repeatable",
+    )
+    explain.add_argument(
+        "--server", default="", help="the MCP server the request is for (a policy with servers)"
     )
     explain.add_argument("body", help="the JSON-RPC body, or - to read it from stdin")
 
@@ -228,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return tooling.check_policy(args.path, args.against, dict(args.header))
     if args.command == "explain":
         body = sys.stdin.buffer.read() if args.body == "-" else args.body.encode()
-        return tooling.explain(args.policy, body, args.grant, dict(args.header))
+        return tooling.explain(args.policy, body, args.grant, dict(args.header), server=args.server)
     if args.command == "test":
         return tooling.run_cases(args.policy, args.cases)
     if args.command == "approvals":

@@ -1,7 +1,8 @@
 """Tools for policy authors: ``check-policy``, ``explain`` and ``test``.
 
-They decide through the very code the service runs (:func:`authz.engine.plan` and
-:meth:`authz.engine.Engine.decide`), so what they print is what the gateway would do.
+They decide through the very code the service runs (:meth:`authz.engine.Engine.decide_for`:
+the server's policy, :func:`authz.engine.plan`, :meth:`authz.engine.Engine.decide`), so what
+they print is what the gateway would do.
 ``explain`` consumes no budget; ``test`` gives every case fresh in-memory counters and a
 fixed clock, so a policy's unit tests give the same result on every run and in CI.
 
@@ -23,9 +24,17 @@ from typing import Any, TextIO
 import jsonschema
 
 from authz import mcp
-from authz.engine import CheckResult, Decision, Engine, Reason, Step, plan
+from authz.engine import CheckResult, Decision, Engine, Reason, Step
 from authz.grants import grant_of
-from authz.policy import Policy, PolicyError, Rule, load_policy, parse_policy_text, syntax_of
+from authz.policy import (
+    Action,
+    Policy,
+    PolicyError,
+    Rule,
+    load_policy,
+    parse_policy_text,
+    syntax_of,
+)
 from authz.store import Charge, Outcome
 from authz.store.memory import MemoryStore
 
@@ -59,6 +68,7 @@ CASES_SCHEMA: dict[str, Any] = {
                     "repeat": {"type": "integer", "minimum": 1, "maximum": 10000},
                     "expect": {"enum": ["allow", "deny", "would_deny"]},
                     "reason": {"type": "string", "minLength": 1},
+                    "server": {"type": "string", "minLength": 1},
                 },
                 "oneOf": [
                     {"required": ["tool"]},
@@ -119,14 +129,8 @@ def _rule_text(rule: Rule) -> str:
     return f"{rule.where}{' (pattern)' if rule.pattern else ''}: {describe_rule(rule)}"
 
 
-def _print_policy(path: str, policy: Policy, out: TextIO) -> None:
-    mode = "dry-run" if policy.dry_run else "enforce"
-    print(f"{path}: ok (version {policy.version}, digest {policy.digest[:12]}, {mode})", file=out)
-    source = (
-        policy.grants.describe() if policy.grants else "from the command line (default: bearer)"
-    )
-    print(f"  grants: {source}", file=out)
-    print(f"  default: {describe_rule(policy.default)}", file=out)
+def _print_rules(policy: Policy, indent: str, out: TextIO) -> None:
+    print(f"{indent}default: {describe_rule(policy.default)}", file=out)
     for noun, table in (
         ("tool", policy.tools),
         ("resource", policy.resources),
@@ -136,7 +140,31 @@ def _print_policy(path: str, policy: Policy, out: TextIO) -> None:
         for key in [*exact, *table.patterns()]:
             rule = table[key]
             kind = " (pattern)" if rule.pattern else ""
-            print(f"  {noun} {key}{kind}: {describe_rule(rule)}", file=out)
+            print(f"{indent}{noun} {key}{kind}: {describe_rule(rule)}", file=out)
+
+
+def _print_policy(path: str, policy: Policy, out: TextIO) -> None:
+    mode = "dry-run" if policy.dry_run else "enforce"
+    if policy.servers is not None:
+        mode = f"{len(policy.servers)} servers"
+    print(f"{path}: ok (version {policy.version}, digest {policy.digest[:12]}, {mode})", file=out)
+    source = (
+        policy.grants.describe() if policy.grants else "from the command line (default: bearer)"
+    )
+    print(f"  grants: {source}", file=out)
+    if policy.servers is None:
+        _print_rules(policy, "  ", out)
+    for budget in policy.budgets.values():
+        print(f"  {budget.describe()}", file=out)
+    for name, server in (policy.servers or {}).items():
+        mode = "dry-run" if server.dry_run else "enforce"
+        source = next((f" from {f.path}" for f in policy.files if f.server == name), "")
+        print(f"  server {name}{source} ({mode}, digest {server.digest[:12]})", file=out)
+        for kind, table in (("principal", policy.server_principals), ("host", policy.server_hosts)):
+            for value, owner in table.items():
+                if owner == name:
+                    print(f"    matches destination {kind} {value}", file=out)
+        _print_rules(server, "    ", out)
     for warning in policy.warnings:
         print(f"  warning: {warning}", file=out)
 
@@ -173,13 +201,15 @@ def _innermost(exc: BaseException) -> BaseException:
     return exc
 
 
-def _print_against(url: str, policy: Policy, tools: Sequence[str], out: TextIO) -> None:
+def _print_against(
+    url: str, policy: Policy, tools: Sequence[str], out: TextIO, indent: str = "  "
+) -> None:
     print(f"{url}: {len(tools)} tools", file=out)
     used: set[str] = set()
     fallen = []
     for name in sorted(tools):
         rule = policy.rule_for_tool(name)
-        print(f"  tool {name} -> {_rule_text(rule)}", file=out)
+        print(f"{indent}tool {name} -> {_rule_text(rule)}", file=out)
         if rule.where == "default":
             fallen.append(name)
         else:
@@ -189,49 +219,107 @@ def _print_against(url: str, policy: Policy, tools: Sequence[str], out: TextIO) 
         if rule.where in used:
             continue
         if rule.pattern:
-            print(f"  unmatched: {rule.where} matches no tool the server lists", file=out)
+            print(f"{indent}unmatched: {rule.where} matches no tool the server lists", file=out)
         else:
-            print(f"  unknown: {rule.where} names a tool the server does not list", file=out)
+            print(f"{indent}unknown: {rule.where} names a tool the server does not list", file=out)
     if fallen:
         action = policy.default.action.value
-        print(f"  {len(fallen)} tool(s) fall to default ({action}): {', '.join(fallen)}", file=out)
+        listed = ", ".join(fallen)
+        print(f"{indent}{len(fallen)} tool(s) fall to default ({action}): {listed}", file=out)
+
+
+def _print_estate(
+    policy: Policy, listed: Mapping[str, tuple[str, Sequence[str]]], out: TextIO
+) -> None:
+    """Every tool of every server the agents can reach, its rule, and the budgets it spends:
+    everything the agents can call, on one page."""
+    assert policy.servers is not None
+    total = sum(len(tools) for _, tools in listed.values())
+    print(f"estate: {len(listed)} servers, {total} tools", file=out)
+    spenders: dict[str, list[str]] = {name: [] for name in policy.budgets}
+    for name, (url, tools) in listed.items():
+        server = policy.servers[name]
+        print(f"server {name}: ", end="", file=out)
+        _print_against(url, server, tools, out, indent="  ")
+        for tool in sorted(tools):
+            rule = server.rule_for_tool(tool)
+            for limit in rule.limits:
+                if limit.budget and rule.action is not Action.DENY:
+                    spenders[limit.counter].append(f"{name}/{tool}")
+    for budget, tools in spenders.items():
+        who = ", ".join(tools) if tools else "no listed tool"
+        print(f"{policy.budgets[budget].describe()}: spent by {who}", file=out)
+
+
+def _against_pairs(policy: Policy, against: Sequence[str], err: TextIO) -> dict[str, str] | None:
+    """``--against`` values by server: ``NAME=URL`` for a policy with servers (every name
+    one it defines); one plain ``URL`` otherwise (keyed ``""``)."""
+    if policy.servers is None:
+        if len(against) != 1:
+            print("check-policy: a policy without servers takes one --against URL", file=err)
+            return None
+        return {"": against[0]}
+    pairs: dict[str, str] = {}
+    for value in against:
+        name, sep, url = value.partition("=")
+        if not sep or name not in policy.servers:
+            known = ", ".join(policy.servers)
+            print(
+                f"check-policy: --against {value!r}: expected NAME=URL, NAME one of {known}",
+                file=err,
+            )
+            return None
+        pairs[name] = url
+    return pairs
 
 
 def check_policy(
     path: str,
-    against: str | None = None,
+    against: Sequence[str] | str | None = None,
     headers: Mapping[str, str] | None = None,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> int:
-    """Validate and describe a policy; with ``against``, resolve a live server's tools."""
+    """Validate and describe a policy; with ``against``, resolve live servers' tools: one
+    URL for a policy without servers, ``NAME=URL`` per server for a policy with them."""
     policy = _load(path, err)
     if policy is None:
         return 1
     _print_policy(path, policy, out)
-    if against is None:
+    if not against:
         return 0
-    try:
-        tools = asyncio.run(_server_tools(against, headers or {}))
-    except ImportError:
-        print(
-            "check-policy --against needs the mcp SDK: pip install 'mcp-authz[tooling]'", file=err
-        )
+    pairs = _against_pairs(policy, [against] if isinstance(against, str) else against, err)
+    if pairs is None:
         return 2
-    except Exception as exc:
-        leaf = _innermost(exc)
-        print(f"{against}: cannot list tools: {type(leaf).__name__}: {leaf}", file=err)
-        return 2
-    _print_against(against, policy, tools, out)
+    listed: dict[str, tuple[str, Sequence[str]]] = {}
+    for name, url in pairs.items():
+        try:
+            listed[name] = (url, asyncio.run(_server_tools(url, headers or {})))
+        except ImportError:
+            print(
+                "check-policy --against needs the mcp SDK: pip install 'mcp-authz[tooling]'",
+                file=err,
+            )
+            return 2
+        except Exception as exc:
+            leaf = _innermost(exc)
+            print(f"{url}: cannot list tools: {type(leaf).__name__}: {leaf}", file=err)
+            return 2
+    if policy.servers is None:
+        url, tools = listed[""]
+        _print_against(url, policy, tools, out)
+    else:
+        _print_estate(policy, listed, out)
     return 0
 
 
-def _request(body: bytes, headers: Mapping[str, str]) -> mcp.HttpRequest:
+def _request(body: bytes, headers: Mapping[str, str], server: str = "") -> mcp.HttpRequest:
     lowered = {k.lower(): v for k, v in headers.items()}
     return mcp.HttpRequest(
         method="POST",
         headers={"content-type": "application/json", **lowered},
         body=body,
+        server=server,
     )
 
 
@@ -263,19 +351,23 @@ def explain(
     headers: Mapping[str, str] | None = None,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
+    server: str = "",
 ) -> int:
-    """The decision for one request body, the rule each message matched, the limits it
-    would spend against and why; consumes no budget."""
+    """The decision for one request body (to ``server``, under a policy with servers), the
+    rule each message matched, the limits it would spend against and why; consumes no
+    budget."""
     policy = _load(policy_path, err)
     if policy is None:
         return 2
     engine = Engine(policy, _NothingSpent())
-    request = _request(body, headers or {})
+    request = _request(body, headers or {}, server)
     if grant is None:
         grant = grant_of(request, engine.grant_source(policy))
-    result = asyncio.run(engine.decide(plan(policy, request, grant)))
+    result = asyncio.run(engine.decide_for(policy, request, grant))
     decision = result.decision
     print(f"grant: {grant or '(none)'}", file=out)
+    if decision.server is not None:
+        print(f"server: {decision.server or '(none)'}", file=out)
     for step in result.steps:
         _print_step(step, out)
     if decision.allowed:
@@ -324,14 +416,13 @@ def _outcome(decision: Decision) -> tuple[str, str]:
 
 async def _run_case(policy: Policy, case: Mapping[str, Any]) -> CheckResult:
     engine = Engine(policy, MemoryStore(), clock=lambda: CASE_CLOCK_MS)
-    request = _request(_case_body(case), case.get("headers", {}))
+    request = _request(_case_body(case), case.get("headers", {}), case.get("server", ""))
     grant = case.get("grant", DEFAULT_CASE_GRANT)
     if grant is None:
         grant = grant_of(request, engine.grant_source(policy))
-    planned = plan(policy, request, grant)
-    result = await engine.decide(planned)
+    result = await engine.decide_for(policy, request, grant)
     for _ in range(case.get("repeat", 1) - 1):
-        result = await engine.decide(planned)
+        result = await engine.decide_for(policy, request, grant)
     return result
 
 

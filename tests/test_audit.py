@@ -122,6 +122,6 @@ async def test_a_bug_denies_and_is_audited_and_counted_under_the_policy(
     metrics.record_check(result, 0.001)
     exposition = generate_latest(metrics.registry).decode()
     assert (
-        'mcp_authz_decisions_total{decision="deny",reason="internal_error",tool=""} 1.0'
+        'mcp_authz_decisions_total{decision="deny",reason="internal_error",server="",tool=""} 1.0'
         in exposition
     )

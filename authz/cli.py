@@ -149,8 +149,9 @@ def _approvals(args: argparse.Namespace) -> int:
             print("no approvals: none pending, none decided recently")
         for item in body["approvals"]:
             names = ",".join(item["argument_names"])
+            server = f"{item['server']}/" if item.get("server") else ""
             print(
-                f"{item['id']}  {item['state']:<9} {item['tool']}  grant={item['grant']}  "
+                f"{item['id']}  {item['state']:<9} {server}{item['tool']}  grant={item['grant']}  "
                 f"args=[{names}] sha256={item['arguments_sha256'][:12]}  "
                 f"expires={time.strftime('%H:%M:%S', time.localtime(item['expires_at']))}"
             )

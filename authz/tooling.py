@@ -246,6 +246,9 @@ def _print_estate(
             for limit in rule.limits:
                 if limit.budget and rule.action is not Action.DENY:
                     spenders[limit.counter].append(f"{name}/{tool}")
+    for name in policy.servers:
+        if name not in listed:
+            print(f"server {name}: not listed (give --against {name}=URL)", file=out)
     for budget, tools in spenders.items():
         who = ", ".join(tools) if tools else "no listed tool"
         print(f"{policy.budgets[budget].describe()}: spent by {who}", file=out)

@@ -375,6 +375,11 @@ def test_check_policy_prints_the_estate_from_both_real_servers(estate: Estate) -
     ) in text
     # Every tool of each server is on the page, its rule or the default it falls to.
     assert "tool(s) fall to default (deny)" in text
+    # A server left out is said to be left out, not silently skipped.
+    out = io.StringIO()
+    ecs_only = [f"ecs={estate.upstreams['ecs']}"]
+    assert tooling.check_policy(str(POLICY), ecs_only, out=out, err=io.StringIO()) == 0
+    assert "server healthimaging: not listed (give --against healthimaging=URL)" in out.getvalue()
 
 
 def test_envoy_servers_config_validates() -> None:

@@ -578,3 +578,10 @@ def test_check_policy_against_needs_a_name_per_server() -> None:
     )
     assert code == 2
     assert "expected NAME=URL, NAME one of healthimaging, ecs" in err.getvalue()
+
+
+def test_a_broken_budget_is_reported_once() -> None:
+    doc = estate(a={"default": "deny", "tools": {"t": {"limits": [{"budget": "w"}]}}})
+    doc["budgets"] = {"w": {"window": "fortnight", "max": 1}}
+    errors = errors_of(doc)
+    assert len(errors) == 1 and errors[0].startswith("budgets.w.window:"), errors

@@ -74,10 +74,20 @@ def _limit(where: str, raw: Mapping[str, Any], errors: list[str], names: _Names)
     )
 
 
-def budgets_of(raw: Mapping[str, Any], errors: list[str]) -> dict[str, Limit]:
-    """The estate-wide counters of ``budgets:``, by name."""
+def budgets_of(
+    doc: Mapping[str, Any], broken: set[tuple[str | int, ...]], errors: list[str]
+) -> dict[str, Limit]:
+    """The estate-wide counters of ``budgets:``, by name. One the schema found broken (its
+    errors are reported already) stands in as a placeholder, so the rules naming it are
+    not reported as naming no budget."""
+    raw = doc.get("budgets", {})
+    if ("budgets",) in broken or not isinstance(raw, dict):
+        return {}
     budgets = {}
     for name, spec in raw.items():
+        if ("budgets", name) in broken:
+            budgets[name] = Limit(name, 1_000, 1, Scope.GRANT, budget=True)
+            continue
         window_ms = _window_ms(spec["window"])
         if window_ms > MAX_WINDOW_MS:
             errors.append(f"budgets.{name}.window: longer than 366 days")
@@ -214,8 +224,7 @@ def compile_policy(
         raise PolicyError(errors)
     broken = {path[:2] for path, _ in found}
     if budgets is None:
-        budgets_ok = not any(path[:1] == ("budgets",) for path, _ in found)
-        budgets = budgets_of(doc.get("budgets", {}), errors) if budgets_ok else {}
+        budgets = budgets_of(doc, broken, errors)
     names = _Names(server, budgets)
     dry_run = doc.get("mode") == "dry-run"
     warnings: list[str] = []

@@ -144,8 +144,7 @@ def compile_servers(
         if key in doc
     ]
     budgets_raw = doc.get("budgets", {})
-    budgets_ok = not any(path[:1] == ("budgets",) for path in broken)
-    budgets = budgets_of(budgets_raw, errors) if budgets_ok else {}
+    budgets = budgets_of(doc, broken, errors)
     grants_ok = not any(path[:1] == ("grants",) for path in broken)
     grants = grants_of(doc.get("grants"), errors) if grants_ok else None
     top = {key: doc[key] for key in ("version", "max_json_members") if key in doc}

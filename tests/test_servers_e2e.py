@@ -37,6 +37,7 @@ from devstack.stack import (
     wait_ready,
 )
 from tests.support.clients import McpCallError, sdk_call_tool, sdk_list_tools
+from tests.support.load import with_check_timeout
 
 pytest.importorskip("awslabs.ecs_mcp_server")
 pytest.importorskip("awslabs.healthimaging_mcp_server")
@@ -92,7 +93,7 @@ def servers_config(
     tmp: Path, *, listen: int, admin: int, authz: list[int], ecs: int, healthimaging: int
 ) -> Path:
     """envoy/envoy-servers.yaml with its ports changed, plus one route to the ECS server
-    whose mcp_server names a server the policy does not define."""
+    whose mcp_server names a server the policy does not define, and a longer check timeout."""
     config: dict[str, Any] = yaml.safe_load(ENVOY_SERVERS.read_text())
     config["admin"]["address"]["socket_address"]["port_value"] = admin
     listener = config["static_resources"]["listeners"][0]
@@ -123,7 +124,9 @@ def servers_config(
     routes.insert(0, billing)
     path = tmp / "envoy-servers.yaml"
     path.write_text(yaml.safe_dump(config))
-    return path
+    # Exact counts are what is tested here, not the 250 ms latency budget, which a check
+    # can miss on this shared machine (Envoy would then answer 503 for it).
+    return with_check_timeout(path, "5s")
 
 
 class Estate:

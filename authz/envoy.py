@@ -16,6 +16,9 @@ from authz.mcp import HttpRequest
 from authz.pb import core_pb2, external_auth_pb2
 
 HEADER_PREFIX = "x-mcp-authz-"
+# The ext_authz per-route context extension (check_settings.context_extensions) naming the
+# MCP server a route leads to: set in the Envoy configuration, never by the client.
+SERVER_EXTENSION = "mcp_server"
 GRANT_HEADER = "x-mcp-authz-grant"
 REASON_HEADER = "x-mcp-authz-reason"
 FAIL_OPEN_HEADER = "x-mcp-authz-fail-open"
@@ -29,6 +32,9 @@ DRY_RUN_HEADER = "x-mcp-authz-dry-run"
 LIST_HEADER = "x-mcp-authz-list"
 # With it, to the list filter: the caller sets the caller belongs to, comma-separated.
 CALLERS_HEADER = "x-mcp-authz-callers"
+# With it, under a policy with servers: the server whose policy the list is filtered with
+# (the one whose policy allowed the request).
+SERVER_HEADER = "x-mcp-authz-server"
 
 # gRPC status codes (google.rpc.Code) carried in CheckResponse.status; any non-OK code
 # denies, the HTTP status Envoy sends comes from denied_response.
@@ -70,6 +76,9 @@ def http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
         body=http.raw_body or http.body.encode(),
         request_id=headers.get("x-request-id", http.id),
         peer_principal=attrs.source.principal,
+        server=attrs.context_extensions.get(SERVER_EXTENSION, ""),
+        destination_principal=attrs.destination.principal,
+        host=http.host,
         # Only what filters before ext_authz put there (jwt_authn's verified payload).
         metadata={
             namespace: json_format.MessageToDict(filter_metadata[namespace])
@@ -99,6 +108,8 @@ def _set_metadata(response: external_auth_pb2.CheckResponse, decision: Decision)
     fields["would_deny"].string_value = decision.would_deny.code if decision.would_deny else ""
     if decision.caller is not None:  # only under a policy with caller sets
         fields["caller"].string_value = decision.caller
+    if decision.server is not None:  # only under a policy with servers
+        fields["server"].string_value = decision.server
 
 
 def check_response(
@@ -127,6 +138,8 @@ def check_response(
             _add_header(ok.headers, LIST_HEADER, ",".join(decision.lists))
             if decision.caller_sets:
                 _add_header(ok.headers, CALLERS_HEADER, ",".join(decision.caller_sets))
+            if decision.server:
+                _add_header(ok.headers, SERVER_HEADER, decision.server)
         else:
             ok.headers_to_remove.append(LIST_HEADER)
         # Client-supplied x-mcp-authz-* headers must never reach the upstream as ours. The
@@ -139,6 +152,7 @@ def check_response(
                 if name.startswith(HEADER_PREFIX)
                 and not (name == GRANT_HEADER and decision.grant)
                 and not (name == CALLERS_HEADER and decision.caller_sets)
+                and not (name == SERVER_HEADER and decision.lists and decision.server)
                 and name != LIST_HEADER
             ]
             ok.headers_to_remove.extend(spoofed)

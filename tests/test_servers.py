@@ -585,3 +585,200 @@ def test_a_broken_budget_is_reported_once() -> None:
     doc["budgets"] = {"w": {"window": "fortnight", "max": 1}}
     errors = errors_of(doc)
     assert len(errors) == 1 and errors[0].startswith("budgets.w.window:"), errors
+
+
+# --- servers with caller sets, rule variants, Mcp-Param headers and the list filter ------
+
+
+def _listed(names: list[str]) -> bytes:
+    tools = [{"name": name} for name in names]
+    return json.dumps({"jsonrpc": "2.0", "id": 5, "result": {"tools": tools}}).encode()
+
+
+def _list_request(server: str) -> HttpRequest:
+    body = {"jsonrpc": "2.0", "id": 5, "method": "tools/list"}
+    return HttpRequest(
+        method="POST",
+        headers={
+            "content-type": "application/json",
+            "authorization": f"Bearer {TOKEN}",
+            "x-mcp-authz-server": "ecs",  # a client's copy: never the server
+        },
+        body=json.dumps(body).encode(),
+        server=server,
+    )
+
+
+async def _filtered(engine: Engine, headers: dict[str, str], names: list[str]) -> Any:
+    """The ext_proc list filter's answer for a tools/list response listing ``names``, with
+    the request headers Envoy passes it (those ext_authz set): the filtered body, or the
+    error that replaces it."""
+    from authz import extproc
+    from authz.pb import external_processor_pb2 as pb
+
+    def message(kind: str, values: dict[str, str] | None = None, raw: bytes = b"") -> Any:
+        msg = pb.ProcessingRequest()
+        part = getattr(msg, kind)
+        for key, value in (values or {}).items():
+            header = part.headers.headers.add()
+            header.key, header.raw_value = key, value.encode()
+        if raw:
+            part.body, part.end_of_stream = raw, True
+        return msg
+
+    class Context:
+        async def abort(self, code: Any, details: str) -> None:
+            raise AssertionError(f"aborted: {code} {details}")
+
+    async def stream() -> Any:
+        yield message("request_headers", headers)
+        yield message("request_body", raw=b'{"jsonrpc": "2.0", "id": 5, "method": "tools/list"}')
+        yield message("response_headers", {":status": "200", "content-type": "application/json"})
+        yield message("response_body", raw=_listed(names))
+
+    service = extproc.ListFilterService(engine, Metrics())
+    async for reply in service.Process(stream(), Context()):
+        if reply.HasField("immediate_response"):
+            return reply  # Envoy sends it to the client and ends the stream
+        last = reply
+    return last
+
+
+def _headers_set(response: external_auth_pb2.CheckResponse) -> dict[str, str]:
+    return {h.header.key: h.header.value for h in response.ok_response.headers}
+
+
+async def test_a_list_is_filtered_with_the_rules_of_its_own_server() -> None:
+    """ext_authz names the server whose policy allowed a list request (x-mcp-authz-server,
+    over a client's copy), and the list filter keeps what that server's rules allow: ECS's
+    two tools on an ECS list, HealthImaging's export on a HealthImaging list, each hiding
+    the other's even where both servers list the same names."""
+    engine = engine_for(load_policy(EXAMPLE))
+    every = ["containerize_app", "delete_app", EXPORT_TOOL, "ecs_troubleshooting_tool"]
+    kept = {}
+    for server in ("ecs", "healthimaging"):
+        request = _list_request(server)
+        result = await engine.check(request)
+        assert result.decision.allowed and result.decision.server == server
+        response = envoy.check_response(result.decision, request.headers)
+        sent = _headers_set(response)
+        assert sent[envoy.SERVER_HEADER] == server
+        assert sent[envoy.LIST_HEADER] == "tools/list"
+        reply = await _filtered(engine, sent, every)
+        body = json.loads(reply.response_body.response.body_mutation.body)
+        kept[server] = [tool["name"] for tool in body["result"]["tools"]]
+    assert kept == {"ecs": ["containerize_app", "delete_app"], "healthimaging": [EXPORT_TOOL]}
+    # A list whose server the policy does not define is not passed on (fail closed).
+    unknown = {envoy.LIST_HEADER: "tools/list", envoy.GRANT_HEADER: "g", "x-request-id": "r"}
+    reply = await _filtered(engine, {**unknown, envoy.SERVER_HEADER: "billing"}, every)
+    assert reply.immediate_response.status.code == 502
+    reply = await _filtered(engine, unknown, every)
+    assert reply.immediate_response.status.code == 502
+
+
+async def test_a_client_s_server_header_is_removed_where_ext_authz_sets_none() -> None:
+    spoofed = {"x-mcp-authz-server": "ecs"}
+    engine = engine_for(load_policy(EXAMPLE))
+    result = await engine.check(call("containerize_app", "ecs"))
+    response = envoy.check_response(result.decision, spoofed)
+    assert "x-mcp-authz-server" in response.ok_response.headers_to_remove
+    assert envoy.SERVER_HEADER not in _headers_set(response)
+    plain = engine_for(compile_policy({"version": "1", "default": "allow"}))
+    listing = await plain.check(_list_request(""))
+    assert listing.decision.lists and listing.decision.server is None
+    response = envoy.check_response(listing.decision, spoofed)
+    assert "x-mcp-authz-server" in response.ok_response.headers_to_remove
+
+
+EXPORT_TOOL = "start_dicom_export_job"
+JWT_GRANTS = {"source": "jwt", "claim": "sub"}
+
+
+def _with_claims(request: HttpRequest, claims: dict[str, Any]) -> HttpRequest:
+    from msgspec.structs import replace
+
+    from authz.grants import JWT_NAMESPACE
+
+    return replace(request, metadata={JWT_NAMESPACE: {"jwt_payload": claims}})
+
+
+def _callers_estate() -> Policy:
+    return compile_policy(
+        {
+            "version": "1",
+            "grants": JWT_GRANTS,
+            "budgets": {"writes": {"window": "day", "max": 2}},
+            "servers": {
+                "healthimaging": {
+                    "default": "deny",
+                    "callers": {"exporters": {"claims": {"role": "exporter"}}},
+                    "tools": {
+                        EXPORT_TOOL: [
+                            {
+                                "callers": ["exporters"],
+                                "limits": [{"budget": "writes", "callers": ["exporters"]}],
+                            }
+                        ],
+                        "get_datastore": {
+                            "arguments": {
+                                "type": "object",
+                                "properties": {
+                                    "datastore_id": {"type": "string", "x-mcp-header": "Datastore"}
+                                },
+                            }
+                        },
+                    },
+                },
+                "ecs": {"default": "deny", "tools": {"containerize_app": {}}},
+            },
+        }
+    )
+
+
+async def test_caller_sets_and_variants_work_inside_a_server_body() -> None:
+    """A server's caller sets are its own (checked against the estate's jwt grants), its
+    variants decide for its callers, and a budget limit may name caller sets."""
+    policy = _callers_estate()
+    assert policy.servers is not None
+    hi = policy.servers["healthimaging"]
+    assert list(hi.callers) == ["exporters"] and not policy.servers["ecs"].callers
+    assert [h.name for h in hi.tools["get_datastore"].param_headers] == ["Datastore"]
+    engine = engine_for(policy)
+    exporter = {"sub": "alice", "role": "exporter"}
+    for _ in range(2):
+        result = await engine.check(_with_claims(call(EXPORT_TOOL, "healthimaging"), exporter))
+        assert result.decision.allowed, result.decision.message
+        assert (result.decision.caller, result.decision.server) == ("exporters", "healthimaging")
+    spent = await engine.check(_with_claims(call(EXPORT_TOOL, "healthimaging"), exporter))
+    assert spent.decision.reason is Reason.RATE_LIMITED and spent.decision.counter == "writes"
+    other = await engine.check(_with_claims(call(EXPORT_TOOL, "healthimaging"), {"sub": "bob"}))
+    assert other.decision.reason is Reason.CALLER_NOT_PERMITTED
+    # ECS names no caller sets: the same caller is in none there.
+    ecs = await engine.check(_with_claims(call("containerize_app", "ecs"), exporter))
+    assert ecs.decision.allowed and ecs.decision.caller is None
+    from prometheus_client import generate_latest
+
+    metrics = Metrics()
+    metrics.record_check(ecs, 0.001)
+    metrics.record_check(other, 0.001)
+    text = generate_latest(metrics.registry).decode()
+    assert (
+        'mcp_authz_decisions_total{caller="other",decision="deny",'
+        'reason="caller_not_permitted",server="healthimaging",tool="start_dicom_export_job"} 1.0'
+    ) in text
+
+
+def test_caller_sets_belong_in_a_server_and_are_checked_against_the_estate_s_grants() -> None:
+    top = errors_of(
+        {
+            "version": "1",
+            "grants": JWT_GRANTS,
+            "callers": {"ops": {"grants": ["g"]}},
+            "servers": {"ecs": {"default": "deny"}},
+        }
+    )
+    assert any(e.startswith("callers: a policy with servers says it in each server") for e in top)
+    body = {"default": "deny", "callers": {"ops": {"claims": {"role": "ops"}}}}
+    bearer = errors_of(estate(ecs=body))
+    assert any(e.startswith("servers.ecs.callers.ops") for e in bearer), bearer
+    assert compile_policy({**estate(ecs=body), "grants": JWT_GRANTS}).servers is not None

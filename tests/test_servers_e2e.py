@@ -117,7 +117,8 @@ def servers_config(
             endpoints["lb_endpoints"].append(endpoint)
     manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
     routes = manager["route_config"]["virtual_hosts"][0]["routes"]
-    billing = json.loads(json.dumps(routes[0]))
+    plain_ecs = next(route for route in routes if route["match"] == {"path": "/ecs/mcp"})
+    billing = json.loads(json.dumps(plain_ecs))
     billing["match"] = {"path": "/billing/mcp"}
     extension = billing["typed_per_filter_config"]["envoy.filters.http.ext_authz"]
     extension["check_settings"]["context_extensions"] = {"mcp_server": "billing"}
@@ -340,6 +341,19 @@ def test_a_client_header_cannot_move_a_call_to_another_server_s_policy(estate: E
     )
     assert response.status_code == 403
     assert response.json()["error"]["data"]["reason"] == "denied_by_default"
+
+
+def test_each_server_s_list_is_filtered_by_its_own_policy(estate: Estate) -> None:
+    """The list filter uses the policy of the server the list came from: ECS lists only
+    its two allowed tools, HealthImaging only its export, and a client's
+    x-mcp-authz-server cannot make a list be filtered under another server's policy."""
+    tok = token()
+    ecs = anyio.run(lambda: sdk_list_tools(estate.url("ecs"), bearer(tok)))
+    assert sorted(ecs) == ["containerize_app", "delete_app"]
+    hi = anyio.run(lambda: sdk_list_tools(estate.url("healthimaging"), bearer(tok)))
+    assert hi == [EXPORT]
+    spoofed = {**bearer(tok), "x-mcp-authz-server": "ecs"}
+    assert anyio.run(lambda: sdk_list_tools(estate.url("healthimaging"), spoofed)) == [EXPORT]
 
 
 def test_metrics_audit_and_envoy_s_log_name_the_server(estate: Estate) -> None:

@@ -428,10 +428,12 @@ def test_console_is_not_reachable_through_envoy(stack: ConsoleStack) -> None:
         resp = httpx.get(base + path, headers=bearer)
         assert resp.status_code in (400, 404), (path, resp.status_code)
         assert "approvals" not in resp.text
-    # The shipped config routes exactly one path, /mcp, to anything; the rest is a 404.
+    # The shipped config routes exactly one path, /mcp, to anything (list requests take a
+    # route of their own on it); the rest is a 404.
     config = yaml.safe_load(ENVOY_YAML.read_text())
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
-    forwarded = [r["match"] for r in routes if "route" in r]
-    assert forwarded == [{"path": "/mcp"}]
+    forwarded = {r["match"]["path"] for r in routes if "route" in r}
+    assert forwarded == {"/mcp"}
+    assert all("prefix" not in r["match"] for r in routes if "route" in r)
     assert all(r["direct_response"]["status"] == 404 for r in routes if "route" not in r)

@@ -260,13 +260,15 @@ def test_batched_list_requests_are_answered_per_element(
     scripted: tuple[Stack, int, str],
 ) -> None:
     stack, _, _ = scripted
+    # Batches exist up to MCP 2025-11-25 (2026-07-28 refuses them), without _meta envelopes.
     batch = [
-        rpc("resources/list", 1),
-        rpc("resources/templates/list", 2),
-        rpc("ping", 3),
-        rpc("tools/list", 4),
+        {"jsonrpc": "2.0", "id": i, "method": method, "params": {}}
+        for i, method in enumerate(
+            ["resources/list", "resources/templates/list", "ping", "tools/list"], start=1
+        )
     ]
-    replies = {r["id"]: r for r in post(stack.url, batch, bearer()).json()}
+    session_era = {"mcp-protocol-version": "2025-11-25", **bearer()}
+    replies = {r["id"]: r for r in post(stack.url, batch, session_era).json()}
     assert [r["uri"] for r in replies[1]["result"]["resources"]] == ["ecs://clusters/default"]
     templates = replies[2]["result"]["resourceTemplates"]
     assert [t["uriTemplate"] for t in templates] == ["ecs://clusters/{name}"]
@@ -313,7 +315,13 @@ def test_streamed_tool_call_is_not_buffered(scripted: tuple[Stack, int, str]) ->
         "POST",
         stack.url,
         content=json.dumps(call),
-        headers={**BASE_HEADERS, "mcp-method": "tools/call", "mcp-name": "slow", **bearer()},
+        headers={
+            **BASE_HEADERS,
+            "mcp-protocol-version": "2026-07-28",
+            "mcp-method": "tools/call",
+            "mcp-name": "slow",
+            **bearer(),
+        },
         timeout=10,
     ) as response:
         assert response.status_code == 200

@@ -103,7 +103,7 @@ class Service:
         return sum(
             float(line.rsplit(" ", 1)[1])
             for line in text.splitlines()
-            if line.startswith('mcp_authz_decisions_total{decision="allow"')
+            if line.startswith("mcp_authz_decisions_total{") and 'decision="allow"' in line
         )
 
 

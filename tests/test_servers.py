@@ -703,36 +703,38 @@ def _with_claims(request: HttpRequest, claims: dict[str, Any]) -> HttpRequest:
 
 
 def _callers_estate() -> Policy:
-    return compile_policy(
-        {
-            "version": "1",
-            "grants": JWT_GRANTS,
-            "budgets": {"writes": {"window": "day", "max": 2}},
-            "servers": {
-                "healthimaging": {
-                    "default": "deny",
-                    "callers": {"exporters": {"claims": {"role": "exporter"}}},
-                    "tools": {
-                        EXPORT_TOOL: [
-                            {
-                                "callers": ["exporters"],
-                                "limits": [{"budget": "writes", "callers": ["exporters"]}],
-                            }
-                        ],
-                        "get_datastore": {
-                            "arguments": {
-                                "type": "object",
-                                "properties": {
-                                    "datastore_id": {"type": "string", "x-mcp-header": "Datastore"}
-                                },
-                            }
-                        },
+    return compile_policy(_callers_estate_doc())
+
+
+def _callers_estate_doc() -> dict[str, Any]:
+    return {
+        "version": "1",
+        "grants": JWT_GRANTS,
+        "budgets": {"writes": {"window": "day", "max": 2}},
+        "servers": {
+            "healthimaging": {
+                "default": "deny",
+                "callers": {"exporters": {"claims": {"role": "exporter"}}},
+                "tools": {
+                    EXPORT_TOOL: [
+                        {
+                            "callers": ["exporters"],
+                            "limits": [{"budget": "writes", "callers": ["exporters"]}],
+                        }
+                    ],
+                    "get_datastore": {
+                        "arguments": {
+                            "type": "object",
+                            "properties": {
+                                "datastore_id": {"type": "string", "x-mcp-header": "Datastore"}
+                            },
+                        }
                     },
                 },
-                "ecs": {"default": "deny", "tools": {"containerize_app": {}}},
             },
-        }
-    )
+            "ecs": {"default": "deny", "tools": {"containerize_app": {}}},
+        },
+    }
 
 
 async def test_caller_sets_and_variants_work_inside_a_server_body() -> None:
@@ -782,3 +784,27 @@ def test_caller_sets_belong_in_a_server_and_are_checked_against_the_estate_s_gra
     bearer = errors_of(estate(ecs=body))
     assert any(e.startswith("servers.ecs.callers.ops") for e in bearer), bearer
     assert compile_policy({**estate(ecs=body), "grants": JWT_GRANTS}).servers is not None
+
+
+def test_explain_and_check_policy_show_a_server_s_callers(tmp_path: Path) -> None:
+    path = tmp_path / "estate.yaml"
+    write(path, _callers_estate_doc())
+    out = io.StringIO()
+    body = json.dumps(
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": EXPORT_TOOL}}
+    ).encode()
+    claims = {"sub": "alice", "role": "exporter"}
+    code = tooling.explain(
+        str(path), body, out=out, err=io.StringIO(), claims=claims, server="healthimaging"
+    )
+    text = out.getvalue()
+    assert code == 0, text
+    assert "server: healthimaging\ncaller: exporters (in: exporters)" in text
+    assert "budget 'writes': 2 per day per grant, only for exporters" in text
+    out = io.StringIO()
+    assert tooling.check_policy(str(path), out=out, err=io.StringIO()) == 0
+    text = out.getvalue()
+    assert "    callers exporters: claims role=exporter" in text
+    rows = [line.split("  ") for line in text.splitlines()]
+    cells = [[cell.strip() for cell in row if cell.strip()] for row in rows]
+    assert [EXPORT_TOOL, "allow 2/day", "not permitted"] in cells

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import hashlib
 import logging
 import math
 import time
@@ -23,7 +22,7 @@ from typing import Any
 import msgspec
 from msgspec.structs import replace
 
-from authz import mcp
+from authz import mcp, records
 from authz.approvals import Approval, ApprovalBook, Binding, Verdict
 from authz.grants import BEARER, GrantSource, Source, claims_of, grant_of
 from authz.listing import LIST_METHODS
@@ -46,6 +45,8 @@ UNGOVERNED = frozenset(
         "resources/unsubscribe",
         "prompts/list",
         "server/discover",
+        # Lists only the caller's own tasks (filtered from the response, authz.records).
+        mcp.TASK_LIST,
     }
 )
 
@@ -83,6 +84,7 @@ class Reason(enum.Enum):
     PARTIAL_BODY = ("partial_body", 413, -32600)
     METHOD_NOT_ALLOWED = ("method_not_allowed", 405, -32600)
     UNSUPPORTED_VERSION = ("unsupported_protocol_version", 400, -32022)
+    TASK_NOT_OWNED = ("task_not_owned", 403, -32051)
 
     def __init__(self, code: str, status: int, rpc_code: int) -> None:
         self.code = code
@@ -167,6 +169,16 @@ class Decision(msgspec.Struct, frozen=True):
     caller_sets: tuple[str, ...] = ()
     challenge: str | None = None
     requested_version: str | None = None
+    # On an allowed request whose response issues or ends a session: "open" (an
+    # initialize) or "close" (a DELETE of a session). Envoy routes its response headers
+    # through ext_proc, which records the session id the upstream issued to the grant, or
+    # drops it (authz.records).
+    session_event: str | None = None
+    # On an allowed request whose response lists or creates tasks: "create" (a
+    # task-augmented tools/call) or "list" (tasks/list). Envoy routes its response through
+    # ext_proc, which records the task ids it creates for the grant, or removes from the
+    # list the tasks of other grants (authz.records).
+    task_event: str | None = None
     # Under a policy with servers: the server the check was for ("" when the gateway named
     # none); ``None`` under a policy without servers. The list filter of an allowed list
     # request filters with that server's policy.
@@ -214,15 +226,19 @@ def counter_key(limit: Limit, grant: str, session: str | None = None) -> str:
     """The store key of a limit.
 
     Every key of one grant shares the ``{g:...}`` hash tag, so a request's grant-scoped
-    counters live in one Redis Cluster slot. A session key hashes the grant and the
-    client-supplied session id together (bounded, and no session can touch another
-    grant's); a request without a session spends its grant's counter instead.
+    and session-scoped counters (and the session records they depend on) live in one
+    Redis Cluster slot. A session key hashes the grant and the client-supplied session id
+    together (bounded, and no session can touch another grant's); a request without a
+    session spends its grant's counter instead, and so does one whose session the
+    upstream never issued to its grant (see :class:`authz.store.Charge`).
 
     Under a policy with servers, a server's counter is named ``server:<name>:<counter>``
     (and a global one is tagged ``{global:<name>}``, a slot per server), so the same
     counter name on two servers never shares a budget; a budget is ``budget:<name>``,
     shared by every server on purpose. The grant tag stays the grant's alone, so a call's
-    grant-scoped counters and budgets are still one slot, one round trip.
+    grant-scoped counters and budgets are still one slot, one round trip. (These names
+    start with ``server:`` or ``budget:``, never with a record's ``session:`` or
+    ``task:``.)
     """
     name = limit.counter
     if limit.budget:
@@ -231,12 +247,10 @@ def counter_key(limit: Limit, grant: str, session: str | None = None) -> str:
         name = f"server:{limit.server}:{name}"
     if limit.scope is Scope.GLOBAL:
         tag = f"global:{limit.server}" if limit.server else "global"
-    elif limit.scope is Scope.SESSION and session is not None:
-        digest = hashlib.sha256(f"{grant}\n{session}".encode()).hexdigest()[:32]
-        tag = f"s:{digest}"
-    else:
-        tag = f"g:{grant}"
-    return f"mcpauthz:{{{tag}}}:{name}"
+        return f"mcpauthz:{{{tag}}}:{name}"
+    if limit.scope is Scope.SESSION and session is not None:
+        return records.session_counter(grant, session, name)
+    return f"{records.grant_prefix(grant)}{name}"
 
 
 # Longest name a denial echoes (MCP tool names have at most 128 characters); a longer one
@@ -258,13 +272,18 @@ def _subject(msg: mcp.Message) -> str:
 
 
 class Spend(msgspec.Struct, frozen=True):
-    """A limit a message spends against: ``cost`` units under store key ``key``."""
+    """A limit a message spends against: ``cost`` units under store key ``key``; for a
+    session-scoped limit, under ``fallback`` (its grant's counter) instead when the
+    ``session`` record is missing: the upstream never issued that session id to the
+    grant."""
 
     msg: mcp.Message
     rule: Rule
     limit: Limit
     key: str
     cost: int
+    session: str | None = None
+    fallback: str | None = None
 
 
 class Step(msgspec.Struct, frozen=True):
@@ -437,6 +456,12 @@ def _step(
         or (msg.method == mcp.LISTEN and msg.name is None)
     ):
         return Step(msg, None)
+    if msg.method in mcp.TASK_METHODS:
+        # No rule: the call that created the task was governed. Whose task it is, the
+        # check asks the store (Engine.decide).
+        if grant is None:
+            return Step(msg, None, Reason.NO_GRANT, f"{_subject(msg)}: no grant identity")
+        return Step(msg, None)
     rule = rule_for(policy, msg)
     subject = _subject(msg)
     if msg.method == "tools/call" and grant is None:
@@ -492,7 +517,14 @@ def _step(
                 text = f"{subject}: {exc.detail}"
                 return Step(msg, rule, Reason.MALFORMED, text, arguments=arguments, caller=matched)
         key = counter_key(limit, grant or "", session)
-        spends.append(Spend(msg=msg, rule=rule, limit=limit, key=key, cost=cost))
+        spend = Spend(msg=msg, rule=rule, limit=limit, key=key, cost=cost)
+        if session is not None and grant is not None:
+            spend = replace(
+                spend,
+                session=records.session_record(grant, session),
+                fallback=counter_key(limit, grant),
+            )
+        spends.append(spend)
     if rule.action is Action.REQUIRE_APPROVAL:
         # The spends stay on the step: an approved call still spends against its limits.
         text = f"{subject}: approval required" + (f" ({rule.reason})" if rule.reason else "")
@@ -506,6 +538,39 @@ def _step(
             caller=matched,
         )
     return Step(msg, rule, spends=tuple(spends), arguments=arguments, caller=matched)
+
+
+def _session_event(request: mcp.HttpRequest, result: CheckResult) -> str | None:
+    """Whether the response to an allowed request issues a session (an ``initialize``) or
+    ends one (a ``DELETE`` naming it), on a revision with sessions, for a known grant:
+    only then is a session recorded or dropped."""
+    decision = result.decision
+    if not decision.allowed or decision.grant is None or mcp.stateless(request.headers):
+        return None
+    if request.method.upper() == "DELETE":
+        try:
+            return "close" if mcp.session_id(request.headers) is not None else None
+        except mcp.Malformed:
+            return None
+    initializes = any(
+        s.msg.method == "initialize" and s.msg.kind is mcp.Kind.REQUEST for s in result.steps
+    )
+    return "open" if initializes else None
+
+
+def _task_event(result: CheckResult) -> str | None:
+    """Whether the response to an allowed request creates tasks (a task-augmented
+    ``tools/call``) or lists them (``tasks/list``): only then is it read."""
+    if not result.decision.allowed:
+        return None
+    requests = [s.msg for s in result.steps if s.msg.kind is mcp.Kind.REQUEST]
+    if any(m.method == mcp.TASK_LIST for m in requests):
+        return "list"
+    if result.decision.grant is not None and any(
+        m.method == "tools/call" and m.task for m in requests
+    ):
+        return "create"
+    return None
 
 
 def _applies(sets: tuple[str, ...], caller_sets: frozenset[str]) -> bool:
@@ -569,7 +634,14 @@ class Engine:
                 caller = recognise(deciding.callers, identity_of(request, claims, grant))
             else:
                 grant, caller = grant_of(request, source), NOBODY
-            return await self.decide_for(policy, request, grant, caller)
+            result = await self.decide_for(policy, request, grant, caller)
+            event = _session_event(request, result)
+            if event is not None:
+                result = replace(result, decision=replace(result.decision, session_event=event))
+            tasks = _task_event(result)
+            if tasks is not None:
+                result = replace(result, decision=replace(result.decision, task_event=tasks))
+            return result
         except Exception as exc:  # a bug must deny, never allow or crash
             log.error("check failed: %s", type(exc).__name__)
             internal = Decision(
@@ -629,6 +701,11 @@ class Engine:
             if not step.dry_run:
                 return CheckResult(denial, policy, steps)
             would = would or denial
+        tasks = [s.msg for s in steps if s.msg.task_id is not None]
+        if tasks and grant is not None:
+            foreign = await self._foreign_task(tasks, body, grant, caller)
+            if foreign is not None:
+                return CheckResult(foreign, policy, steps)
         first = _first_governed(steps)
         spent = _Spent()
         if spends:
@@ -659,6 +736,35 @@ class Engine:
                 element=would.element,
             )
         return CheckResult(decision, policy, steps, spent.counters)
+
+    async def _foreign_task(
+        self, tasks: list[mcp.Message], body: mcp.Body, grant: str, caller: str | None
+    ) -> Decision | None:
+        """The refusal of a request naming a task not created by ``grant`` (another
+        grant's, made up, or expired), or ``None`` when every task it names is its own.
+        A store that cannot answer refuses (503), never lets it through."""
+        keys = [records.task_record(grant, m.task_id or "") for m in tasks]
+        try:
+            owned = await self.store.recorded(keys)
+        except StoreUnavailable:
+            return replace(
+                _about(tasks[0], None, body, grant, caller),
+                reason=Reason.STORE_UNAVAILABLE,
+                message=f"policy violation: {_subject(tasks[0])}: task store unavailable",
+            )
+        for msg, own in zip(tasks, owned, strict=True):
+            if not own:
+                where = f"batch element {msg.index}: " if body.batch else ""
+                return replace(
+                    _about(msg, None, body, grant, caller),
+                    reason=Reason.TASK_NOT_OWNED,
+                    message=(
+                        f"policy violation: {where}{_subject(msg)}: the task was not created "
+                        "by this caller, or has expired"
+                    ),
+                    element=msg.index if body.batch else None,
+                )
+        return None
 
     async def _gate(
         self, book: ApprovalBook, step: Step, denial: Decision, policy_digest: str, server: str
@@ -789,7 +895,14 @@ def _charges(spends: list[Spend]) -> tuple[list[Charge], dict[str, Spend]]:
         costs[spend.key] = costs.get(spend.key, 0) + spend.cost
         first.setdefault(spend.key, spend)
     charges = [
-        Charge(key=k, window_ms=first[k].limit.window_ms, max=first[k].limit.max, cost=c)
+        Charge(
+            key=k,
+            window_ms=first[k].limit.window_ms,
+            max=first[k].limit.max,
+            cost=c,
+            session=first[k].session,
+            fallback=first[k].fallback,
+        )
         for k, c in costs.items()
         if c > 0
     ]
@@ -901,4 +1014,12 @@ def _parse(request: mcp.HttpRequest, max_json_members: int) -> mcp.Body | None:
     mcp.check_media(request.headers)
     body = mcp.parse_body(request.body, max_members=max_json_members)
     mcp.check_headers(request.headers, body)
+    if body.batch and any(
+        m.task or m.method in mcp.TASK_METHODS or m.method == mcp.TASK_LIST for m in body.messages
+    ):
+        # Tasks (MCP 2025-11-25) came after batches were dropped (2025-06-18); a batch
+        # would also take its response past the task filter (another's list route).
+        raise mcp.Malformed(
+            mcp.Problem.MALFORMED, "task requests cannot be sent in a batch", body.ids
+        )
     return body

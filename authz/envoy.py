@@ -35,6 +35,16 @@ CALLERS_HEADER = "x-mcp-authz-callers"
 # With it, under a policy with servers: the server whose policy the list is filtered with
 # (the one whose policy allowed the request).
 SERVER_HEADER = "x-mcp-authz-server"
+# On an allowed request whose response issues or ends a session ("open": an initialize;
+# "close": a DELETE of a session): Envoy routes it to the route whose response headers
+# go through ext_proc, which records or drops the session (authz.records). Removed, like
+# the list mark, from every other allowed request.
+SESSION_HEADER = "x-mcp-authz-session"
+# On an allowed request whose response creates tasks ("create": a task-augmented
+# tools/call) or lists them ("list": tasks/list): Envoy routes it to the route whose
+# response body goes through ext_proc, which records the task ids for the grant or
+# filters the list (authz.records). Removed from every other allowed request.
+TASKS_HEADER = "x-mcp-authz-tasks"
 
 # gRPC status codes (google.rpc.Code) carried in CheckResponse.status; any non-OK code
 # denies, the HTTP status Envoy sends comes from denied_response.
@@ -142,6 +152,14 @@ def check_response(
                 _add_header(ok.headers, SERVER_HEADER, decision.server)
         else:
             ok.headers_to_remove.append(LIST_HEADER)
+        if decision.session_event:
+            _add_header(ok.headers, SESSION_HEADER, decision.session_event)
+        else:
+            ok.headers_to_remove.append(SESSION_HEADER)
+        if decision.task_event:
+            _add_header(ok.headers, TASKS_HEADER, decision.task_event)
+        else:
+            ok.headers_to_remove.append(TASKS_HEADER)
         # Client-supplied x-mcp-authz-* headers must never reach the upstream as ours. The
         # names are joined (in C) and searched once, since most requests carry none; only
         # then are they looked at one by one.
@@ -153,7 +171,7 @@ def check_response(
                 and not (name == GRANT_HEADER and decision.grant)
                 and not (name == CALLERS_HEADER and decision.caller_sets)
                 and not (name == SERVER_HEADER and decision.lists and decision.server)
-                and name != LIST_HEADER
+                and name not in (LIST_HEADER, SESSION_HEADER, TASKS_HEADER)
             ]
             ok.headers_to_remove.extend(spoofed)
         return response

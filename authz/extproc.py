@@ -1,9 +1,14 @@
-"""Envoy's ext_proc v3 stream, for list responses only: the wire side of authz.listing.
+"""Envoy's ext_proc v3 stream, for list responses (the wire side of authz.listing) and for
+the responses that issue or end a session or create or list tasks (:class:`_Recording`,
+authz.records).
 
 Envoy opens an ``envoy.service.ext_proc.v3.ExternalProcessor/Process`` stream only on the
 route of requests ext_authz allowed as list requests (it marks them with the
-``x-mcp-authz-list`` header; see envoy/envoy.yaml); every other request and its response
-(tool results, SSE streams, GET streams) never reaches this module. On the stream come,
+``x-mcp-authz-list`` header; see envoy/envoy.yaml), and on the routes of the requests it
+marks with ``x-mcp-authz-session`` (an initialize or a DELETE: headers only) or
+``x-mcp-authz-tasks`` (a task-augmented call or tasks/list); every other request and its
+response (tool results, SSE streams, GET streams) never reaches this module. On a list
+stream come,
 in order: the request headers (who asks), the request body (which JSON-RPC ids are list
 requests), the response headers (its form) and the whole response body, which goes back
 filtered.
@@ -15,13 +20,14 @@ stream with an error, which Envoy (``failure_mode_allow: false``) turns into a 5
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
 import grpc
 
-from authz import audit, envoy, listing, mcp
+from authz import audit, envoy, listing, mcp, records
 from authz.engine import Engine
 from authz.metrics import Metrics
 from authz.pb import (
@@ -31,6 +37,7 @@ from authz.pb import (
     processing_mode_pb2,
 )
 from authz.policy import Policy
+from authz.store import CounterStore, StoreUnavailable
 
 log = logging.getLogger("mcp_authz")
 
@@ -116,11 +123,17 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[external_processor_pb2.ProcessingResponse]:
         exchange = _Exchange()
+        recording: _Recording | None = None
         async for message in requests:
             if message.observability_mode:
                 continue  # Envoy ignores replies then; nothing can be filtered
             try:
-                reply = self._answer(exchange, message)
+                if recording is None and message.WhichOneof("request") == "request_headers":
+                    recording = _Recording.of(_header_map(message.request_headers.headers))
+                if recording is not None:
+                    reply = await recording.answer(self.engine.store, message)
+                else:
+                    reply = self._answer(exchange, message)
             except Exception as exc:  # a bug must fail the response, never pass it on
                 log.error("list filter failed: %s", type(exc).__name__)
                 await context.abort(grpc.StatusCode.INTERNAL, "list filter failed")
@@ -223,5 +236,136 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
             message,
             {"reason": UNFILTERABLE_REASON},
         )
+        immediate.details = UNFILTERABLE_REASON
+        return reply
+
+
+@dataclass
+class _Recording:
+    """The ext_proc stream of a request whose response issues or ends a session, or
+    creates or lists tasks (ext_authz marked it with ``x-mcp-authz-session`` or
+    ``x-mcp-authz-tasks``; see envoy/envoy.yaml), recorded per grant (authz.records):
+
+    - session: only the headers come here, the body passes unbuffered. The session id the
+      upstream issued in an ``initialize`` response is recorded for the request's grant; a
+      session whose ``DELETE`` succeeded is dropped.
+    - tasks: the whole response comes here. The task ids a task-augmented call's response
+      hands out are recorded for the grant, and the response passes unchanged; a
+      ``tasks/list`` response goes back with only the grant's own tasks.
+
+    A store that cannot be reached fails toward less: a session not recorded counts
+    against its grant's counters, a dropped session stays until its idle time passes (the
+    upstream has ended it), a task not recorded cannot be reached, a task list is not
+    sent.
+    """
+
+    headers: Mapping[str, str]
+    content_type: str = ""
+    # The request's JSON-RPC ids (tasks only): what an error reply echoes.
+    ids: tuple[str | int | None, ...] = ()
+
+    @classmethod
+    def of(cls, headers: Mapping[str, str]) -> _Recording | None:
+        """The recording a request's headers ask for; ``None``: a list request or none."""
+        if envoy.LIST_HEADER in headers:
+            return None
+        if envoy.SESSION_HEADER not in headers and envoy.TASKS_HEADER not in headers:
+            return None
+        return cls(headers)
+
+    @property
+    def grant(self) -> str | None:
+        return self.headers.get(envoy.GRANT_HEADER) or None
+
+    async def answer(
+        self, store: CounterStore, message: external_processor_pb2.ProcessingRequest
+    ) -> external_processor_pb2.ProcessingResponse:
+        reply = external_processor_pb2.ProcessingResponse()
+        part = message.WhichOneof("request")
+        if part == "response_headers":
+            reply.response_headers.SetInParent()
+            response = _header_map(message.response_headers.headers)
+            self.content_type = response.get("content-type", "")
+            success = response.get(":status", "").startswith("2")
+            readable = listing.media_type(self.content_type) in (
+                "application/json",
+                "text/event-stream",
+            )
+            if not success and not readable:
+                reply.mode_override.response_body_mode = _Mode.NONE  # an error page
+            elif success and envoy.SESSION_HEADER in self.headers:
+                await self._session(store, response)
+        elif part == "response_body":
+            return await self._tasks(store, message.response_body)
+        elif part == "request_body":
+            reply.request_body.SetInParent()
+            with contextlib.suppress(mcp.Malformed):  # ext_authz read it: only a policy swap
+                self.ids = mcp.parse_body(message.request_body.body).ids
+        elif part == "request_headers":
+            reply.request_headers.SetInParent()
+        else:
+            raise ValueError(f"unexpected ext_proc message {part}")
+        return reply
+
+    async def _session(self, store: CounterStore, response: Mapping[str, str]) -> None:
+        grant = self.grant
+        event = self.headers.get(envoy.SESSION_HEADER)
+        issued = response if event == "open" else self.headers
+        try:
+            session = mcp.session_id({"mcp-session-id": issued.get("mcp-session-id", "")})
+        except mcp.Malformed:
+            return  # none issued (a stateless upstream), or none a client could send back
+        if grant is None or session is None:
+            return
+        key = records.session_record(grant, session)
+        try:
+            if event == "open":
+                await store.record(key, records.SESSION_IDLE_MS)
+            elif event == "close":
+                await store.forget(key)
+        except StoreUnavailable as exc:
+            log.warning("session %s not recorded: %s", event, exc)
+
+    async def _tasks(
+        self, store: CounterStore, body: external_processor_pb2.HttpBody
+    ) -> external_processor_pb2.ProcessingResponse:
+        reply = external_processor_pb2.ProcessingResponse()
+        reply.response_body.SetInParent()
+        event, grant = self.headers.get(envoy.TASKS_HEADER), self.grant
+        if event == "create" and grant is not None:
+            for task, ttl_ms in records.created_tasks(self.content_type, body.body):
+                try:
+                    await store.record(records.task_record(grant, task), ttl_ms)
+                except StoreUnavailable as exc:
+                    log.warning("task not recorded: %s", exc)
+        elif event == "list":
+            if not body.end_of_stream or len(body.body) > MAX_LIST_BYTES:
+                return self._unlisted("over the buffer limit")
+            try:
+                listed = records.TaskList(self.content_type, body.body)
+                keys = [records.task_record(grant, t) for t in listed.ids] if grant else []
+                found = await store.recorded(keys) if keys else ()
+            except (records.Unreadable, StoreUnavailable) as exc:
+                return self._unlisted(str(exc))
+            own = {task for task, yes in zip(listed.ids, found, strict=False) if yes}
+            reply.response_body.response.body_mutation.body = listed.filtered(own.__contains__)
+        return reply
+
+    def _unlisted(self, why: str) -> external_processor_pb2.ProcessingResponse:
+        """The JSON-RPC error that replaces a tasks/list response (fail closed)."""
+        log.warning("tasks/list response not filtered: %s", why)
+        audit.record_list_failure(
+            self.headers.get("x-request-id", ""), self.grant, (mcp.TASK_LIST,), why
+        )
+        reply = external_processor_pb2.ProcessingResponse()
+        immediate = reply.immediate_response
+        immediate.status.code = UNFILTERABLE_STATUS
+        header = immediate.headers.set_headers.add()
+        header.header.key = "content-type"
+        header.header.raw_value = b"application/json"
+        header.append_action = _OVERWRITE
+        message = f"list response could not be filtered for this caller: {why}"
+        data = {"reason": UNFILTERABLE_REASON}
+        immediate.body = mcp.error_reply(self.ids, False, UNFILTERABLE_RPC_CODE, message, data)
         immediate.details = UNFILTERABLE_REASON
         return reply

@@ -105,6 +105,12 @@ LISTEN = "subscriptions/listen"
 # and the body bounds alone would let one request carry tens of thousands.
 MAX_SUBSCRIPTIONS = 1000
 
+# MCP 2025-11-25's methods on one task, named by params.taskId; and the one that lists
+# tasks. What they reach is another request's result, so they are bound to the grant
+# whose request created the task (authz.records).
+TASK_METHODS = frozenset({"tasks/get", "tasks/result", "tasks/cancel"})
+TASK_LIST = "tasks/list"
+
 # The methods whose target MCP 2026-07-28 requires in Mcp-Name.
 NAMED_BY_HEADER = frozenset({"tools/call", "resources/read", "prompts/get"})
 
@@ -171,6 +177,10 @@ class Message(msgspec.Struct, frozen=True):
     protocol_version: str | None = None
     # The resource URIs a subscriptions/listen subscribes to.
     subscriptions: tuple[str, ...] = ()
+    # A task-augmented request (params.task, MCP 2025-11-25): its result is a task handle.
+    task: bool = False
+    # The task a tasks/get, tasks/result or tasks/cancel names (params.taskId).
+    task_id: str | None = None
 
 
 class Body(msgspec.Struct, frozen=True):
@@ -303,6 +313,9 @@ def _request(
             raise Malformed(Problem.MALFORMED, f"{where}params.arguments must be an object", ids)
         arguments = args
     subscriptions = _subscriptions(where, params, ids) if method == LISTEN else ()
+    task_id = params.get("taskId")
+    if method in TASK_METHODS and (not isinstance(task_id, str) or not task_id):
+        raise Malformed(Problem.MALFORMED, f"{where}{method} params.taskId must be a string", ids)
     return Message(
         index=max(index, 0),
         kind=kind,
@@ -312,6 +325,8 @@ def _request(
         arguments=arguments,
         protocol_version=version,
         subscriptions=subscriptions,
+        task="task" in params,
+        task_id=task_id if method in TASK_METHODS else None,
     )
 
 

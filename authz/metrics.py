@@ -61,7 +61,7 @@ NEAR_LIMIT_FRACTION = 0.2
 
 RELOAD_RESULTS = ("success", "failure")
 LIST_RESULTS = ("filtered", "failed")
-STORE_OPS = ("acquire", "ping")
+STORE_OPS = ("acquire", "ping", "record", "lookup")
 
 # The *_created series double the series count of every counter and histogram and no
 # dashboard or alert here reads them.
@@ -111,7 +111,8 @@ class Metrics:
         )
         store_duration = Histogram(
             "mcp_authz_store_duration_seconds",
-            "Time of one counter store call (acquire: a check's spend; ping: readiness).",
+            "Time of one counter store call (acquire: a check's spend; ping: readiness; "
+            "record: a session or task id written or dropped; lookup: task ids looked up).",
             ["op"],
             buckets=LATENCY_BUCKETS,
             registry=reg,

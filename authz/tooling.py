@@ -99,6 +99,16 @@ class _NothingSpent:
     async def acquire(self, charges: Sequence[Charge], now_ms: int | None = None) -> Outcome:
         return Outcome(allowed=True, remaining=tuple(c.max - c.cost for c in charges))
 
+    async def record(self, key: str, ttl_ms: int) -> None:
+        """Nothing is recorded."""
+
+    async def forget(self, key: str) -> None:
+        """Nothing is recorded."""
+
+    async def recorded(self, keys: Sequence[str]) -> tuple[bool, ...]:
+        """Nothing is recorded: a session is taken as never issued."""
+        return tuple(False for _ in keys)
+
     async def ping(self) -> None:
         """Always reachable."""
 
@@ -479,10 +489,10 @@ def _print_step(step: Step, out: TextIO) -> None:
         mode = "would deny (dry-run)" if step.dry_run else "denied"
         print(f"  {mode}: {step.denial.code}: {step.text}", file=out)
     for spend in step.spends:
-        print(
-            f"  would spend {spend.cost} against {spend.limit.describe()} (key {spend.key})",
-            file=out,
-        )
+        key = f"key {spend.key}"
+        if spend.fallback is not None:
+            key += f"; {spend.fallback} unless the upstream issued this session to the grant"
+        print(f"  would spend {spend.cost} against {spend.limit.describe()} ({key})", file=out)
 
 
 def explain(

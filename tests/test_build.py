@@ -158,6 +158,8 @@ def test_envoy_config_filters_only_allowed_list_responses() -> None:
     assert filters["envoy.filters.http.ext_authz"]["clear_route_cache"] is True
     removed = filters["envoy.filters.http.header_mutation"]["mutations"]["request_mutations"]
     assert {"remove": "x-mcp-authz-list"} in removed
+    assert {"remove": "x-mcp-authz-session"} in removed
+    assert {"remove": "x-mcp-authz-tasks"} in removed
     proc = filters["envoy.filters.http.ext_proc"]
     assert proc["failure_mode_allow"] is False
     assert proc["grpc_service"]["envoy_grpc"]["cluster_name"] == "mcp_authz"
@@ -170,6 +172,16 @@ def test_envoy_config_filters_only_allowed_list_responses() -> None:
             # ... but on the list route: the request (ids) and the whole response.
             mode = per_filter["overrides"]["processing_mode"]
             assert mode["request_body_mode"] == "BUFFERED"
+            assert mode["response_body_mode"] == "BUFFERED_PARTIAL"
+        elif [h["name"] for h in route["match"].get("headers", [])] == ["x-mcp-authz-session"]:
+            # ... and on the session route (initialize, DELETE): the headers only, the
+            # body streams unbuffered.
+            mode = per_filter["overrides"]["processing_mode"]
+            assert mode["request_header_mode"] == mode["response_header_mode"] == "SEND"
+            assert mode["request_body_mode"] == mode["response_body_mode"] == "NONE"
+        elif [h["name"] for h in route["match"].get("headers", [])] == ["x-mcp-authz-tasks"]:
+            # ... and on the tasks route (task-augmented calls, tasks/list): the response.
+            mode = per_filter["overrides"]["processing_mode"]
             assert mode["response_body_mode"] == "BUFFERED_PARTIAL"
         else:
             assert per_filter == {

@@ -5,6 +5,7 @@ The end-to-end tests repeat the important ones through the real Envoy and Redis.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 from msgspec.structs import replace
 
-from authz import envoy
+from authz import envoy, records
 from authz.engine import Decision, Engine, Reason, counter_key
 from authz.mcp import HttpRequest
 from authz.pb import external_auth_pb2
@@ -38,6 +39,10 @@ POLICY = compile_policy(
 )
 
 TOKEN = "tok-A"
+
+
+def grant_of_token(token: str) -> str:
+    return "b-" + hashlib.sha256(token.encode()).hexdigest()[:24]
 
 
 def post(doc: object, token: str | None = TOKEN, **headers: str) -> HttpRequest:
@@ -391,29 +396,62 @@ async def test_require_approval_denies_until_approvals_exist(language: Engine) -
 
 
 async def test_session_scope(language: Engine) -> None:
+    """A session the upstream issued to the grant (recorded, as the ext_proc stream of its
+    initialize does) has its own budget; any other id spends the grant's."""
+    grant = grant_of_token(TOKEN)
+    for session in ("session-1", "session-2"):
+        await language.store.record(records.session_record(grant, session), 60_000)
     s1 = post(call("session_tool"), **{"mcp-session-id": "session-1"})
     s2 = post(call("session_tool"), **{"mcp-session-id": "session-2"})
     assert (await language.check(s1)).decision.allowed
     assert (await language.check(s1)).decision.reason is Reason.RATE_LIMITED
     assert (await language.check(s2)).decision.allowed, "another session has its own budget"
-    other_grant = post(call("session_tool"), token="tok-B", **{"mcp-session-id": "session-1"})
-    assert (await language.check(other_grant)).decision.allowed, (
-        "a session id is only a grant's own"
-    )
-    # A stateless request (no session) counts against its grant.
-    assert (await language.check(post(call("session_tool")))).decision.allowed
-    assert (await language.check(post(call("session_tool")))).decision.reason is Reason.RATE_LIMITED
+    # Issued to this grant only: another grant naming it spends its own grant's budget.
+    other = {"mcp-session-id": "session-1"}
+    assert (
+        await language.check(post(call("session_tool"), token="tok-B", **other))
+    ).decision.allowed
+    refused = await language.check(post(call("session_tool"), token="tok-B", **other))
+    assert refused.decision.reason is Reason.RATE_LIMITED
+    # An id never issued (invented) spends the grant's counter, as a request without one does.
+    assert (
+        await language.check(post(call("session_tool"), **{"mcp-session-id": "x0"}))
+    ).decision.allowed
+    for headers in ({}, {"mcp-session-id": "x1"}):
+        denied = await language.check(post(call("session_tool"), **headers))
+        assert denied.decision.reason is Reason.RATE_LIMITED
     for bad in ("x" * 257, "has space", "caf\u00e9"):
-        refused = (
-            await language.check(post(call("session_tool"), **{"mcp-session-id": bad}))
-        ).decision
-        assert refused.reason is Reason.MALFORMED and refused.reason.status == 400
+        refused = await language.check(post(call("session_tool"), **{"mcp-session-id": bad}))
+        assert refused.decision.reason is Reason.MALFORMED and refused.decision.reason.status == 400
+
+
+async def test_initialize_and_delete_mark_their_responses_for_the_session_record(
+    language: Engine,
+) -> None:
+    init = {"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {}}
+    assert (await language.check(post(init))).decision.session_event == "open"
+    assert (await language.check(post(init, token=None))).decision.session_event is None
+    modern = {"mcp-protocol-version": "2026-07-28"}
+    assert (
+        await language.check(post(call("session_tool"), **modern))
+    ).decision.session_event is None
+    delete = HttpRequest(
+        method="DELETE",
+        headers={"authorization": f"Bearer {TOKEN}", "mcp-session-id": "s-1"},
+        body=b"",
+    )
+    assert (await language.check(delete)).decision.session_event == "close"
+    no_session = HttpRequest(
+        method="DELETE", headers={"authorization": f"Bearer {TOKEN}"}, body=b""
+    )
+    assert (await language.check(no_session)).decision.session_event is None
+    assert (await language.check(post(call("session_tool")))).decision.session_event is None
 
 
 def test_session_keys_are_hashed_and_bounded() -> None:
     (limit,) = compile_policy(LANGUAGE).tools["session_tool"].limits
     key = counter_key(limit, "b-abc", "s" * 256)
-    assert re.fullmatch(r"mcpauthz:\{s:[0-9a-f]{32}\}:per_session", key)
+    assert re.fullmatch(r"mcpauthz:\{g:b-abc\}:s:[0-9a-f]{32}:per_session", key)
     assert counter_key(limit, "b-abc", None) == "mcpauthz:{g:b-abc}:per_session"
     assert counter_key(limit, "b-abc", "x") != counter_key(limit, "b-def", "x")
 
@@ -530,9 +568,12 @@ def test_client_copies_of_our_headers_are_removed_and_nothing_else() -> None:
         "not-x-mcp-authz-reason": "kept",  # the prefix inside a name is not ours
     }
     response = envoy.check_response(allowed, headers)
-    # The list mark is removed from every allowed request that lists nothing (see below).
+    # The list and session marks are removed from every allowed request that does not
+    # need them (see below).
     assert list(response.ok_response.headers_to_remove) == [
         "x-mcp-authz-list",
+        "x-mcp-authz-session",
+        "x-mcp-authz-tasks",
         "x-mcp-authz-reason",
     ]
     assert {h.header.key: h.header.value for h in response.ok_response.headers} == {
@@ -543,9 +584,20 @@ def test_client_copies_of_our_headers_are_removed_and_nothing_else() -> None:
         "x-mcp-authz-grant",
         "x-mcp-authz-list",
         "x-mcp-authz-reason",
+        "x-mcp-authz-session",
+        "x-mcp-authz-tasks",
     ]
     clean = envoy.check_response(allowed, {"authorization": "Bearer t", "x-other": "1"})
-    assert list(clean.ok_response.headers_to_remove) == ["x-mcp-authz-list"]
+    assert list(clean.ok_response.headers_to_remove) == [
+        "x-mcp-authz-list",
+        "x-mcp-authz-session",
+        "x-mcp-authz-tasks",
+    ]
+    opening = envoy.check_response(replace(allowed, session_event="open"), headers)
+    assert {h.header.key: h.header.value for h in opening.ok_response.headers} == {
+        "x-mcp-authz-grant": "g",
+        "x-mcp-authz-session": "open",
+    }
 
 
 async def test_allowed_list_requests_are_marked_for_the_list_filter() -> None:
@@ -840,3 +892,69 @@ async def test_subscriptions_listen_passes_and_its_resources_follow_the_resource
     assert json.loads(decision.reply_body())["id"] == 4
     unknown = post(listen("file:///etc/passwd"), **LISTEN_HEADERS)
     assert (await language.check(unknown)).decision.reason is Reason.DENIED_BY_DEFAULT
+
+
+# --- tasks (MCP 2025-11-25) ---------------------------------------------------------------
+
+TASKS = compile_policy(
+    {
+        "version": "1",
+        "default": "deny",
+        "tools": {"export": {"limits": [{"counter": "exports", "window": "minute", "max": 1}]}},
+    }
+)
+
+
+def on_task(method: str, task: str | None, id_: int = 3) -> dict[str, Any]:
+    params = {} if task is None else {"taskId": task}
+    return {"jsonrpc": "2.0", "id": id_, "method": method, "params": params}
+
+
+async def test_task_methods_reach_only_the_grants_own_tasks() -> None:
+    engine = Engine(TASKS, open_store("memory://"))
+    await engine.store.record(records.task_record(grant_of_token(TOKEN), "t-own"), 60_000)
+    for method in ("tasks/get", "tasks/result", "tasks/cancel"):
+        assert (await engine.check(post(on_task(method, "t-own")))).decision.allowed
+        for request in (post(on_task(method, "t-other")), post(on_task(method, "t-own"), "tok-B")):
+            denied = (await engine.check(request)).decision
+            assert denied.reason is Reason.TASK_NOT_OWNED and denied.reason.status == 403
+            assert denied.ids == (3,) and denied.reason.rpc_code == -32051
+            assert denied.message == (
+                f"policy violation: method '{method}': the task was not created by this "
+                "caller, or has expired"
+            )
+        anonymous = (await engine.check(post(on_task(method, "t-own"), token=None))).decision
+        assert anonymous.reason is Reason.NO_GRANT
+        malformed = (await engine.check(post(on_task(method, None)))).decision
+        assert malformed.reason is Reason.MALFORMED
+
+
+async def test_a_task_augmented_call_is_governed_as_the_call_and_marked() -> None:
+    engine = Engine(TASKS, open_store("memory://"))
+    augmented = call("export")
+    augmented["params"]["task"] = {"ttl": 60_000}
+    allowed = (await engine.check(post(augmented))).decision
+    assert allowed.allowed and allowed.task_event == "create" and allowed.tool == "export"
+    assert (await engine.check(post(augmented))).decision.reason is Reason.RATE_LIMITED
+    denied = call("delete")
+    denied["params"]["task"] = {}
+    refused = (await engine.check(post(denied))).decision
+    assert refused.reason is Reason.DENIED_BY_DEFAULT and refused.task_event is None
+    assert (await engine.check(post(call("export"), "tok-B"))).decision.task_event is None
+    listed = (await engine.check(post(on_task("tasks/list", None)))).decision
+    assert listed.allowed and listed.task_event == "list"
+    assert (await engine.check(post(on_task("tasks/list", None), None))).decision.task_event == (
+        "list"
+    )
+    response = envoy.check_response(allowed, {})
+    assert ("x-mcp-authz-tasks", "create") in [
+        (h.header.key, h.header.value) for h in response.ok_response.headers
+    ]
+
+
+async def test_task_requests_are_never_batched() -> None:
+    engine = Engine(TASKS, open_store("memory://"))
+    batch = [on_task("tasks/list", None, 1), {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}]
+    refused = (await engine.check(post(batch))).decision
+    assert refused.reason is Reason.MALFORMED and refused.ids == (1, 2)
+    assert "task requests cannot be sent in a batch" in refused.message

@@ -100,6 +100,36 @@ async def test_refusal_in_a_later_slot_returns_the_earlier_reservation(
         assert await store.acquire([per_grant], now_ms=T0 + 3) == Outcome(True, (left,))
 
 
+@pytest.mark.parametrize("recorded", [True, False], ids=["issued-session", "invented-session"])
+@pytest.mark.parametrize("grant_first", [True, False], ids=["grant-slot-first", "global-first"])
+async def test_a_session_charge_refused_in_another_slot_is_returned(
+    store: CounterStore, cluster: ClusterSetup, grant_first: bool, recorded: bool
+) -> None:
+    """A session charge and a global one: the session's record, its counter and the
+    grant's fallback share the grant's slot; a refusal by the global slot returns the
+    session slot's reservation from whichever key it spent (rollback.lua tries both)."""
+    grant = grant_in_slot_order(before_global=grant_first)
+    prefix = f"mcpauthz:{{g:{grant}}}:"
+    session = Charge(
+        prefix + "s:abc:per_session",
+        W,
+        5,
+        session=prefix + "session:abc",
+        fallback=prefix + "per_session",
+    )
+    if recorded:
+        await store.record(prefix + "session:abc", 60_000)
+    assert await store.recorded([prefix + "session:abc"]) == (recorded,)
+    spent = session.key if recorded else prefix + "per_session"
+    unspent = prefix + "per_session" if recorded else session.key
+    both = [session, Charge(GLOBAL, W, 1)]
+    assert (await store.acquire(both, now_ms=T0)).allowed
+    refused = await store.acquire(both, now_ms=T0 + 1)
+    assert (refused.allowed, refused.refused) == (False, 1)
+    assert counted(cluster, spent) == (1, 1)
+    assert counted(cluster, unspent) == (0, 0)
+
+
 async def test_cross_slot_traffic_matches_a_brute_force_model(
     store: CounterStore, cluster: ClusterSetup
 ) -> None:

@@ -234,6 +234,70 @@ def _model(
     return Outcome(True, tuple(b - cost for b, cost in zip(before, costs, strict=True)))
 
 
+async def test_records_are_kept_until_forgotten(store: CounterStore) -> None:
+    keys = ["{grant-1}:session:a", "{grant-1}:session:b", "{grant-1}:task:c"]
+    assert await store.recorded(keys) == (False, False, False)
+    await store.record(keys[0], 60_000)
+    await store.record(keys[2], 60_000)
+    assert await store.recorded(keys) == (True, False, True)
+    await store.forget(keys[0])
+    await store.forget(keys[1])  # none: no error
+    assert await store.recorded(keys) == (False, False, True)
+    assert await store.recorded([]) == ()
+
+
+async def test_records_expire(store: CounterStore) -> None:
+    await store.record("{grant-1}:task:short", 50)
+    await asyncio.sleep(0.2)
+    assert await store.recorded(["{grant-1}:task:short"]) == (False,)
+
+
+def session_charge(max_: int, session: str = "s1") -> Charge:
+    """A session-scoped charge: the session's counter, else the grant's."""
+    return Charge(
+        key="{grant-1}:s:" + session + ":calls",
+        window_ms=W,
+        max=max_,
+        session="{grant-1}:session:" + session,
+        fallback="{grant-1}:calls",
+    )
+
+
+async def test_a_session_charge_spends_the_grants_counter_unless_recorded(
+    store: CounterStore,
+) -> None:
+    """An id the upstream never issued (no record) gains nothing: its charges go to the
+    grant's counter, shared with every other unrecorded id and with requests without one."""
+    grant = charge("calls", 2)
+    assert await one(store, session_charge(2, "invented-1"), T0) == Outcome(True, (1,))
+    assert await one(store, session_charge(2, "invented-2"), T0 + 1) == Outcome(True, (0,))
+    refused = await one(store, grant, T0 + 2)
+    assert not refused.allowed
+    assert not (await one(store, session_charge(2, "invented-3"), T0 + 3)).allowed
+    # A recorded session has a budget of its own, and another recorded session another.
+    await store.record("{grant-1}:session:s1", 60_000)
+    await store.record("{grant-1}:session:s2", 60_000)
+    assert await one(store, session_charge(2, "s1"), T0 + 4) == Outcome(True, (1,))
+    assert await one(store, session_charge(2, "s1"), T0 + 5) == Outcome(True, (0,))
+    assert not (await one(store, session_charge(2, "s1"), T0 + 6)).allowed
+    assert (await one(store, session_charge(2, "s2"), T0 + 7)).allowed
+    # Once the session is dropped (DELETE), its id is as good as invented.
+    await store.forget("{grant-1}:session:s2")
+    assert not (await one(store, session_charge(2, "s2"), T0 + 8)).allowed
+
+
+async def test_a_session_charge_beside_grant_charges_is_all_or_nothing(
+    store: CounterStore,
+) -> None:
+    await store.record("{grant-1}:session:s1", 60_000)
+    both = [charge("other", 1), session_charge(5, "s1")]
+    assert (await store.acquire(both, now_ms=T0)).allowed
+    refused = await store.acquire(both, now_ms=T0 + 1)
+    assert refused.refused == 0
+    # The refused request spent nothing on the session's counter.
+    assert await one(store, session_charge(5, "s1"), T0 + 2) == Outcome(True, (3,))
+
+
 # --- memory store only -------------------------------------------------------------------------
 
 
@@ -317,6 +381,20 @@ async def test_redis_keys_expire_with_their_window(
         time.sleep(0.3)
         # Idle keys vanish on their own, so Redis memory returns to its baseline.
         assert client.exists(short.key, short.key + ":t") == 0
+
+
+async def test_redis_session_use_renews_its_record(
+    redis_store: CounterStore, redis_server: RedisServer
+) -> None:
+    record = "{grant-1}:session:s1"
+    await redis_store.record(record, 60_000)
+    with redis_server.client() as client:
+        assert client.get(record) == b"60000"
+        client.pexpire(record, 1_000)
+        assert (await one(redis_store, session_charge(5, "s1"), T0)).allowed
+        assert client.pttl(record) > 1_000
+        assert client.exists("{grant-1}:s:s1:calls") == 1
+        assert client.exists("{grant-1}:calls") == 0
 
 
 async def test_redis_acquire_is_one_round_trip(
@@ -414,3 +492,12 @@ async def test_redis_wait_replicas_refuses_what_no_replica_holds(
         assert (refused.allowed, refused.remaining) == (False, (0,))
     finally:
         await store.close()
+
+
+async def test_memory_store_drops_expired_records() -> None:
+    store = MemoryStore()
+    for i in range(100):
+        await store.record(f"{{grant-1}}:task:{i}", 1)
+    await asyncio.sleep(0.05)
+    assert await store.recorded(["{grant-1}:task:0"]) == (False,)
+    assert not store._records and not store._record_schedule

@@ -255,7 +255,8 @@ def test_explain_dry_run_sessions_and_headers(policy_file: Path) -> None:
         headers={"Mcp-Session-Id": "abc"},
     )
     assert code == 0
-    assert "(key mcpauthz:{s:" in out
+    assert "(key mcpauthz:{g:g}:s:" in out
+    assert "; mcpauthz:{g:g}:s unless the upstream issued this session to the grant" in out
 
 
 def test_explain_cli_reads_the_body_from_stdin(policy_file: Path) -> None:

@@ -45,6 +45,11 @@ class Charge(msgspec.Struct, frozen=True):
     window_ms: int
     max: int
     cost: int = 1
+    # A session-scoped charge names the record of its session (see CounterStore.record):
+    # ``key`` is charged while that record exists (renewing its idle time), ``fallback``
+    # (the grant's counter of the same name) otherwise. Both are under the grant's hash tag.
+    session: str | None = None
+    fallback: str | None = None
 
 
 class Outcome(msgspec.Struct, frozen=True):
@@ -82,6 +87,20 @@ class CounterStore(Protocol):
         ``now_ms`` (Unix milliseconds) lets tests drive the clock; ``None`` means the
         store's own clock (Redis: the server's ``TIME``, so replicas agree).
         """
+        ...
+
+    async def record(self, key: str, ttl_ms: int) -> None:
+        """Keep ``key`` for ``ttl_ms`` (wall clock) from now: what the upstream issued to a
+        grant (a session id, a task id). A session record's time is renewed by each
+        charge that names it, so it expires after ``ttl_ms`` without use."""
+        ...
+
+    async def forget(self, key: str) -> None:
+        """Drop the record ``key`` (no error when there is none)."""
+        ...
+
+    async def recorded(self, keys: Sequence[str]) -> tuple[bool, ...]:
+        """Whether each of ``keys`` is recorded and unexpired (keys of one grant)."""
         ...
 
     async def ping(self) -> None:

@@ -48,6 +48,8 @@ from authz.store.redis import (
     Nonces,
     outcome_of,
     parse_multi_host_url,
+    record,
+    recorded,
     script_call,
     unavailable,
 )
@@ -138,6 +140,15 @@ class ClusterStore:
                 return await self._client.execute_command(*command)
         except STORE_ERRORS as exc:
             raise unavailable(operation, exc) from exc
+
+    async def record(self, key: str, ttl_ms: int) -> None:
+        await record(self, key, ttl_ms)
+
+    async def forget(self, key: str) -> None:
+        await self.command("forget", "DEL", key)
+
+    async def recorded(self, keys: Sequence[str]) -> tuple[bool, ...]:
+        return await recorded(self, keys)
 
     def approval_book(self) -> ApprovalBook:
         """Approvals in this cluster (in one slot), through this store's client."""

@@ -66,11 +66,18 @@ class MemoryStore:
         # Min-heap of (due_ms, serial, key): when each log may have expired entirely.
         self._schedule: list[tuple[int, int, str]] = []
         self._serials = itertools.count()
+        # Records (session and task ids): key -> (expires at, ttl), in wall-clock ms as
+        # Redis keeps them; and a min-heap of (due_ms, key) to drop the expired ones.
+        self._records: dict[str, tuple[int, int]] = {}
+        self._record_schedule: list[tuple[int, str]] = []
 
     async def acquire(self, charges: Sequence[Charge], now_ms: int | None = None) -> Outcome:
-        """Record every charge if all fit their sliding windows, otherwise none."""
+        """Record every charge if all fit their sliding windows, otherwise none. A charge
+        naming a session spends its ``key`` while the session is recorded, else its
+        ``fallback``."""
         now = int(time.time() * 1000) if now_ms is None else now_ms
         self._sweep(now)
+        charges = [self._resolved(charge) for charge in charges]
         used: list[int] = []
         for index, charge in enumerate(charges):
             log = self._logs.get(charge.key)
@@ -95,13 +102,56 @@ class MemoryStore:
             remaining=tuple(c.max - u - c.cost for c, u in zip(charges, used, strict=True)),
         )
 
+    async def record(self, key: str, ttl_ms: int) -> None:
+        now = _wall_ms()
+        self._sweep_records(now)
+        self._records[key] = (now + ttl_ms, ttl_ms)
+        heapq.heappush(self._record_schedule, (now + ttl_ms, key))
+
+    async def forget(self, key: str) -> None:
+        self._records.pop(key, None)
+
+    async def recorded(self, keys: Sequence[str]) -> tuple[bool, ...]:
+        self._sweep_records(_wall_ms())
+        return tuple(key in self._records for key in keys)
+
     async def ping(self) -> None:
         """Always reachable: the counts live in this process."""
 
     async def close(self) -> None:
-        """Forget every count."""
+        """Forget every count and record."""
         self._logs.clear()
         self._schedule.clear()
+        self._records.clear()
+        self._record_schedule.clear()
+
+    def _resolved(self, charge: Charge) -> Charge:
+        """The charge on the key it spends: its session's (renewing the session record)
+        or, when the session is not recorded, its grant's."""
+        if charge.session is None or charge.fallback is None:
+            return charge
+        now = _wall_ms()
+        self._sweep_records(now)
+        found = self._records.get(charge.session)
+        if found is None:
+            return Charge(charge.fallback, charge.window_ms, charge.max, charge.cost)
+        ttl = found[1]
+        self._records[charge.session] = (now + ttl, ttl)  # the heap entry reschedules
+        return Charge(charge.key, charge.window_ms, charge.max, charge.cost)
+
+    def _sweep_records(self, now_ms: int) -> None:
+        """Drop the expired records: each heap entry, when due, drops its record or (if
+        it was renewed since) reschedules it, as :meth:`_sweep` does for the logs."""
+        schedule = self._record_schedule
+        while schedule and schedule[0][0] <= now_ms:
+            _, key = heapq.heappop(schedule)
+            found = self._records.get(key)
+            if found is None:
+                continue
+            if found[0] <= now_ms:
+                del self._records[key]
+            else:
+                heapq.heappush(schedule, (found[0], key))
 
     def approval_book(self) -> ApprovalBook:
         """Approvals in this process too."""
@@ -132,6 +182,10 @@ class MemoryStore:
                 del self._logs[key]
             else:
                 heapq.heappush(schedule, (due, serial, key))
+
+
+def _wall_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _retry_after(log: _Log | None, used: int, charge: Charge, now_ms: int) -> int:

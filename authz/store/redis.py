@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import hiredis
@@ -117,6 +117,15 @@ class RedisStore:
         """Raise :class:`StoreUnavailable` unless Redis answers ``PING`` in time."""
         await self.command("ping", "PING")
 
+    async def record(self, key: str, ttl_ms: int) -> None:
+        await record(self, key, ttl_ms)
+
+    async def forget(self, key: str) -> None:
+        await self.command("forget", "DEL", key)
+
+    async def recorded(self, keys: Sequence[str]) -> tuple[bool, ...]:
+        return await recorded(self, keys)
+
     def approval_book(self) -> ApprovalBook:
         """Approvals in this Redis, on this store's connection."""
         return RedisApprovals(self)
@@ -176,6 +185,26 @@ class Nonces:
         return f"{self._prefix}{next(self._calls):x}"
 
 
+class Commands(Protocol):
+    """One command through a Redis store (single, Sentinel or Cluster), bounded by its
+    timeout, every failure raised as :class:`StoreUnavailable`."""
+
+    async def command(self, operation: str, *command: Arg) -> Any: ...
+
+
+async def record(redis: Commands, key: str, ttl_ms: int) -> None:
+    """A record holds its own time to live, which ``window.lua`` renews on each use."""
+    await redis.command("record", "SET", key, ttl_ms, "PX", ttl_ms)
+
+
+async def recorded(redis: Commands, keys: Sequence[str]) -> tuple[bool, ...]:
+    """One ``MGET`` (the keys of one grant share a slot)."""
+    if not keys:
+        return ()
+    values = await redis.command("lookup", "MGET", *keys)
+    return tuple(value is not None for value in values)
+
+
 def script_call(
     charges: Sequence[Charge], now_ms: int | None, nonce: str
 ) -> tuple[list[str], list[str | int]]:
@@ -184,7 +213,11 @@ def script_call(
     args: list[str | int] = ["" if now_ms is None else now_ms, nonce]
     for charge in charges:
         keys += (charge.key, charge.key + TOTAL_SUFFIX)
-        args += (charge.window_ms, charge.max, charge.cost)
+        if charge.session is not None and charge.fallback is not None:
+            keys += (charge.session, charge.fallback, charge.fallback + TOTAL_SUFFIX)
+            args += (charge.window_ms, charge.max, charge.cost, 1)
+        else:
+            args += (charge.window_ms, charge.max, charge.cost, 0)
     return keys, args
 
 

@@ -3,16 +3,22 @@
 -- Running the whole check-and-record as one script makes it atomic across replicas and costs
 -- one round trip. Requires Redis >= 5 (effects replication, so writes may follow TIME).
 --
--- KEYS, per charge i (1-based):
---   KEYS[2i-1]  sorted set of accepted charges: score = time in ms,
---               member = "<cost>:<nonce>:<i>" (the nonce makes members unique across calls
---               and replicas, the cost prefix lets expiry subtract what it drops)
---   KEYS[2i]    running sum of the costs in that set, so a check is O(log n + expired)
---               instead of O(n)
+-- KEYS, per charge i (1-based), in order (a cursor walks them):
+--   zkey   sorted set of accepted charges: score = time in ms,
+--          member = "<cost>:<nonce>:<i>" (the nonce makes members unique across calls
+--          and replicas, the cost prefix lets expiry subtract what it drops)
+--   tkey   running sum of the costs in that set, so a check is O(log n + expired)
+--          instead of O(n)
+--   and, for a session charge only (its ARGV flag is 1), three more:
+--   record the session's record (value: its idle time in ms), written when the upstream
+--          issued the session id to this grant
+--   fzkey, ftkey  the grant's counter of the same name, charged instead of zkey/tkey when
+--          the session is not recorded (an id the upstream never issued to this grant)
+--   All keys of a session charge carry the grant's hash tag: one Cluster slot.
 -- ARGV:
 --   [1]  now in ms, or "" to use the server clock (so replicas with skewed clocks agree)
 --   [2]  nonce unique to this call
---   [3i], [3i+1], [3i+2]  window_ms, max, cost of charge i
+--   [4i-1], [4i], [4i+1], [4i+2]  window_ms, max, cost, session flag (1 or 0) of charge i
 -- Returns a flat integer array:
 --   {allowed (1 or 0), refused (0-based index, -1 when allowed), retry_after_ms,
 --    remaining_1, ..., remaining_k}
@@ -28,7 +34,26 @@ else
   now = tonumber(ARGV[1])
 end
 local nonce = ARGV[2]
-local n = #KEYS / 2
+local n = (#ARGV - 2) / 4
+
+-- The keys each charge spends: a session charge's own while its session is recorded (and
+-- the use renews the record's idle time), else its grant's.
+local zkeys, tkeys = {}, {}
+local cursor = 1
+for i = 1, n do
+  zkeys[i], tkeys[i] = KEYS[cursor], KEYS[cursor + 1]
+  cursor = cursor + 2
+  if ARGV[4 * i + 2] == '1' then
+    local record = KEYS[cursor]
+    local idle = redis.call('GET', record)
+    if idle then
+      redis.call('PEXPIRE', record, idle)
+    else
+      zkeys[i], tkeys[i] = KEYS[cursor + 1], KEYS[cursor + 2]
+    end
+    cursor = cursor + 3
+  end
+end
 
 local function cost_of(member)
   return tonumber(string.match(member, '^%d+'))
@@ -92,10 +117,10 @@ end
 local used = {}
 local remaining = {}
 for i = 1, n do
-  local zkey, tkey = KEYS[2 * i - 1], KEYS[2 * i]
-  local window = tonumber(ARGV[3 * i])
-  local max = tonumber(ARGV[3 * i + 1])
-  local cost = tonumber(ARGV[3 * i + 2])
+  local zkey, tkey = zkeys[i], tkeys[i]
+  local window = tonumber(ARGV[4 * i - 1])
+  local max = tonumber(ARGV[4 * i])
+  local cost = tonumber(ARGV[4 * i + 1])
   used[i] = live_cost(zkey, tkey, now - window)
   remaining[i] = math.max(max - used[i], 0)
   if used[i] + cost > max then
@@ -104,9 +129,9 @@ for i = 1, n do
 end
 
 for i = 1, n do
-  local zkey, tkey = KEYS[2 * i - 1], KEYS[2 * i]
-  local window = ARGV[3 * i]
-  local cost = ARGV[3 * i + 2]
+  local zkey, tkey = zkeys[i], tkeys[i]
+  local window = ARGV[4 * i - 1]
+  local cost = ARGV[4 * i + 1]
   redis.call('ZADD', zkey, now, cost .. ':' .. nonce .. ':' .. i)
   redis.call('PEXPIRE', zkey, window)
   redis.call('SET', tkey, used[i] + tonumber(cost), 'PX', window)

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -370,12 +371,17 @@ def test_metrics_audit_and_envoy_s_log_name_the_server(estate: Estate) -> None:
     assert {"ecs", "healthimaging"} <= labels
     servers = {line.get("server") for lines in estate.audit() for line in lines}
     assert {"ecs", "healthimaging"} <= servers
-    access = [
-        json.loads(line)
-        for line in estate.envoy.output().splitlines()
-        if line.startswith("{") and '"authz_server"' in line
-    ]
-    assert {entry["authz_server"] for entry in access} >= {"ecs", "healthimaging"}
+    wanted = {"ecs", "healthimaging"}
+    deadline = time.monotonic() + 15
+    seen: set[str] = set()
+    while not wanted <= seen and time.monotonic() < deadline:
+        time.sleep(0.1)  # Envoy flushes its access log on a timer
+        seen = {
+            json.loads(line)["authz_server"]
+            for line in estate.envoy.output().splitlines()
+            if line.startswith("{") and '"authz_server"' in line
+        }
+    assert wanted <= seen
 
 
 def test_check_policy_prints_the_estate_from_both_real_servers(estate: Estate) -> None:

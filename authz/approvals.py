@@ -1,7 +1,8 @@
 """Human approval of exact calls: the record, its life cycle, and what keeps it.
 
-An approval binds {grant, tool, SHA-256 of the canonical arguments, policy digest}: a call
-with any argument changed, from another grant, or under another policy needs its own.
+An approval binds {grant, tool, SHA-256 of the canonical arguments, policy digest, and the
+MCP server under a policy with servers}: a call with any argument changed, from another
+grant, under another policy or to another server needs its own.
 The approval id is shown to the agent so it can tell its user what to ask for; it is not a
 capability. Only an operator holding an admin token can approve, through the admin API on
 the ``--http`` port, which the shipped Envoy config never routes to.
@@ -40,10 +41,15 @@ class Binding:
     arguments_sha256: str
     argument_names: tuple[str, ...]
     policy_digest: str
+    # The MCP server, under a policy with servers ("" otherwise, which keeps the keys of
+    # approvals made before servers existed).
+    server: str = ""
 
     @property
     def key(self) -> str:
-        parts = (self.grant, self.tool, self.arguments_sha256, self.policy_digest)
+        parts: tuple[str, ...] = (self.grant, self.tool, self.arguments_sha256, self.policy_digest)
+        if self.server:
+            parts += (self.server,)
         return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
@@ -65,6 +71,7 @@ class Approval:
     notify: str = ""
     operator: str = ""
     reason: str = ""
+    server: str = ""
 
     def public(self) -> dict[str, Any]:
         """The JSON form the admin API and the Redis book use (no argument values exist
@@ -92,6 +99,7 @@ class Approval:
             notify=str(data.get("notify") or ""),
             operator=str(data.get("operator") or ""),
             reason=str(data.get("reason") or ""),
+            server=str(data.get("server") or ""),
         )
 
 
@@ -166,4 +174,5 @@ def new_request(binding: Binding, ttl_s: float, uses: int, notify: str, now: flo
         uses_left=uses,
         ttl_s=ttl_s,
         notify=notify,
+        server=binding.server,
     )

@@ -1,13 +1,14 @@
 """The audit trail: one JSON line per decision on stdout, and the service's own logs.
 
 An audit line says who (grant, and the caller set it was recognised as), what (MCP
-method, tool, SHA-256 of the arguments), what was decided and why (decision, reason code
-and text, the policy entry), what it cost (counters touched and the budget left) and how
-long it took; ``request_id`` is Envoy's ``x-request-id``, which Envoy's access log prints
-too, so a denial can be followed from one log to the other. It never carries argument
-values, bodies, headers or tokens: the traffic carries PHI (DICOM exports). The one
-exception is a policy rule with ``"log_arguments": true``, an operator's explicit choice for
-a tool whose arguments are known to be harmless.
+method, tool, SHA-256 of the arguments, and the ``server`` under a policy with servers),
+what was decided and why (decision, reason code and text, the policy entry), what it cost
+(counters touched and the budget left) and how long it took; ``request_id`` is Envoy's
+``x-request-id``, which Envoy's access log prints too, so a denial can be followed from
+one log to the other. It never carries argument values, bodies, headers or tokens: the
+traffic carries PHI (DICOM exports). The one exception is a policy rule with
+``"log_arguments": true``, an operator's explicit choice for a tool whose arguments are
+known to be harmless.
 
 The decision is ``allow``, ``deny`` or ``dry_run_deny`` (allowed, but a rule in dry-run
 mode would have denied, with that reason). Allowed calls are audited at INFO, the others at
@@ -131,6 +132,8 @@ def record(result: CheckResult, request_id: str, latency_s: float) -> None:
         "latency_ms": round(latency_s * 1000, 3),
         "policy": result.policy.digest[:12],
     }
+    if decision.server is not None:
+        line["server"] = decision.server
     if decision.retry_after_s is not None:
         line["retry_after_s"] = decision.retry_after_s
     if decision.element is not None:
@@ -161,6 +164,7 @@ def record_list(request_id: str, grant: str | None, listed: ListFiltered, policy
             "hidden": listed.hidden,
             "hidden_names": list(listed.hidden_names),
             "policy": policy.digest[:12],
+            **({"server": policy.server} if policy.server else {}),
         }
     )
 

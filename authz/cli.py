@@ -56,7 +56,15 @@ def _parser() -> argparse.ArgumentParser:
         "a live MCP server lists",
     )
     check.add_argument("path")
-    check.add_argument("--against", metavar="URL", help="a live MCP server (streamable HTTP)")
+    check.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="URL|NAME=URL",
+        help="a live MCP server (streamable HTTP); for a policy with servers, NAME=URL per "
+        "server (repeatable), which prints the estate: every tool of every server, its rule "
+        "and the budgets it spends",
+    )
     check.add_argument(
         "--header",
         action="append",
@@ -85,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="K:V",
         help="request header (e.g. 'Mcp-Session-Id: abc'); repeatable",
+    )
+    explain.add_argument(
+        "--server", default="", help="the MCP server the request is for (a policy with servers)"
     )
     explain.add_argument("body", help="the JSON-RPC body, or - to read it from stdin")
 
@@ -147,8 +158,9 @@ def _approvals(args: argparse.Namespace) -> int:
             print("no approvals: none pending, none decided recently")
         for item in body["approvals"]:
             names = ",".join(item["argument_names"])
+            server = f"{item['server']}/" if item.get("server") else ""
             print(
-                f"{item['id']}  {item['state']:<9} {item['tool']}  grant={item['grant']}  "
+                f"{item['id']}  {item['state']:<9} {server}{item['tool']}  grant={item['grant']}  "
                 f"args=[{names}] sha256={item['arguments_sha256'][:12]}  "
                 f"expires={time.strftime('%H:%M:%S', time.localtime(item['expires_at']))}"
             )
@@ -255,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             dict(args.header),
             claims=args.claims,
             principal=args.principal,
+            server=args.server,
         )
     if args.command == "test":
         return tooling.run_cases(args.policy, args.cases)

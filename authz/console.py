@@ -143,6 +143,7 @@ def view(approval: Approval, decided_at: float | None) -> dict[str, Any]:
     return {
         "id": approval.id,
         "tool": approval.tool,
+        "server": approval.server or None,
         "grant": approval.grant,
         "caller_set": public.get("caller_set"),
         "argument_names": list(approval.argument_names),

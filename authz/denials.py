@@ -24,6 +24,7 @@ FIELDS = (
     "request_id",
     "grant",
     "caller_set",
+    "server",
     "method",
     "tool",
     "decision",

@@ -79,6 +79,7 @@ class Reason(enum.Enum):
     CALLER_NOT_PERMITTED = ("caller_not_permitted", 403, -32051)
     UNKNOWN_TOOL = ("unknown_tool", 403, -32051)
     NO_GRANT = ("no_grant_identity", 403, -32051)
+    UNKNOWN_SERVER = ("unknown_server", 403, -32051)
     RATE_LIMITED = ("rate_limited", 429, -32052)
     STORE_UNAVAILABLE = ("store_unavailable", 503, -32053)
     INTERNAL_ERROR = ("internal_error", 503, -32053)
@@ -184,6 +185,10 @@ class Decision(msgspec.Struct, frozen=True):
     # ext_proc, which records the task ids it creates for the grant, or removes from the
     # list the tasks of other grants (authz.records).
     task_event: str | None = None
+    # Under a policy with servers: the server the check was for ("" when the gateway named
+    # none); ``None`` under a policy without servers. The list filter of an allowed list
+    # request filters with that server's policy.
+    server: str | None = None
 
     @property
     def allowed(self) -> bool:
@@ -232,12 +237,26 @@ def counter_key(limit: Limit, grant: str, session: str | None = None) -> str:
     together (bounded, and no session can touch another grant's); a request without a
     session spends its grant's counter instead, and so does one whose session the
     upstream never issued to its grant (see :class:`authz.store.Charge`).
+
+    Under a policy with servers, a server's counter is named ``server:<name>:<counter>``
+    (and a global one is tagged ``{global:<name>}``, a slot per server), so the same
+    counter name on two servers never shares a budget; a budget is ``budget:<name>``,
+    shared by every server on purpose. The grant tag stays the grant's alone, so a call's
+    grant-scoped counters and budgets are still one slot, one round trip. (These names
+    start with ``server:`` or ``budget:``, never with a record's ``session:`` or
+    ``task:``.)
     """
+    name = limit.counter
+    if limit.budget:
+        name = f"budget:{name}"
+    elif limit.server:
+        name = f"server:{limit.server}:{name}"
     if limit.scope is Scope.GLOBAL:
-        return f"mcpauthz:{{global}}:{limit.counter}"
+        tag = f"global:{limit.server}" if limit.server else "global"
+        return f"mcpauthz:{{{tag}}}:{name}"
     if limit.scope is Scope.SESSION and session is not None:
-        return records.session_counter(grant, session, limit.counter)
-    return f"{records.grant_prefix(grant)}{limit.counter}"
+        return records.session_counter(grant, session, name)
+    return f"{records.grant_prefix(grant)}{name}"
 
 
 # Longest name a denial echoes (MCP tool names have at most 128 characters); a longer one
@@ -349,6 +368,17 @@ def rule_for(policy: Policy, msg: mcp.Message, catalogue: Catalogue = NO_CATALOG
     if msg.method == "prompts/get":
         return policy.rule_for_prompt(msg.name or "")
     return policy.default
+
+
+def server_policy(policy: Policy, request: mcp.HttpRequest) -> tuple[Policy | None, str | None]:
+    """The policy that decides ``request``, and the server it is for: ``policy`` itself
+    and ``None`` under a policy without servers; under one with servers, the policy of
+    the server the gateway names (see :meth:`Policy.server_name`), or ``None`` when the
+    policy defines no such server."""
+    if policy.servers is None:
+        return policy, None
+    name = policy.server_name(request.server, request.destination_principal, request.host)
+    return policy.servers.get(name), name
 
 
 def caller_of(
@@ -637,16 +667,14 @@ class Engine:
         policy = self.policy
         try:
             source = self.grant_source(policy)
-            if policy.callers:  # the caller's identity, derived once
+            deciding, _ = server_policy(policy, request)
+            if deciding is not None and deciding.callers:  # the caller's identity, derived once
                 claims = claims_of(request, source)
                 grant = grant_of(request, source, claims)
-                caller = recognise(policy.callers, identity_of(request, claims, grant))
+                caller = recognise(deciding.callers, identity_of(request, claims, grant))
             else:
                 grant, caller = grant_of(request, source), NOBODY
-            result = await self.decide(plan(policy, request, grant, caller, self.catalogue))
-            if caller.sets and result.decision.lists and result.decision.allowed:
-                sets = tuple(sorted(caller.sets))
-                result = replace(result, decision=replace(result.decision, caller_sets=sets))
+            result = await self.decide_for(policy, request, grant, caller)
             event = _session_event(request, result)
             if event is not None:
                 result = replace(result, decision=replace(result.decision, session_event=event))
@@ -661,6 +689,30 @@ class Engine:
                 message="policy violation: internal error in the authorization service",
             )
             return CheckResult(internal, policy)
+
+    async def decide_for(
+        self,
+        policy: Policy,
+        request: mcp.HttpRequest,
+        grant: str | None,
+        caller: Caller | None = None,
+    ) -> CheckResult:
+        """Decide ``request`` under ``policy``; a policy with servers first picks the policy
+        of the server the gateway says the request is for, and refuses it (fail closed) with
+        ``unknown_server`` when it defines no such server. ``caller``: the caller sets of the
+        deciding policy the caller is in (derived from ``grant`` when not given)."""
+        deciding, server = server_policy(policy, request)
+        if deciding is None:
+            return CheckResult(_unknown_server(server or "", grant), policy)
+        if caller is None:
+            caller = caller_of(deciding, request, self.grant_source(policy), grant)
+        result = await self.decide(plan(deciding, request, grant, caller, self.catalogue))
+        decision = result.decision
+        if caller.sets and decision.lists and decision.allowed:
+            decision = replace(decision, caller_sets=tuple(sorted(caller.sets)))
+        if server is not None:
+            decision = replace(decision, server=server)
+        return replace(result, decision=decision)
 
     async def decide(self, planned: Plan) -> CheckResult:
         """Deny on the first enforced denial; otherwise spend, all or nothing. The decision
@@ -680,7 +732,7 @@ class Engine:
                 continue
             denial = _denial(step, body, grant, caller)
             if step.denial is Reason.APPROVAL_REQUIRED and self.approvals and not step.dry_run:
-                gated = await self._gate(self.approvals, step, denial, policy.digest)
+                gated = await self._gate(self.approvals, step, denial, policy.digest, policy.server)
                 if isinstance(gated, Decision):
                     return CheckResult(gated, policy, steps)
                 approved.append(gated)
@@ -755,7 +807,7 @@ class Engine:
         return None
 
     async def _gate(
-        self, book: ApprovalBook, step: Step, denial: Decision, policy_digest: str
+        self, book: ApprovalBook, step: Step, denial: Decision, policy_digest: str, server: str
     ) -> Decision | Approval:
         """The approval for this exact call: one approved use (consumed), or the denial
         saying the request is pending (opened now or earlier) or was rejected."""
@@ -772,6 +824,7 @@ class Engine:
             arguments_sha256=denial.arguments_sha256 or "",
             argument_names=tuple(sorted(msg.arguments)),
             policy_digest=policy_digest,
+            server=server,
         )
         spec = rule.approval
         try:
@@ -904,6 +957,7 @@ def _rate_limited(
     retry = max(1, math.ceil(outcome.retry_after_ms / 1000))
     where = f"batch element {spend.msg.index}: " if body.batch else ""
     unit = "units " if lim.cost_pointer is not None or lim.cost != 1 else ""
+    kind = "budget" if lim.budget else "counter"
     allows = f"{lim.max} {unit}per {lim.window_text}"
     scope = {Scope.GLOBAL: " for all callers", Scope.SESSION: " per session"}.get(lim.scope, "")
     return replace(
@@ -911,12 +965,24 @@ def _rate_limited(
         reason=Reason.RATE_LIMITED,
         message=(
             f"policy violation: {where}{_subject(spend.msg)}: rate limit exceeded "
-            f"(counter '{lim.counter}' allows {allows}{scope}); retry after {retry} s"
+            f"({kind} '{lim.counter}' allows {allows}{scope}); retry after {retry} s"
         ),
         rule=spend.rule.where,
         counter=lim.counter,
         retry_after_s=retry,
         element=spend.msg.index if body.batch else None,
+    )
+
+
+def _unknown_server(name: str, grant: str | None) -> Decision:
+    """The refusal of a check for a server the policy does not define (fail closed)."""
+    if name:
+        shown = name if len(name) <= MAX_ECHOED_NAME else name[:MAX_ECHOED_NAME] + "..."
+        text = f"MCP server '{shown}' is not defined by this policy"
+    else:
+        text = "the gateway did not say which MCP server this request is for"
+    return Decision(
+        reason=Reason.UNKNOWN_SERVER, message=f"policy violation: {text}", grant=grant, server=name
     )
 
 

@@ -18,6 +18,10 @@ from authz.engine import Decision
 from authz.mcp import HttpRequest
 from authz.pb import core_pb2, external_auth_pb2
 
+# The ext_authz per-route context extension (check_settings.context_extensions) naming the
+# MCP server a route leads to: set in the Envoy configuration, never by the client.
+SERVER_EXTENSION = "mcp_server"
+
 # gRPC status codes (google.rpc.Code) carried in CheckResponse.status; any non-OK code
 # denies, the HTTP status Envoy sends comes from denied_response.
 _GRPC_OK = 0
@@ -57,6 +61,9 @@ def http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
         body=http.raw_body or http.body.encode(),
         request_id=headers.get("x-request-id", http.id),
         peer_principal=attrs.source.principal,
+        server=attrs.context_extensions.get(SERVER_EXTENSION, ""),
+        destination_principal=attrs.destination.principal,
+        host=http.host,
         # Only what filters before ext_authz put there (jwt_authn's verified payload).
         metadata={
             namespace: json_format.MessageToDict(filter_metadata[namespace])

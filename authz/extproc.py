@@ -36,10 +36,12 @@ from authz.pb import (
     external_processor_pb2_grpc,
     processing_mode_pb2,
 )
+from authz.policy import Policy
 from authz.reply import (
     CALLERS_HEADER,
     GRANT_HEADER,
     LIST_HEADER,
+    SERVER_HEADER,
     SESSION_HEADER,
     TASKS_HEADER,
 )
@@ -79,6 +81,21 @@ class _Exchange:
     @property
     def request_id(self) -> str:
         return self.headers.get("x-request-id", "")
+
+    @property
+    def server(self) -> str:
+        """The server whose policy allowed the list request, under a policy with servers
+        (its header: a client's copy never gets through)."""
+        return self.headers.get(SERVER_HEADER, "")
+
+
+def list_policy(policy: Policy, server: str) -> Policy | None:
+    """The policy a list is filtered with: ``policy``, or under a policy with servers the
+    policy of ``server``, the one ext_authz decided the list request with; ``None`` when
+    it defines no such server (fail closed)."""
+    if policy.servers is None:
+        return policy
+    return policy.servers.get(server)
 
 
 def _header_map(headers: core_pb2.HeaderMap) -> dict[str, str]:
@@ -142,7 +159,10 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
                 return _skip_rest()  # not marked by ext_authz: not a list request
             reply.request_headers.SetInParent()
         elif part == "request_body":
-            max_members = self.engine.policy.max_json_members
+            policy = list_policy(self.engine.policy, exchange.server)
+            if policy is None:
+                return self._unfilterable(exchange, "the list request names no known server")
+            max_members = policy.max_json_members
             try:
                 exchange.body = mcp.parse_body(message.request_body.body, max_members)
             except mcp.Malformed:  # ext_authz allowed it: only a policy swap between could
@@ -170,11 +190,13 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
     def _filtered(
         self, exchange: _Exchange, body: external_processor_pb2.HttpBody
     ) -> external_processor_pb2.ProcessingResponse:
-        policy = self.engine.policy
         if not exchange.requests:
             reply = external_processor_pb2.ProcessingResponse()
             reply.response_body.SetInParent()
             return reply
+        policy = list_policy(self.engine.policy, exchange.server)
+        if policy is None:  # a policy swap since the request dropped its server
+            return self._unfilterable(exchange, "the list request names no known server")
         if not body.end_of_stream or len(body.body) > MAX_LIST_BYTES:
             return self._unfilterable(exchange, "over the buffer limit")
         self._learn_tools(exchange, body.body)

@@ -205,6 +205,12 @@ class HttpRequest(msgspec.Struct, frozen=True):
     peer_principal: str = ""
     # Envoy filter metadata by namespace (e.g. jwt_authn's verified payload), as plain JSON.
     metadata: Mapping[str, Mapping[str, Any]] = msgspec.field(default_factory=dict)
+    # Which MCP server the request is for, as the gateway says: the route's ``mcp_server``
+    # context extension, the destination's mTLS identity, and the authority (see
+    # authz.policy.Policy.server_name).
+    server: str = ""
+    destination_principal: str = ""
+    host: str = ""
 
 
 def suspicious_name(name: str) -> bool:

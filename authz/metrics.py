@@ -5,8 +5,9 @@ traffic passes: ``decision`` and ``reason`` are the codes of
 :attr:`authz.engine.Decision.labels`; ``tool`` is a tool the policy names, ``other`` for
 any other tool, or empty for a request that calls no tool (listing, lifecycle, malformed);
 ``caller`` is a caller set the policy names, or ``other`` for a caller in none (and under
-a policy without caller sets); ``counter`` is a counter the policy defines; ``op`` and
-``result`` are fixed words. Grant
+a policy without caller sets); ``counter`` is a counter the policy defines; ``server`` is a
+server a policy with servers defines, ``other`` for a check refused as unknown_server,
+empty under a policy without servers; ``op`` and ``result`` are fixed words. Grant
 ids, argument values and request ids never become labels.
 
 ``mcp_authz_approvals_pending`` is exported only when approvals are enabled (an admin token
@@ -74,6 +75,14 @@ def tool_label(tool: str | None, policy: Policy) -> str:
     return tool if tool in policy.tools else "other"
 
 
+def server_label(result: CheckResult) -> str:
+    """The server as a label: a server the policy defines (the check was decided by its
+    policy), ``other`` for one it does not, empty under a policy without servers."""
+    if result.policy.server:
+        return result.policy.server
+    return "" if result.decision.server is None else OTHER
+
+
 class Metrics:
     """The service's metrics in their own registry, with the process, platform and garbage
     collector collectors of the client library (so tests can build as many as they like).
@@ -88,9 +97,10 @@ class Metrics:
             "mcp_authz_decisions_total",
             "Authorization decisions, by decision (allow, deny, dry_run_deny: allowed, but a "
             "rule in dry-run mode would have denied), reason code, tool (tools the policy "
-            "names; 'other' for the rest; empty when no tool is called) and caller (the "
-            "caller set the policy recognised; 'other' for a caller in none).",
-            ["decision", "reason", "tool", "caller"],
+            "names; 'other' for the rest; empty when no tool is called), caller (the caller "
+            "set the policy recognised; 'other' for a caller in none) and server (servers the "
+            "policy defines; 'other' for the rest; empty for a policy without servers).",
+            ["decision", "reason", "tool", "caller", "server"],
             registry=reg,
         )
         self.check_duration = Histogram(
@@ -119,14 +129,15 @@ class Metrics:
         self.limit_near = Counter(
             "mcp_authz_limit_near_total",
             f"Allowed calls that left less than {NEAR_LIMIT_FRACTION:.0%} of a counter's "
-            "budget in its window, by counter.",
-            ["counter"],
+            "budget in its window, by counter and server.",
+            ["counter", "server"],
             registry=reg,
         )
         self.limit_exceeded = Counter(
             "mcp_authz_limit_exceeded_total",
-            "Calls denied because a counter's budget was spent (rate_limited), by counter.",
-            ["counter"],
+            "Calls denied because a counter's budget was spent (rate_limited), by counter and "
+            "server.",
+            ["counter", "server"],
             registry=reg,
         )
         reloads = Counter(
@@ -184,14 +195,20 @@ class Metrics:
             for result in LIST_RESULTS
         }
         self.list_hidden = {kind: list_hidden.labels(kind) for kind in KINDS}
-        self._decision_children: dict[tuple[str, str, str, str], Counter] = {}
-        self._near_children: dict[str, Counter] = {}
-        self._exceeded_children: dict[str, Counter] = {}
+        self._decision_children: dict[tuple[str, str, str, str, str], Counter] = {}
+        self._near_children: dict[tuple[str, str], Counter] = {}
+        self._exceeded_children: dict[tuple[str, str], Counter] = {}
 
     def record_check(self, result: CheckResult, seconds: float) -> None:
         """Count one answered check under the policy it was decided by."""
         decision = result.decision
-        key = (*decision.labels, tool_label(decision.tool, result.policy), decision.caller or OTHER)
+        server = server_label(result)
+        key = (
+            *decision.labels,
+            tool_label(decision.tool, result.policy),
+            decision.caller or OTHER,
+            server,
+        )
         child = self._decision_children.get(key)
         if child is None:
             child = self._decision_children[key] = self.decisions.labels(*key)
@@ -200,15 +217,19 @@ class Metrics:
         if decision.allowed and decision.would_deny is None:
             for state in result.counters:
                 if state.remaining < NEAR_LIMIT_FRACTION * state.max:
-                    self._child(self._near_children, self.limit_near, state.counter).inc()
+                    labels = (state.counter, server)
+                    self._child(self._near_children, self.limit_near, labels).inc()
         elif decision.reason is Reason.RATE_LIMITED and decision.counter is not None:
-            self._child(self._exceeded_children, self.limit_exceeded, decision.counter).inc()
+            labels = (decision.counter, server)
+            self._child(self._exceeded_children, self.limit_exceeded, labels).inc()
 
     @staticmethod
-    def _child(children: dict[str, Counter], parent: Counter, counter: str) -> Counter:
-        child = children.get(counter)
+    def _child(
+        children: dict[tuple[str, str], Counter], parent: Counter, labels: tuple[str, str]
+    ) -> Counter:
+        child = children.get(labels)
         if child is None:
-            child = children[counter] = parent.labels(counter)
+            child = children[labels] = parent.labels(*labels)
         return child
 
     def record_list(self, kind: str, result: str, hidden: int = 0) -> None:

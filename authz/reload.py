@@ -13,6 +13,11 @@ are logged, and ``on_result("failure", None)`` reports it. An invalid file is re
 only once it has stayed the same for one more interval, so a file caught half-written is
 not reported as broken. Counters live in the store under keys built from scope and
 counter name, so a limit that keeps its counter, window and scope keeps its counts.
+
+A policy with server files (``servers.NAME: {file: PATH}``) is watched as a whole: the
+main file and every server file it names. A broken server file keeps the previous version
+of that server while the rest reloads; its errors are logged with the file's path and
+reported as a failure (the new version of everything else as a success).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 
 from authz.engine import Engine
 from authz.policy import Policy, PolicyError, policy_from_bytes, syntax_of
+from authz.policy.model import ServerFile
 
 log = logging.getLogger("mcp_authz.reload")
 
@@ -45,28 +51,50 @@ def _read(path: Path) -> tuple[bytes | None, str]:
     return raw, hashlib.sha256(raw).hexdigest()
 
 
-def _load(raw: bytes | None, digest: str, path: Path) -> Policy:
+def _load(raw: bytes | None, digest: str, path: Path, previous: Policy) -> Policy:
     if raw is None:
         raise PolicyError([f"(file): cannot read {path}: {digest.removeprefix('unreadable: ')}"])
-    return policy_from_bytes(raw, syntax_of(path))
+    return policy_from_bytes(raw, syntax_of(path), base=path.parent, previous=previous)
 
 
-async def _swap(path: Path, raw: bytes | None, digest: str, engine: Engine) -> Policy:
-    """Compile off the event loop, then put in force; raises :class:`PolicyError`."""
-    policy = await asyncio.to_thread(_load, raw, digest, path)
-    engine.swap(policy)
-    return policy
+def _combined(main: str, files: list[str]) -> str:
+    if not files:
+        return main
+    return hashlib.sha256("\n".join([main, *files]).encode()).hexdigest()
+
+
+def _on_disk(main: str, files: tuple[ServerFile, ...]) -> str:
+    """What the files hold now: the main file's digest and those of the server files the
+    policy in force names (a change to the main file may name others: it is seen anyway)."""
+    return _combined(main, [_read(Path(f.path))[1] for f in files])
+
+
+def _in_force(policy: Policy) -> str:
+    """What the policy in force was read from, as :func:`_on_disk` says it."""
+    return _combined(policy.digest, [f.digest for f in policy.files])
 
 
 def _failed(
-    path: Path, serving: Policy, exc: PolicyError, on_result: ReloadCallback | None
+    path: Path,
+    serving: Policy,
+    exc: PolicyError,
+    on_result: ReloadCallback | None,
+    *,
+    partly: bool = False,
 ) -> None:
-    log.error(
-        "policy reload failed, policy %s keeps serving: %s: %s",
-        serving.digest[:12],
-        path,
-        "; ".join(exc.errors),
-    )
+    if partly:
+        log.error(
+            "policy reload: broken server files keep their servers' previous version: %s: %s",
+            path,
+            "; ".join(exc.errors),
+        )
+    else:
+        log.error(
+            "policy reload failed, policy %s keeps serving: %s: %s",
+            serving.digest[:12],
+            path,
+            "; ".join(exc.errors),
+        )
     if on_result is not None:
         on_result(FAILURE, None)
 
@@ -106,21 +134,29 @@ async def watch_policy(
                 await asyncio.wait_for(hangup.wait(), interval if interval > 0 else None)
             forced = hangup.is_set()
             hangup.clear()
+            old = engine.policy
             raw, digest = await asyncio.to_thread(_read, file)
-            if not forced and digest in (engine.policy.digest, reported):
+            seen = await asyncio.to_thread(_on_disk, digest, old.files)
+            if not forced and seen in (_in_force(old), reported):
                 suspect = None
                 continue
-            old = engine.policy
             try:
-                policy = await _swap(file, raw, digest, engine)
-            except PolicyError as exc:
-                if not forced and digest != suspect:
-                    suspect = digest  # report it if it is still this next time
+                # Compiled off the event loop, then put in force with one assignment.
+                policy = await asyncio.to_thread(_load, raw, digest, file, old)
+                if policy.kept and not forced and seen != suspect:
+                    suspect = seen  # a server file may be half-written: look again
                     continue
-                suspect, reported = None, digest
+                engine.swap(policy)
+            except PolicyError as exc:
+                if not forced and seen != suspect:
+                    suspect = seen  # report it if it is still this next time
+                    continue
+                suspect, reported = None, seen
                 _failed(file, old, exc, on_result)
                 continue
             suspect, reported = None, None
+            if policy.kept:
+                _failed(file, old, PolicyError(list(policy.kept)), on_result, partly=True)
             _succeeded(file, old, policy, on_result)
     finally:
         if sighup:

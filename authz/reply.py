@@ -28,6 +28,9 @@ DRY_RUN_HEADER = "x-mcp-authz-dry-run"
 LIST_HEADER = "x-mcp-authz-list"
 # With it, to the list filter: the caller sets the caller belongs to, comma-separated.
 CALLERS_HEADER = "x-mcp-authz-callers"
+# With it, under a policy with servers: the server whose policy the list is filtered with
+# (the one whose policy allowed the request).
+SERVER_HEADER = "x-mcp-authz-server"
 # On an allowed request whose response issues or ends a session ("open": an initialize;
 # "close": a DELETE of a session): Envoy routes it to the route whose response headers
 # go through ext_proc, which records or drops the session (authz.records). Removed, like
@@ -88,6 +91,7 @@ def _spoofed(request_headers: Mapping[str, str], decision: Decision) -> tuple[st
         if name.startswith(HEADER_PREFIX)
         and not (name == GRANT_HEADER and decision.grant)
         and not (name == CALLERS_HEADER and decision.caller_sets)
+        and not (name == SERVER_HEADER and decision.lists and decision.server)
         and name not in _MARKS
     )
 
@@ -103,6 +107,8 @@ def of(decision: Decision, request_headers: Mapping[str, str]) -> Reply:
     )
     if decision.caller is not None:  # only under a policy with caller sets
         metadata += (("caller", decision.caller),)
+    if decision.server is not None:  # only under a policy with servers
+        metadata += (("server", decision.server),)
     if decision.allowed:
         grant = decision.grant
         upstream: Headers = ((GRANT_HEADER, grant),) if grant else ()
@@ -115,6 +121,8 @@ def of(decision: Decision, request_headers: Mapping[str, str]) -> Reply:
             upstream += client
         if decision.lists and decision.caller_sets:
             upstream += ((CALLERS_HEADER, ",".join(decision.caller_sets)),)
+        if decision.lists and decision.server:
+            upstream += ((SERVER_HEADER, decision.server),)
         marks = (
             ",".join(decision.lists),
             decision.session_event or "",

@@ -1,7 +1,8 @@
 """Tools for policy authors: ``check-policy``, ``explain`` and ``test``.
 
-They decide through the very code the service runs (:func:`authz.engine.plan` and
-:meth:`authz.engine.Engine.decide`), so what they print is what the gateway would do.
+They decide through the very code the service runs (:meth:`authz.engine.Engine.decide_for`:
+the server's policy, :func:`authz.engine.plan`, :meth:`authz.engine.Engine.decide`), so what
+they print is what the gateway would do.
 ``explain`` consumes no budget; ``test`` gives every case fresh in-memory counters and a
 fixed clock, so a policy's unit tests give the same result on every run and in CI.
 
@@ -24,7 +25,7 @@ from typing import Any, TextIO
 import jsonschema
 
 from authz import mcp
-from authz.engine import CheckResult, Decision, Engine, Reason, Step, caller_of, plan
+from authz.engine import CheckResult, Decision, Engine, Reason, Step, caller_of, server_policy
 from authz.grants import JWT_NAMESPACE, GrantSource, Source, grant_of
 from authz.policy import (
     Action,
@@ -36,10 +37,13 @@ from authz.policy import (
     parse_policy_text,
     syntax_of,
 )
-from authz.policy.callers import Caller
+from authz.policy.callers import NOBODY, Caller
 from authz.risk import annotations_of, risk_report
 from authz.store import Charge, Outcome
 from authz.store.memory import MemoryStore
+
+# A server's tools as check-policy lists them: each name, with its annotations as sent.
+Listed = Sequence[tuple[str, Mapping[str, Any] | None]]
 
 # Cases run at this fixed time (Unix ms), so every repetition of a case lands in one window.
 CASE_CLOCK_MS = 1_700_000_000_000
@@ -74,6 +78,7 @@ CASES_SCHEMA: dict[str, Any] = {
                     "repeat": {"type": "integer", "minimum": 1, "maximum": 10000},
                     "expect": {"enum": ["allow", "deny", "would_deny"]},
                     "reason": {"type": "string", "minLength": 1},
+                    "server": {"type": "string", "minLength": 1},
                 },
                 "oneOf": [
                     {"required": ["tool"]},
@@ -150,16 +155,10 @@ def _rule_text(rule: Rule) -> str:
     return f"{rule.where}{' (pattern)' if rule.pattern else ''}: {describe_rule(rule)}"
 
 
-def _print_policy(path: str, policy: Policy, out: TextIO) -> None:
-    mode = "dry-run" if policy.dry_run else "enforce"
-    print(f"{path}: ok (version {policy.version}, digest {policy.digest[:12]}, {mode})", file=out)
-    source = (
-        policy.grants.describe() if policy.grants else "from the command line (default: bearer)"
-    )
-    print(f"  grants: {source}", file=out)
+def _print_rules(policy: Policy, indent: str, out: TextIO) -> None:
     for name, caller_set in policy.callers.items():
-        print(f"  callers {name}: {caller_set.describe()}", file=out)
-    print(f"  default: {describe_rule(policy.default)}", file=out)
+        print(f"{indent}callers {name}: {caller_set.describe()}", file=out)
+    print(f"{indent}default: {describe_rule(policy.default)}", file=out)
     for noun, table in (
         ("tool", policy.tools),
         ("resource", policy.resources),
@@ -169,16 +168,47 @@ def _print_policy(path: str, policy: Policy, out: TextIO) -> None:
         for key in [*exact, *table.patterns()]:
             rule = table[key]
             kind = " (pattern)" if rule.pattern else ""
-            print(f"  {noun} {key}{kind}: {describe_rule(rule)}", file=out)
+            print(f"{indent}{noun} {key}{kind}: {describe_rule(rule)}", file=out)
+
     for name, rule in policy.classes.items():
-        print(f"  class {name}: {describe_rule(rule)}", file=out)
+        print(f"{indent}class {name}: {describe_rule(rule)}", file=out)
     if policy.deny_unlisted:
-        print("  unlisted tools: denied (unknown_tool)", file=out)
+        print(f"{indent}unlisted tools: denied (unknown_tool)", file=out)
+
+
+def _print_policy(path: str, policy: Policy, out: TextIO) -> None:
+    mode = "dry-run" if policy.dry_run else "enforce"
+    if policy.servers is not None:
+        mode = f"{len(policy.servers)} servers"
+    print(f"{path}: ok (version {policy.version}, digest {policy.digest[:12]}, {mode})", file=out)
+    source = (
+        policy.grants.describe() if policy.grants else "from the command line (default: bearer)"
+    )
+    print(f"  grants: {source}", file=out)
+    if policy.servers is None:
+        _print_rules(policy, "  ", out)
+    for budget in policy.budgets.values():
+        print(f"  {budget.describe()}", file=out)
+    for name, server in (policy.servers or {}).items():
+        mode = "dry-run" if server.dry_run else "enforce"
+        source = next((f" from {f.path}" for f in policy.files if f.server == name), "")
+        print(f"  server {name}{source} ({mode}, digest {server.digest[:12]})", file=out)
+        for kind, table in (("principal", policy.server_principals), ("host", policy.server_hosts)):
+            for value, owner in table.items():
+                if owner == name:
+                    print(f"    matches destination {kind} {value}", file=out)
+        _print_rules(server, "    ", out)
+        if server.callers:
+            _print_matrix(server, _tool_keys(server), out, "    ")
     for warning in policy.warnings:
         print(f"  warning: {warning}", file=out)
     if policy.callers:
-        named = sorted(k for k in policy.tools if "*" not in k)
-        _print_matrix(policy, [*named, *policy.tools.patterns()], out)
+        _print_matrix(policy, _tool_keys(policy), out)
+
+
+def _tool_keys(policy: Policy) -> list[str]:
+    """The tool names a policy's rules name, then its patterns."""
+    return [*sorted(k for k in policy.tools if "*" not in k), *policy.tools.patterns()]
 
 
 ANYONE_ELSE = "anyone else"
@@ -203,7 +233,7 @@ def _cell(rule: Rule, sets: frozenset[str]) -> str:
     return text + (" (dry-run)" if rule.dry_run else "")
 
 
-def _print_matrix(policy: Policy, tools: Sequence[str], out: TextIO) -> None:
+def _print_matrix(policy: Policy, tools: Sequence[str], out: TextIO, indent: str = "  ") -> None:
     """Who may call what: a row per tool (and one for any other tool, under ``default``),
     a column per caller set (a caller in that set only) and one for a caller in none."""
     columns = [*policy.callers, ANYONE_ELSE]
@@ -216,12 +246,12 @@ def _print_matrix(policy: Policy, tools: Sequence[str], out: TextIO) -> None:
     header = ["tool", *columns]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     print(
-        "  who may call what (a caller in several sets gets the first variant naming one):",
+        f"{indent}who may call what (a caller in several sets gets the first variant naming one):",
         file=out,
     )
     for row in [header, *rows]:
         line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-        print(f"    {line.rstrip()}", file=out)
+        print(f"{indent}  {line.rstrip()}", file=out)
 
 
 async def _server_tools(
@@ -268,14 +298,18 @@ def _innermost(exc: BaseException) -> BaseException:
 
 
 def _print_against(
-    url: str, policy: Policy, tools: Sequence[tuple[str, Mapping[str, Any] | None]], out: TextIO
+    url: str,
+    policy: Policy,
+    tools: Sequence[tuple[str, Mapping[str, Any] | None]],
+    out: TextIO,
+    indent: str = "  ",
 ) -> None:
     print(f"{url}: {len(tools)} tools", file=out)
     used: set[str] = set()
     fallen = []
     for name, raw in sorted(tools, key=lambda t: t[0]):
         rule = policy.rule_for_tool(name, annotations_of(raw))
-        print(f"  tool {name} -> {_rule_text(rule)}", file=out)
+        print(f"{indent}tool {name} -> {_rule_text(rule)}", file=out)
         if rule.where == "default":
             fallen.append(name)
         else:
@@ -285,61 +319,125 @@ def _print_against(
         if rule.where in used:
             continue
         if rule.pattern:
-            print(f"  unmatched: {rule.where} matches no tool the server lists", file=out)
+            print(f"{indent}unmatched: {rule.where} matches no tool the server lists", file=out)
         else:
-            print(f"  unknown: {rule.where} names a tool the server does not list", file=out)
+            print(f"{indent}unknown: {rule.where} names a tool the server does not list", file=out)
     if fallen:
         action = policy.default.action.value
-        print(f"  {len(fallen)} tool(s) fall to default ({action}): {', '.join(fallen)}", file=out)
+        listed = ", ".join(fallen)
+        print(f"{indent}{len(fallen)} tool(s) fall to default ({action}): {listed}", file=out)
     if policy.callers:
-        _print_matrix(policy, sorted(name for name, _ in tools), out)
+        _print_matrix(policy, sorted(name for name, _ in tools), out, indent)
+
+
+def _print_estate(policy: Policy, listed: Mapping[str, tuple[str, Listed]], out: TextIO) -> None:
+    """Every tool of every server the agents can reach, its risk class, its rule, the
+    caller sets that may use it and the budgets it spends: everything the agents can call,
+    on one page."""
+    assert policy.servers is not None
+    total = sum(len(tools) for _, tools in listed.values())
+    print(f"estate: {len(listed)} servers, {total} tools", file=out)
+    spenders: dict[str, list[str]] = {name: [] for name in policy.budgets}
+    for name, (url, tools) in listed.items():
+        server = policy.servers[name]
+        print(f"server {name}: ", end="", file=out)
+        _print_against(url, server, tools, out, indent="  ")
+        _print_risk(server, tools, out, indent="  ")
+        for tool, raw in sorted(tools, key=lambda t: t[0]):
+            entry = server.rule_for_tool(tool, annotations_of(raw))
+            spent = {
+                limit.counter
+                for rule in entry.variants or (entry,)
+                if rule.action is not Action.DENY
+                for limit in rule.limits
+                if limit.budget
+            }
+            for budget in sorted(spent):
+                spenders[budget].append(f"{name}/{tool}")
+    for name in policy.servers:
+        if name not in listed:
+            print(f"server {name}: not listed (give --against {name}=URL)", file=out)
+    for budget, spending in spenders.items():
+        who = ", ".join(spending) if spending else "no listed tool"
+        print(f"{policy.budgets[budget].describe()}: spent by {who}", file=out)
+
+
+def _against_pairs(policy: Policy, against: Sequence[str], err: TextIO) -> dict[str, str] | None:
+    """``--against`` values by server: ``NAME=URL`` for a policy with servers (every name
+    one it defines); one plain ``URL`` otherwise (keyed ``""``)."""
+    if policy.servers is None:
+        if len(against) != 1:
+            print("check-policy: a policy without servers takes one --against URL", file=err)
+            return None
+        return {"": against[0]}
+    pairs: dict[str, str] = {}
+    for value in against:
+        name, sep, url = value.partition("=")
+        if not sep or name not in policy.servers:
+            known = ", ".join(policy.servers)
+            print(
+                f"check-policy: --against {value!r}: expected NAME=URL, NAME one of {known}",
+                file=err,
+            )
+            return None
+        pairs[name] = url
+    return pairs
 
 
 def check_policy(
     path: str,
-    against: str | None = None,
+    against: Sequence[str] | str | None = None,
     headers: Mapping[str, str] | None = None,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> int:
-    """Validate and describe a policy; with ``against``, resolve a live server's tools."""
+    """Validate and describe a policy; with ``against``, resolve live servers' tools: one
+    URL for a policy without servers, ``NAME=URL`` per server for a policy with them."""
     policy = _load(path, err)
     if policy is None:
         return 1
     _print_policy(path, policy, out)
-    if against is None:
+    if not against:
         return 0
-    try:
-        tools = asyncio.run(_server_tools(against, headers or {}))
-    except ImportError:
-        print(
-            "check-policy --against needs the mcp SDK: pip install 'mcp-authz[tooling]'", file=err
-        )
+    pairs = _against_pairs(policy, [against] if isinstance(against, str) else against, err)
+    if pairs is None:
         return 2
-    except Exception as exc:
-        leaf = _innermost(exc)
-        print(f"{against}: cannot list tools: {type(leaf).__name__}: {leaf}", file=err)
-        return 2
-    _print_against(against, policy, tools, out)
-    _print_risk(policy, tools, out)
+    listed: dict[str, tuple[str, Listed]] = {}
+    for name, url in pairs.items():
+        try:
+            listed[name] = (url, asyncio.run(_server_tools(url, headers or {})))
+        except ImportError:
+            print(
+                "check-policy --against needs the mcp SDK: pip install 'mcp-authz[tooling]'",
+                file=err,
+            )
+            return 2
+        except Exception as exc:
+            leaf = _innermost(exc)
+            print(f"{url}: cannot list tools: {type(leaf).__name__}: {leaf}", file=err)
+            return 2
+    if policy.servers is None:
+        url, tools = listed[""]
+        _print_against(url, policy, tools, out)
+        _print_risk(policy, tools, out)
+    else:
+        _print_estate(policy, listed, out)
     return 0
 
 
-def _print_risk(
-    policy: Policy, tools: Sequence[tuple[str, Mapping[str, Any] | None]], out: TextIO
-) -> None:
+def _print_risk(policy: Policy, tools: Listed, out: TextIO, indent: str = "  ") -> None:
     """Each tool's risk class from its annotations (the spec's defaults for a tool without
     them) and the rule it resolves to; a warning for each write tool let through unchecked."""
     rows = risk_report(policy, tools)
     print(
-        "  risk (from the server's tool annotations; none stated: not read-only, "
+        f"{indent}risk (from the server's tool annotations; none stated: not read-only, "
         "destructive, open-world):",
         file=out,
     )
     for row in rows:
         stated = "" if row.hints.stated else ", no annotations"
         print(
-            f"    {row.tool}: {', '.join(row.classes)}{stated} -> {_rule_text(row.rule)}",
+            f"{indent}  {row.tool}: {', '.join(row.classes)}{stated} -> {_rule_text(row.rule)}",
             file=out,
         )
         if policy.callers:  # what each caller set gets of that rule
@@ -350,7 +448,7 @@ def _print_risk(
             print(f"      {'; '.join(cells)}", file=out)
     for row in rows:
         if row.warning is not None:
-            print(f"  warning: {row.warning}", file=out)
+            print(f"{indent}warning: {row.warning}", file=out)
 
 
 def _request(
@@ -359,9 +457,11 @@ def _request(
     source: GrantSource,
     claims: Mapping[str, Any] | None = None,
     principal: str = "",
+    server: str = "",
 ) -> mcp.HttpRequest:
     """The request as Envoy would pass it: with verified ``claims`` where the grant source
-    reads them (jwt_authn metadata, or the payload header), and the mTLS ``principal``."""
+    reads them (jwt_authn metadata, or the payload header), the mTLS ``principal``, and the
+    ``server`` its route names (context extension ``mcp_server``)."""
     lowered = {k.lower(): v for k, v in headers.items()}
     metadata: dict[str, dict[str, Any]] = {}
     if claims is not None and source.source is Source.JWT:
@@ -376,6 +476,7 @@ def _request(
         body=body,
         peer_principal=principal,
         metadata=metadata,
+        server=server,
     )
 
 
@@ -417,24 +518,29 @@ def explain(
     err: TextIO = sys.stderr,
     claims: Mapping[str, Any] | None = None,
     principal: str = "",
+    server: str = "",
 ) -> int:
-    """The decision for one request body, the rule each message matched, the limits it
-    would spend against and why; consumes no budget. ``claims``: the caller's verified JWT
-    claims; ``principal``: its mTLS principal."""
+    """The decision for one request body (to ``server``, under a policy with servers), the
+    rule each message matched, the limits it would spend against and why; consumes no
+    budget. ``claims``: the caller's verified JWT claims; ``principal``: its mTLS
+    principal."""
     policy = _load(policy_path, err)
     if policy is None:
         return 2
     engine = Engine(policy, _NothingSpent())
     source = engine.grant_source(policy)
-    request = _request(body, headers or {}, source, claims, principal)
+    request = _request(body, headers or {}, source, claims, principal, server)
     if grant is None:
         grant = grant_of(request, source)
-    caller = caller_of(policy, request, source, grant)
-    result = asyncio.run(engine.decide(plan(policy, request, grant, caller)))
+    deciding, _ = server_policy(policy, request)
+    caller = caller_of(deciding, request, source, grant) if deciding is not None else NOBODY
+    result = asyncio.run(engine.decide_for(policy, request, grant, caller))
     decision = result.decision
     print(f"grant: {grant or '(none)'}", file=out)
-    if policy.callers:
-        print(f"caller: {_caller_text(policy, caller, decision.caller)}", file=out)
+    if decision.server is not None:
+        print(f"server: {decision.server or '(none)'}", file=out)
+    if deciding is not None and deciding.callers:
+        print(f"caller: {_caller_text(deciding, caller, decision.caller)}", file=out)
     for step in result.steps:
         _print_step(step, out)
     if decision.allowed:
@@ -504,14 +610,14 @@ async def _run_case(policy: Policy, case: Mapping[str, Any]) -> CheckResult:
         source,
         _case_claims(case),
         case.get("principal", ""),
+        case.get("server", ""),
     )
     grant = case.get("grant", DEFAULT_CASE_GRANT)
     if grant is None:
         grant = grant_of(request, source)
-    planned = plan(policy, request, grant, caller_of(policy, request, source, grant))
-    result = await engine.decide(planned)
+    result = await engine.decide_for(policy, request, grant)
     for _ in range(case.get("repeat", 1) - 1):
-        result = await engine.decide(planned)
+        result = await engine.decide_for(policy, request, grant)
     return result
 
 

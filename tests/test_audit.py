@@ -123,5 +123,5 @@ async def test_a_bug_denies_and_is_audited_and_counted_under_the_policy(
     exposition = generate_latest(metrics.registry).decode()
     assert (
         'mcp_authz_decisions_total{caller="other",decision="deny",reason="internal_error",'
-        'tool=""} 1.0' in exposition
+        'server="",tool=""} 1.0' in exposition
     )

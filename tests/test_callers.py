@@ -325,7 +325,7 @@ async def test_the_caller_reaches_audit_metrics_and_envoy_metadata(
         decision = "allow" if reason == "allowed" else "deny"
         assert (
             f'mcp_authz_decisions_total{{caller="{caller}",decision="{decision}",'
-            f'reason="{reason}",tool="start_dicom_export_job"}} 1.0'
+            f'reason="{reason}",server="",tool="start_dicom_export_job"}} 1.0'
         ) in scrape
     assert "alice" not in scrape and "mallory" not in scrape
 

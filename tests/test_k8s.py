@@ -18,6 +18,7 @@ a cluster.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import copy
@@ -68,6 +69,7 @@ KUSTOMIZATIONS = {
     "prod": K8S / "overlays" / "prod",
     "istio-sidecar": K8S / "istio" / "sidecar",
     "istio-central": K8S / "istio" / "central",
+    "istio-central-servers": K8S / "istio" / "central-servers",
 }
 WITH_ENVOY = ("dev", "prod")  # the kustomizations whose pod runs our own Envoy
 AUTHZ_SERVICE = "envoy.service.auth.v3.Authorization"
@@ -239,12 +241,18 @@ def test_the_schema_validation_rejects_a_typo() -> None:
 
 
 def test_every_manifest_file_is_rendered_or_documented() -> None:
-    """Each YAML under k8s/ is a kustomization, part of one, or the mesh config."""
+    """Each YAML under k8s/ is a kustomization, part of one (a resource or a generated
+    ConfigMap's file), or the mesh config."""
     referenced: set[Path] = {K8S / "istio/mesh-config.yaml"}
     for kustomization in K8S.rglob("kustomization.yaml"):
         referenced.add(kustomization)
         spec = yaml.safe_load(kustomization.read_text())
-        for entry in spec.get("resources", []):
+        generated = [
+            entry.rpartition("=")[2]
+            for generator in spec.get("configMapGenerator", [])
+            for entry in generator.get("files", [])
+        ]
+        for entry in [*spec.get("resources", []), *generated]:
             path = (kustomization.parent / entry).resolve()
             if path.is_file():
                 referenced.add(path)
@@ -559,9 +567,12 @@ def test_configmap_keys_match_mounts_and_references_resolve(name: str) -> None:
     # The policy is mounted as a directory (no subPath) from a ConfigMap with a fixed name,
     # so the kubelet updates the file in place and mcp-authz can hot-reload it.
     policy = config_maps["mcp-authz-policy"]
-    assert json.loads(policy["data"]["policy"]) == json.loads(
-        (ROOT / "examples/policy.json").read_text()
-    )
+    if name == "istio-central-servers":  # a policy with servers, its own file
+        assert policy["data"]["policy"] == (KUSTOMIZATIONS[name] / "policy.yaml").read_text()
+    else:
+        assert json.loads(policy["data"]["policy"]) == json.loads(
+            (ROOT / "examples/policy.json").read_text()
+        )
     for _, spec in pod_specs(docs):
         for container in spec["containers"]:
             for mount in container.get("volumeMounts", []):
@@ -908,6 +919,82 @@ def test_istio_central_topology_wiring() -> None:
 
 
 @needs_kubectl
+def test_istio_central_topology_with_two_mcp_servers() -> None:
+    """Two MCP workloads (ECS, HealthImaging) ask one central mcp-authz, whose policy picks
+    each server's rules by the destination's mTLS identity: checked by deciding calls with
+    the engine under the rendered policy, as the workloads' identities."""
+    docs = render("istio-central-servers")
+    namespace = find(docs, "Service", "mcp-authz")["metadata"]["namespace"]
+    identities = {}
+    for name, server in (("mcp-ecs", "ecs"), ("mcp-healthimaging", "healthimaging")):
+        workload = find(docs, "Deployment", name)
+        labels = pod_labels(workload)
+        assert labels["app.kubernetes.io/component"] == "mcp-server"
+        account = workload["spec"]["template"]["spec"]["serviceAccountName"]
+        find(docs, "ServiceAccount", account)
+        identities[server] = f"cluster.local/ns/{namespace}/sa/{account}"
+        # Every request to the workload goes through the central mcp-authz.
+        custom = find(docs, "AuthorizationPolicy", f"{name}-ext-authz")["spec"]
+        assert custom["action"] == "CUSTOM"
+        assert custom["provider"]["name"] == "mcp-authz-central"
+        assert custom["selector"]["matchLabels"].items() <= labels.items()
+        deny = find(docs, "AuthorizationPolicy", f"{name}-only-mcp")["spec"]
+        assert deny["action"] == "DENY"
+        assert deny["selector"]["matchLabels"].items() <= labels.items()
+        assert find(docs, "Service", name)["spec"]["selector"].items() <= labels.items()
+        # mTLS only: the identity the policy matches is always there.
+        peer = find(docs, "PeerAuthentication", "mcp-servers")["spec"]
+        assert peer["mtls"]["mode"] == "STRICT"
+        assert peer["selector"]["matchLabels"].items() <= labels.items()
+    hi = containers(find(docs, "Deployment", "mcp-healthimaging"))["healthimaging-mcp-server"]
+    assert "from awslabs.healthimaging_mcp_server.server import app" in hi["command"][2]
+    assert (
+        "from awslabs.healthimaging_mcp_server.server import app"
+        in (K8S / "healthimaging-mcp-server.Dockerfile").read_text()
+    )
+
+    # Both identities, and only they, may call Check.
+    callers = find(docs, "AuthorizationPolicy", "mcp-authz-callers")["spec"]["rules"][0]
+    assert sorted(callers["from"][0]["source"]["principals"]) == sorted(identities.values())
+
+    # The rendered policy: each server matches its workload's identity (the URI SAN form
+    # the check carries) and decides under its own rules; any other identity is refused.
+    from authz.engine import Engine, Reason
+    from authz.mcp import HttpRequest
+    from authz.policy import policy_from_bytes
+    from authz.store.memory import MemoryStore
+
+    text = by_original_name(docs, "ConfigMap", "mcp-authz-policy")["data"]["policy"]
+    policy = policy_from_bytes(text.encode(), "auto")
+    assert policy.servers is not None and set(policy.servers) == set(identities)
+    assert policy.server_principals == {
+        f"spiffe://{identity}": server for server, identity in identities.items()
+    }
+    engine = Engine(policy, MemoryStore())
+
+    def decide(tool: str, principal: str) -> Reason:
+        body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": tool}}
+        request = HttpRequest(
+            method="POST",
+            headers={"content-type": "application/json", "authorization": "Bearer t"},
+            body=json.dumps(body).encode(),
+            destination_principal=principal,
+            host=f"mcp-ecs.{namespace}.svc.cluster.local",  # the client's; never decides
+        )
+        return asyncio.run(engine.check(request)).decision.reason
+
+    ecs_id, hi_id = (f"spiffe://{identities[s]}" for s in ("ecs", "healthimaging"))
+    assert decide("containerize_app", ecs_id) is Reason.ALLOWED
+    assert decide("containerize_app", hi_id) is Reason.DENIED_BY_DEFAULT
+    assert decide("start_dicom_export_job", hi_id) is Reason.ALLOWED
+    assert decide("start_dicom_export_job", ecs_id) is Reason.DENIED_BY_DEFAULT
+    assert decide("containerize_app", "spiffe://cluster.local/ns/other/sa/x") is (
+        Reason.UNKNOWN_SERVER
+    )
+    assert decide("containerize_app", "") is Reason.UNKNOWN_SERVER
+
+
+@needs_kubectl
 @pytest.mark.parametrize("name", ["istio-sidecar+jwt", "istio-central+jwt"])
 def test_istio_jwt_component(name: str) -> None:
     """The JWT check under Istio means what envoy/envoy-jwt.yaml's does, and mcp-authz reads
@@ -1092,6 +1179,7 @@ def test_containers_run_as_their_image_user(name: str) -> None:
     users = {
         "mcp-authz": (ROOT / "Dockerfile").read_text(),
         "ecs-mcp-server": (K8S / "ecs-mcp-server.Dockerfile").read_text(),
+        "healthimaging-mcp-server": (K8S / "healthimaging-mcp-server.Dockerfile").read_text(),
     }
     for _, spec in pod_specs(render(name)):
         for container in spec["containers"]:

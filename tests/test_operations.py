@@ -301,6 +301,7 @@ def test_metrics_count_decisions_with_bounded_labels(stack: Stack) -> None:
             reason=reason,
             tool=tool,
             caller="other",
+            server="",
         )
 
     assert decided("allow", "allowed", "start_dicom_export_job") == EXPORT_LIMIT
@@ -310,8 +311,8 @@ def test_metrics_count_decisions_with_bounded_labels(stack: Stack) -> None:
     assert decided("allow", "allowed", "") >= 1  # tools/list
     assert decided("deny", "no_grant_identity", "delete_app") == 1
     assert decided("dry_run_deny", "denied_by_rule", "ecs_resource_management") == 1
-    assert value(scrape, "mcp_authz_limit_near_total", counter="dicom_exports") == 1
-    assert value(scrape, "mcp_authz_limit_exceeded_total", counter="dicom_exports") == 2
+    assert value(scrape, "mcp_authz_limit_near_total", counter="dicom_exports", server="") == 1
+    assert value(scrape, "mcp_authz_limit_exceeded_total", counter="dicom_exports", server="") == 2
     total = sum(v for (n, _), v in scrape.items() if n == "mcp_authz_decisions_total")
     assert value(scrape, "mcp_authz_check_duration_seconds_count") == total
     assert value(scrape, "mcp_authz_store_duration_seconds_count", op="acquire") == 7

@@ -93,8 +93,14 @@ def test_published_schema_is_the_one_the_loader_uses_and_editors_can_use() -> No
     schema = json.loads(SCHEMA_FILE.read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     editor = jsonschema.Draft202012Validator(schema)
-    examples = ("healthimaging.policy.json", "ecs.policy.yaml", "ecs-callers.policy.yaml")
-    for example in (*examples, "policy.json"):
+    examples = (
+        "healthimaging.policy.json",
+        "ecs.policy.yaml",
+        "ecs-callers.policy.yaml",
+        "policy.json",
+        "servers.policy.yaml",
+    )
+    for example in examples:
         path = ROOT / "examples" / example
         doc = parse_policy_text(path.read_text(), "yaml" if example.endswith("yaml") else "json")
         assert not list(editor.iter_errors(doc)), example

@@ -12,7 +12,8 @@ dict lookup and at most a few regex matches, never a scan over all rules.
 Modules: ``model`` (the compiled policy a check reads), ``load`` (files and text),
 ``validate`` (the published format), ``compile`` (document to model), ``schemas``
 (argument schemas), ``globs`` (glob keys), ``lint`` (never-matching warnings), ``texts``
-(PHI-safe argument error texts).
+(PHI-safe argument error texts), ``servers`` (a policy for several MCP servers: a body per
+server, estate-wide budgets).
 """
 
 from authz.policy.compile import compile_policy

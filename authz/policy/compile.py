@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from authz.catalogue import CLASS_ORDER
@@ -24,6 +25,7 @@ from authz.policy.model import (
     Rule,
     RuleTable,
     Scope,
+    ServerFile,
 )
 from authz.policy.params import param_headers
 from authz.policy.schemas import argument_validator
@@ -34,13 +36,29 @@ MAX_WINDOW_MS = 366 * 86_400_000
 _SECTIONS = {"tools": "tool", "resources": "resource", "prompts": "prompt"}
 
 
+@dataclass(frozen=True)
+class _Names:
+    """What the names in a policy's limits refer to: ``server``, the server of a policy with
+    servers whose counters they are (``""`` otherwise), and the estate-wide ``budgets``
+    a ``{budget: NAME}`` limit spends."""
+
+    server: str = ""
+    budgets: Mapping[str, Limit] = field(default_factory=dict)
+
+
 def _window_ms(text: str) -> int:
     if text in WINDOWS_MS:
         return WINDOWS_MS[text]
     return int(text[:-1]) * _UNIT_MS[text[-1]]
 
 
-def _limit(where: str, raw: Mapping[str, Any], errors: list[str]) -> Limit:
+def _limit(where: str, raw: Mapping[str, Any], errors: list[str], names: _Names) -> Limit:
+    if "budget" in raw:
+        budget = names.budgets.get(raw["budget"])
+        if budget is None:
+            errors.append(f"{where}.budget: no budget {raw['budget']!r} is defined under budgets")
+            return Limit(raw["budget"], 1_000, 1, Scope.GRANT, budget=True)
+        return replace(budget, callers=tuple(raw.get("callers", ())))
     window_ms = _window_ms(raw["window"])
     if window_ms > MAX_WINDOW_MS:
         errors.append(f"{where}.window: longer than 366 days")
@@ -57,7 +75,30 @@ def _limit(where: str, raw: Mapping[str, Any], errors: list[str]) -> Limit:
         cost=cost if isinstance(cost, int) else 1,
         cost_pointer=cost if isinstance(cost, str) else None,
         callers=tuple(raw.get("callers", ())),
+        server=names.server,
     )
+
+
+def budgets_of(
+    doc: Mapping[str, Any], broken: set[tuple[str | int, ...]], errors: list[str]
+) -> dict[str, Limit]:
+    """The estate-wide counters of ``budgets:``, by name. One the schema found broken (its
+    errors are reported already) stands in as a placeholder, so the rules naming it are
+    not reported as naming no budget."""
+    raw = doc.get("budgets", {})
+    if ("budgets",) in broken or not isinstance(raw, dict):
+        return {}
+    budgets = {}
+    for name, spec in raw.items():
+        if ("budgets", name) in broken:
+            budgets[name] = Limit(name, 1_000, 1, Scope.GRANT, budget=True)
+            continue
+        window_ms = _window_ms(spec["window"])
+        if window_ms > MAX_WINDOW_MS:
+            errors.append(f"budgets.{name}.window: longer than 366 days")
+        scope = Scope(spec.get("scope", "grant"))
+        budgets[name] = Limit(name, window_ms, spec["max"], scope, budget=True)
+    return budgets
 
 
 def _rule(
@@ -68,9 +109,11 @@ def _rule(
     policy_dry_run: bool,
     errors: list[str],
     warnings: list[str],
+    names: _Names,
 ) -> Rule:
     limits = tuple(
-        _limit(f"{where}.limits[{i}]", lim, errors) for i, lim in enumerate(raw.get("limits", ()))
+        _limit(f"{where}.limits[{i}]", lim, errors, names)
+        for i, lim in enumerate(raw.get("limits", ()))
     )
     arguments = None
     headers: tuple[ParamHeader, ...] = ()
@@ -83,7 +126,7 @@ def _rule(
         errors.append(f"{where}: a denied {noun} cannot have limits")
     if action is Action.DENY and arguments is not None:
         errors.append(f"{where}: a denied {noun} checks no arguments")
-    counters = [lim.counter for lim in limits]
+    counters = [(lim.budget, lim.counter) for lim in limits]
     if len(set(counters)) != len(counters):
         errors.append(f"{where}.limits: the same counter is listed twice")
     approval = None
@@ -119,19 +162,20 @@ def _entry(
     policy_dry_run: bool,
     errors: list[str],
     warnings: list[str],
+    names: _Names,
 ) -> Rule:
     """The rule of one key: a plain rule, or, when it depends on the caller (a list of
     variants, or one rule with ``callers``), an entry holding its variants."""
     where = f"{section}.{key}"
     if isinstance(raw, list):
         variants = tuple(
-            _rule(section, f"{where}[{i}]", key, v, policy_dry_run, errors, warnings)
+            _rule(section, f"{where}[{i}]", key, v, policy_dry_run, errors, warnings, names)
             for i, v in enumerate(raw)
         )
     elif "callers" in raw:
-        variants = (_rule(section, where, key, raw, policy_dry_run, errors, warnings),)
+        variants = (_rule(section, where, key, raw, policy_dry_run, errors, warnings, names),)
     else:
-        return _rule(section, where, key, raw, policy_dry_run, errors, warnings)
+        return _rule(section, where, key, raw, policy_dry_run, errors, warnings, names)
     everyone = next((v for v in variants if not v.callers), None)
     if everyone is not None and everyone is not variants[-1]:
         errors.append(
@@ -170,12 +214,12 @@ def _unknown_callers(rules: Iterable[Rule], known: Mapping[str, object]) -> list
 
 def _counter_conflicts(rules: Iterable[Rule]) -> list[str]:
     """Rules sharing a counter share one budget, so they must agree on what it counts."""
-    seen: dict[str, tuple[str, Limit, bool]] = {}
+    seen: dict[tuple[bool, str], tuple[str, Limit, bool]] = {}
     errors = []
     for rule in (variant for entry in rules for variant in _decided_by(entry)):
         for i, lim in enumerate(rule.limits):
             where, other, other_dry = seen.setdefault(
-                lim.counter, (f"{rule.where}.limits[{i}]", lim, rule.dry_run)
+                (lim.budget, lim.counter), (f"{rule.where}.limits[{i}]", lim, rule.dry_run)
             )
             if (other.window_ms, other.max, other.scope) != (lim.window_ms, lim.max, lim.scope):
                 errors.append(
@@ -190,7 +234,7 @@ def _counter_conflicts(rules: Iterable[Rule]) -> list[str]:
     return errors
 
 
-def _grants(raw: Mapping[str, Any] | None, errors: list[str]) -> GrantSource | None:
+def grants_of(raw: Mapping[str, Any] | None, errors: list[str]) -> GrantSource | None:
     if raw is None:
         return None
     source = Source(raw["source"])
@@ -215,18 +259,41 @@ def _grants(raw: Mapping[str, Any] | None, errors: list[str]) -> GrantSource | N
     )
 
 
-def compile_policy(doc: object, digest: str = "") -> Policy:
+def compile_policy(
+    doc: object,
+    digest: str = "",
+    *,
+    files: Mapping[str, ServerFile] | None = None,
+    previous: Policy | None = None,
+    server: str = "",
+    budgets: Mapping[str, Limit] | None = None,
+    estate_grants: GrantSource | None = None,
+) -> Policy:
     """Validate a parsed policy document and compile it, or raise :class:`PolicyError`.
 
     Rules the schema accepts are compiled even when others are broken, so one run
     reports the schema errors and the errors only compiling finds (ties, conflicting
     counters, unresolvable references) together.
+
+    A document with ``servers`` is compiled by :func:`authz.policy.servers.compile_servers`
+    (with the server ``files`` the loader read, and the ``previous`` policy whose servers a
+    broken file keeps), which compiles each server's body here, as ``server`` with the
+    estate's ``budgets`` and ``estate_grants`` (what the body's caller sets are checked
+    against).
     """
+    if isinstance(doc, dict) and "servers" in doc and not server:
+        # Imported here: that module compiles every server body with this function.
+        from authz.policy.servers import compile_servers
+
+        return compile_servers(doc, digest, files or {}, previous)
     found = schema_errors(doc)
     errors = [text for _, text in found]
     if not isinstance(doc, dict):
         raise PolicyError(errors)
     broken = {path[:2] for path, _ in found}
+    if budgets is None:
+        budgets = budgets_of(doc, broken, errors)
+    names = _Names(server, budgets)
     dry_run = doc.get("mode") == "dry-run"
     warnings: list[str] = []
     tables: dict[str, RuleTable] = {}
@@ -235,7 +302,7 @@ def compile_policy(doc: object, digest: str = "") -> Policy:
         if (section,) in broken or not isinstance(raw_rules, dict):
             continue
         rules = {
-            key: _entry(section, key, raw, dry_run, errors, warnings)
+            key: _entry(section, key, raw, dry_run, errors, warnings, names)
             for key, raw in raw_rules.items()
             if (section, key) not in broken
         }
@@ -248,7 +315,7 @@ def compile_policy(doc: object, digest: str = "") -> Policy:
         tables[section] = RuleTable(rules)
     raw_classes = doc.get("classes", {})
     class_rules = {
-        key: _entry("classes", key, raw, dry_run, errors, warnings)
+        key: _entry("classes", key, raw, dry_run, errors, warnings, names)
         for key, raw in (raw_classes.items() if isinstance(raw_classes, dict) else ())
         if ("classes", key) not in broken and key in CLASS_ORDER
     }
@@ -256,7 +323,11 @@ def compile_policy(doc: object, digest: str = "") -> Policy:
     every_rule += class_rules.values()
     errors += _counter_conflicts(every_rule)
     grants_ok = not any(path[:1] == ("grants",) for path in broken)
-    grants = _grants(doc.get("grants"), errors) if grants_ok else None
+    if server:
+        # A server's caller sets are checked against the estate's grants, said at the top.
+        grants, grants_ok = estate_grants, True
+    else:
+        grants = grants_of(doc.get("grants"), errors) if grants_ok else None
     raw_callers = doc.get("callers")
     raw_callers = raw_callers if isinstance(raw_callers, dict) else {}
     # A broken grants section is reported already: check the sets as if it were jwt.
@@ -291,4 +362,6 @@ def compile_policy(doc: object, digest: str = "") -> Policy:
         resource_metadata=resource_metadata if isinstance(resource_metadata, str) else "",
         classes=class_rules,
         deny_unlisted=doc.get("unlisted_tools") == "deny",
+        server=server,
+        budgets=budgets,
     )

@@ -10,7 +10,8 @@ from typing import Any
 import yaml
 
 from authz.policy.compile import compile_policy
-from authz.policy.model import Policy, PolicyError
+from authz.policy.model import Policy, PolicyError, ServerFile
+from authz.policy.servers import server_file_paths
 
 
 def _duplicate_free(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -79,19 +80,52 @@ def syntax_of(path: str | Path) -> str:
     return "json" if suffix == ".json" else "auto"
 
 
-def policy_from_bytes(raw: bytes, syntax: str = "json") -> Policy:
-    """Parse, validate and compile a policy file's content; the digest is of the bytes."""
+def _parse_bytes(raw: bytes, syntax: str) -> object:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise PolicyError(["(file): not UTF-8"]) from None
-    return compile_policy(parse_policy_text(text, syntax), hashlib.sha256(raw).hexdigest())
+    return parse_policy_text(text, syntax)
 
 
-def load_policy(path: str | Path) -> Policy:
-    """Read, validate and compile a policy file (see :func:`syntax_of`)."""
+def read_server_file(server: str, path: Path) -> ServerFile:
+    """A server's policy file, read and parsed; what went wrong names the file. Its digest
+    is of its bytes (``unreadable: ...`` when it cannot be read, as the watcher says)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        error = f"{path}: (file): cannot read: {exc.strerror}"
+        return ServerFile(server, str(path), f"unreadable: {exc.strerror}", errors=(error,))
+    digest = hashlib.sha256(raw).hexdigest()
+    try:
+        doc = _parse_bytes(raw, syntax_of(path))
+    except PolicyError as exc:
+        errors = tuple(f"{path}: {e}" for e in exc.errors)
+        return ServerFile(server, str(path), digest, errors=errors)
+    return ServerFile(server, str(path), digest, doc)
+
+
+def policy_from_bytes(
+    raw: bytes, syntax: str = "json", *, base: Path | None = None, previous: Policy | None = None
+) -> Policy:
+    """Parse, validate and compile a policy file's content; the digest is of the bytes.
+
+    Server files (``servers.NAME: {file: PATH}``) are read relative to ``base``, the main
+    file's directory; a broken one keeps its server of the ``previous`` policy, if any.
+    """
+    doc = _parse_bytes(raw, syntax)
+    files = {
+        name: read_server_file(name, (base or Path()) / path)
+        for name, path in server_file_paths(doc).items()
+    }
+    return compile_policy(doc, hashlib.sha256(raw).hexdigest(), files=files, previous=previous)
+
+
+def load_policy(path: str | Path, previous: Policy | None = None) -> Policy:
+    """Read, validate and compile a policy file (see :func:`syntax_of`), with its server
+    files (see :func:`policy_from_bytes`)."""
     try:
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise PolicyError([f"(file): cannot read {path}: {exc.strerror}"]) from None
-    return policy_from_bytes(raw, syntax_of(path))
+    return policy_from_bytes(raw, syntax_of(path), base=Path(path).parent, previous=previous)

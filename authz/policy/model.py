@@ -54,6 +54,10 @@ class Limit:
     cost: int = 1
     cost_pointer: str | None = None
     callers: tuple[str, ...] = ()
+    # Namespaces (see authz.engine.counter_key): a counter of one server of a policy with
+    # servers is that server's alone; a budget (``counter`` is its name) is the estate's.
+    server: str = ""
+    budget: bool = False
 
     @property
     def window_text(self) -> str:
@@ -66,7 +70,8 @@ class Limit:
         return f"{self.window_ms // 1000} s"
 
     def describe(self) -> str:
-        """``counter 'c': 10 per minute per grant, cost /studyCount``: for tooling output."""
+        """``counter 'c': 10 per minute per grant, cost /studyCount``: for tooling output
+        (``budget 'writes': ...`` for an estate-wide budget)."""
         cost = "" if self.cost_pointer is None and self.cost == 1 else ", cost "
         if self.cost_pointer is not None:
             cost += f"from arguments {self.cost_pointer}"
@@ -75,7 +80,8 @@ class Limit:
         scope = "for all callers" if self.scope is Scope.GLOBAL else f"per {self.scope.value}"
         per = f"{self.max} per {self.window_text} {scope}"
         only = f", only for {', '.join(self.callers)}" if self.callers else ""
-        return f"counter '{self.counter}': {per}{cost}{only}"
+        kind = "budget" if self.budget else "counter"
+        return f"{kind} '{self.counter}': {per}{cost}{only}"
 
     def cost_of(self, arguments: Mapping[str, Any]) -> int | str:
         """What a call with ``arguments`` spends, or why that cannot be known (a problem
@@ -245,6 +251,30 @@ class Policy:
     resource_metadata: str = ""
     classes: Mapping[str, Rule] = field(default_factory=dict)
     deny_unlisted: bool = False
+    # The name of a server of a policy with servers (its counters' namespace).
+    server: str = ""
+    # The estate-wide counters a ``{budget: NAME}`` limit spends.
+    budgets: Mapping[str, Limit] = field(default_factory=dict)
+    # A policy with servers: each server's policy by name, the servers the Istio
+    # destination (principal, host) selects, the server files read (server, path, SHA-256
+    # of the bytes), and the errors of broken files whose server kept its previous version.
+    servers: Mapping[str, Policy] | None = None
+    server_principals: Mapping[str, str] = field(default_factory=dict)
+    server_hosts: Mapping[str, str] = field(default_factory=dict)
+    files: tuple[ServerFile, ...] = ()
+    kept: tuple[str, ...] = ()
+
+    def server_name(self, route: str, principal: str, host: str) -> str:
+        """The server a check is for: the one the Envoy route names (``route``, its
+        ``mcp_server`` context extension), else the one whose ``match`` lists the
+        destination's mTLS ``principal``, else its ``host``; ``""`` when none does.
+
+        The route and the principal come from Envoy and the mesh, and win over the host
+        (the request's authority, which the client chose)."""
+        if route:
+            return route
+        name = self.server_principals.get(principal) if principal else None
+        return name or self.server_hosts.get(bare_host(host), "")
 
     def rule_for_tool(self, name: str, hints: Annotations = UNSTATED) -> Rule:
         """The rule of a tool: its exact name, then the glob with the longest literal
@@ -266,6 +296,28 @@ class Policy:
 
     def rule_for_prompt(self, name: str) -> Rule:
         return self.prompts.match(name) or self.default
+
+
+@dataclass(frozen=True)
+class ServerFile:
+    """A server's policy file (``servers.NAME: {file: PATH}``) as the loader read it:
+    ``path`` resolved, the SHA-256 of its bytes, and its parsed document, or the errors
+    that kept it from being read or parsed (each naming the file)."""
+
+    server: str
+    path: str
+    digest: str
+    doc: object = None
+    errors: tuple[str, ...] = ()
+
+
+def bare_host(host: str) -> str:
+    """A request authority without its port, lower-case: ``Ecs.Example:8000`` -> ``ecs.example``."""
+    host = host.lower()
+    if host.startswith("["):
+        return host.partition("]")[0] + "]"
+    name, colon, port = host.rpartition(":")
+    return name if colon and port.isdigit() else host
 
 
 class PolicyError(Exception):

@@ -92,7 +92,7 @@ function renderPending(pending) {
       digest.title = a.arguments_sha256;
       row.append(
         cell(a.id, "mono"),
-        cell(a.tool),
+        cell(a.server ? `${a.server}/${a.tool}` : a.tool),
         cell(a.caller_set || a.grant, "mono"),
         cell(a.argument_names.join(", "), "mono"),
         digest,
@@ -116,7 +116,7 @@ function renderDecided(decided) {
     row.dataset.approvalId = a.id;
     row.append(
       cell(a.id, "mono"),
-      cell(a.tool),
+      cell(a.server ? `${a.server}/${a.tool}` : a.tool),
       cell(a.caller_set || a.grant, "mono"),
       cell(a.state, `state-${a.state}`),
       cell(a.operator),
@@ -136,7 +136,7 @@ function renderDenials(denials, capacity) {
     const row = document.createElement("tr");
     row.append(
       cell(d.time ? d.time.replace("T", " ").replace("Z", "") : ""),
-      cell(d.tool || d.method),
+      cell(d.server ? `${d.server}/${d.tool || d.method}` : d.tool || d.method),
       cell(d.reason, "mono"),
       cell(d.decision === "dry_run_deny" ? "dry run (allowed)" : "denied"),
       cell(d.caller_set || d.grant, "mono"),

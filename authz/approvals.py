@@ -44,6 +44,9 @@ class Binding:
     # The MCP server, under a policy with servers ("" otherwise, which keeps the keys of
     # approvals made before servers existed).
     server: str = ""
+    # The caller set the caller was recognised as (policies with caller sets): shown to the
+    # operator; not part of the key, since the grant already names the caller.
+    caller: str = ""
 
     @property
     def key(self) -> str:
@@ -72,6 +75,9 @@ class Approval:
     operator: str = ""
     reason: str = ""
     server: str = ""
+    caller: str = ""
+    # When an operator approved or rejected it (Unix seconds); 0 while pending.
+    decided_at: float = 0.0
 
     def public(self) -> dict[str, Any]:
         """The JSON form the admin API and the Redis book use (no argument values exist
@@ -100,6 +106,8 @@ class Approval:
             operator=str(data.get("operator") or ""),
             reason=str(data.get("reason") or ""),
             server=str(data.get("server") or ""),
+            caller=str(data.get("caller") or ""),
+            decided_at=float(data.get("decided_at") or 0.0),
         )
 
 
@@ -175,4 +183,5 @@ def new_request(binding: Binding, ttl_s: float, uses: int, notify: str, now: flo
         ttl_s=ttl_s,
         notify=notify,
         server=binding.server,
+        caller=binding.caller,
     )

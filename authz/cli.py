@@ -159,8 +159,10 @@ def _approvals(args: argparse.Namespace) -> int:
         for item in body["approvals"]:
             names = ",".join(item["argument_names"])
             server = f"{item['server']}/" if item.get("server") else ""
+            caller = f"caller={item['caller']}  " if item.get("caller") else ""
             print(
-                f"{item['id']}  {item['state']:<9} {server}{item['tool']}  grant={item['grant']}  "
+                f"{item['id']}  {item['state']:<9} {server}{item['tool']}  {caller}"
+                f"grant={item['grant']}  "
                 f"args=[{names}] sha256={item['arguments_sha256'][:12]}  "
                 f"expires={time.strftime('%H:%M:%S', time.localtime(item['expires_at']))}"
             )

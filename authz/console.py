@@ -135,9 +135,9 @@ def _same_origin(request: web.Request) -> bool:
 
 def view(approval: Approval, decided_at: float | None) -> dict[str, Any]:
     """What the page shows of an approval: names and digest, never an argument value."""
-    # The record has no caller set and no decision time yet: shown once it carries them.
-    public = approval.public()
-    if decided_at is None and approval.state in (State.APPROVED, State.CONSUMED):
+    if approval.decided_at:
+        decided_at = approval.decided_at
+    elif decided_at is None and approval.state in (State.APPROVED, State.CONSUMED):
         # Approving restarts the approval's time: it expires one ttl after the decision.
         decided_at = approval.expires_at - approval.ttl_s
     return {
@@ -145,13 +145,13 @@ def view(approval: Approval, decided_at: float | None) -> dict[str, Any]:
         "tool": approval.tool,
         "server": approval.server or None,
         "grant": approval.grant,
-        "caller_set": public.get("caller_set"),
+        "caller_set": approval.caller or None,
         "argument_names": list(approval.argument_names),
         "arguments_sha256": approval.arguments_sha256,
         "state": approval.state.value,
         "created_at": approval.created_at,
         "expires_at": approval.expires_at,
-        "decided_at": public.get("decided_at") or decided_at,
+        "decided_at": decided_at,
         "uses_left": approval.uses_left,
         "notify": approval.notify,
         "operator": approval.operator,

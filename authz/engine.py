@@ -825,6 +825,7 @@ class Engine:
             argument_names=tuple(sorted(msg.arguments)),
             policy_digest=policy_digest,
             server=server,
+            caller=denial.caller or "",
         )
         spec = rule.approval
         try:

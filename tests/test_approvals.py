@@ -106,8 +106,10 @@ async def test_pending_is_not_duplicated(book: ApprovalBook) -> None:
 
 async def test_approved_once_then_pending_again(book: ApprovalBook) -> None:
     opened = (await book.gate(binding(), 60, 1, "")).approval
+    assert opened.decided_at == 0
     decided = await book.decide(opened.id, True, "alice", "")
     assert decided is not None and decided.state is State.APPROVED and decided.operator == "alice"
+    assert decided.decided_at >= opened.created_at  # the record says when it was decided
     used = await book.gate(binding(), 60, 1, "")
     assert used.verdict is Verdict.APPROVED and used.approval.uses_left == 0
     after = await book.gate(binding(), 60, 1, "")
@@ -139,6 +141,7 @@ async def test_reject_carries_the_reason(book: ApprovalBook) -> None:
     opened = (await book.gate(binding(), 60, 1, "")).approval
     rejected = await book.decide(opened.id, False, "bob", "not this datastore")
     assert rejected is not None and rejected.state is State.REJECTED
+    assert rejected.decided_at >= opened.created_at
     gate = await book.gate(binding(), 60, 1, "")
     assert gate.verdict is Verdict.REJECTED
     assert (gate.approval.reason, gate.approval.operator) == ("not this datastore", "bob")

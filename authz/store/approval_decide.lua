@@ -31,6 +31,7 @@ if approval.state ~= 'pending' then
   return {'conflict', raw}
 end
 approval.operator = ARGV[4]
+approval.decided_at = now / 1000
 if op == 'approve' then
   -- An approved call may be made `uses` times within a fresh ttl (the rule's) from now.
   local expires_ms = now + math.floor(approval.ttl_s * 1000)

@@ -77,15 +77,19 @@ class MemoryApprovals:
         key, current = found
         if current.state is not State.PENDING:
             raise NotPending(current.state)
+        now = time.time()
         if approve:
             decided = replace(
                 current,
                 state=State.APPROVED,
                 operator=operator,
-                expires_at=time.time() + current.ttl_s,
+                expires_at=now + current.ttl_s,
+                decided_at=now,
             )
         else:
-            decided = replace(current, state=State.REJECTED, operator=operator, reason=reason)
+            decided = replace(
+                current, state=State.REJECTED, operator=operator, reason=reason, decided_at=now
+            )
         self._by_binding[key] = decided
         return decided
 

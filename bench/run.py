@@ -7,6 +7,9 @@ differs between configurations:
 1. no ext_authz (the ceiling);
 2. the no-op Python gRPC ext_authz (``bench/noop_authz.py``, the Python floor);
 3. ``mcp-authz``, reference policy, limits that never deny, Redis store;
+   3c. the same on the mix without its ``tools/list`` requests, and 3n the same again with
+   Envoy without the list filter (no ext_proc filter, no routes for marked requests, no
+   route cache clearing): what the list filter costs a request that is not a list;
 4. the same with the memory store;
 5. the same as 3 with a 1,000-tool policy;
 6. ``mcp-authz --workers N`` for N = 1, 2 and the number of cores (Redis store);
@@ -65,7 +68,7 @@ WARMUP_S = 3
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # The configurations whose saturation runs twice (see main).
-REPEATED = ("1", "2", "3", "5", "7", "8")
+REPEATED = ("1", "2", "3", "5", "3c", "3n", "7", "8")
 
 # Targets of issue #8.
 TARGET_FLOOR_RATIO = 0.85
@@ -75,6 +78,8 @@ TARGET_PER_CORE = 0.85
 # Targets of issue #16 (the HTTP transport).
 TARGET_HTTP_OVER_GRPC_FLOOR = 1.0
 TARGET_HTTP_ADDED_P99_MS = 1.0
+# Target of issue #15 (the list filter): 3n/3c throughput, a non-list request's cost.
+TARGET_LIST_FILTER_RATIO = 0.95
 
 
 _SCRIPT_COMMANDS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
@@ -88,6 +93,8 @@ class Config:
     pinned: bool = True
     workers: int = 1
     transport: str = "grpc"  # or "http": Envoy's HTTP ext_authz mode, envoy-http.yaml
+    list_filter: bool = True  # False: Envoy without the ext_proc list filter and its routes
+    lists: bool = True  # False: the mix without its tools/list requests
 
 
 @dataclass
@@ -159,18 +166,22 @@ def envoy_config(
     authz: int | None,
     list_filter: int | None = None,
     transport: str = "grpc",
+    with_list_filter: bool = True,
 ) -> Path:
     """``envoy/envoy.yaml`` (``envoy-http.yaml`` for the HTTP transport) with ports changed,
     ``/mcp`` answered by Envoy itself, the access log off (it measures Envoy's stdout, not
     the check), and, for configuration 1, no ext_authz filter. ``authz``: the ext_authz
     port; ``list_filter``: the list filter's gRPC port, where it is not ``authz`` (the HTTP
-    transport)."""
+    transport). ``with_list_filter=False``: Envoy as it was before the list filter, to
+    measure what the filter costs the other requests (configuration 3n)."""
     config: dict[str, Any] = yaml.safe_load(ENVOY_CONFIGS[transport].read_text())
     config["admin"]["address"]["socket_address"]["port_value"] = admin
     listener = config["static_resources"]["listeners"][0]
     listener["address"]["socket_address"].update(address="127.0.0.1", port_value=listen)
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     hcm.pop("access_log", None)
+    if not with_list_filter:
+        _without_list_filter(hcm)
     for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
         if route["match"].get("path") == "/mcp":
             route.pop("route")
@@ -195,6 +206,38 @@ def envoy_config(
     path = tmp / f"envoy-{listen}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def _without_list_filter(hcm: dict[str, Any]) -> None:
+    """Remove from the connection manager ``hcm`` everything the list filter added: the
+    ext_proc filter, the routes of the requests ext_authz marks (``x-mcp-authz-*``), the
+    removal of clients' copies of those marks, and ext_authz's route cache clearing (it
+    exists so that a marked request finds its route)."""
+    marks = "x-mcp-authz-"
+    hcm["http_filters"] = [
+        f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"
+    ]
+    for http_filter in hcm["http_filters"]:
+        typed = http_filter["typed_config"]
+        typed.pop("clear_route_cache", None)
+        mutations = typed.get("mutations", {})
+        if "request_mutations" in mutations:
+            mutations["request_mutations"] = [
+                m
+                for m in mutations["request_mutations"]
+                if not m.get("remove", "").startswith(marks)
+            ]
+    virtual_host = hcm["route_config"]["virtual_hosts"][0]
+    virtual_host["routes"] = [
+        route
+        for route in virtual_host["routes"]
+        if not any(h["name"].startswith(marks) for h in route["match"].get("headers", ()))
+    ]
+    for route in virtual_host["routes"]:
+        per_filter = route.pop("typed_per_filter_config", {})
+        per_filter.pop("envoy.filters.http.ext_proc", None)
+        if per_filter:
+            route["typed_per_filter_config"] = per_filter
 
 
 def cpu_sets() -> tuple[str | None, str | None]:
@@ -366,6 +409,7 @@ def serving(config: Config, tmp: Path, store: RedisServer) -> Iterator[Serving]:
                 authz=check_port if config.authz else None,
                 list_filter=grpc_port,
                 transport=config.transport,
+                with_list_filter=config.list_filter,
             )
         ),
         "--concurrency",
@@ -591,7 +635,11 @@ def render(
         "connection, so Envoy opens several connections, which `--workers` needs). "
         "Configuration 1 has no ext_authz filter; 7 and 8 use `envoy/envoy-http.yaml` (Envoy's "
         "HTTP ext_authz mode, HTTP/1.1 connections to the authorization service) changed the "
-        "same way.",
+        "same way. 3n has `envoy/envoy.yaml` without the list filter: no ext_proc filter, no "
+        "routes for the requests ext_authz marks (`x-mcp-authz-*`), no removal of clients' "
+        "copies of those marks, no `clear_route_cache`. 3c and 3n replay the mix without its "
+        "`tools/list` requests (the only ones that go through the list filter), so that "
+        "3n/3c is what the filter costs every other request.",
         f"- Load: wrk {host['wrk']} with `bench/mix.lua` replaying {setup['requests']:,} "
         f"pre-rendered requests: {setup['calls']:,} `tools/call` (bodies {setup['body_min']:,} "
         f"to {setup['body_max']:,} B, median {setup['body_median']:,} B), "
@@ -599,7 +647,7 @@ def render(
         f"{mix.GRANTS:,} grants (one bearer token each); {setup['limited_share']:.0%} of the "
         "requests call a tool with a limit (a Redis round trip), the rest need no counter.",
         f"- Saturation: {SATURATION_CONNECTIONS} connections for {setup['seconds']:.0f} s after "
-        f"a {WARMUP_S} s warm-up. Run order 1, 2, 3, 5, 4, 7, 8, 6, then "
+        f"a {WARMUP_S} s warm-up. Run order 1, 2, 3, 5, 3c, 3n, 4, 7, 8, 6, then "
         f"{', '.join(reversed(REPEATED))}"
         " again (the better saturation run, and the fixed-rate run with the lower p99, of "
         "those count, so that the ratios of the targets are not decided by a burst of load "
@@ -673,6 +721,19 @@ def render(
         f"| 5 within {TARGET_POLICY_SIZE:.0%} of 3 | {size_ratio:.3f} | "
         f"{_verdict(abs(size_ratio - 1) <= TARGET_POLICY_SIZE)} |",
     ]
+    if "3c" in by and "3n" in by:
+        with_filter, without_filter = by["3c"], by["3n"]
+        filter_ratio = with_filter.saturation.rps / without_filter.saturation.rps
+        lines += [
+            f"| 3c/3n throughput ≥ {TARGET_LIST_FILTER_RATIO} (the list filter costs a "
+            f"request that is not a list at most {1 - TARGET_LIST_FILTER_RATIO:.0%}) | "
+            f"{filter_ratio:.3f} ({with_filter.saturation.rps:,.0f} / "
+            f"{without_filter.saturation.rps:,.0f}) | "
+            f"{_verdict(filter_ratio >= TARGET_LIST_FILTER_RATIO)} |",
+            f"| p99 at {rate:g}/s with the list filter (3c) / without (3n) (reported) | "
+            f"{_ms(with_filter.paced.latency_us['p99'])} / "
+            f"{_ms(without_filter.paced.latency_us['p99'])} ms | - |",
+        ]
     if "8" in by:
         eight = by["8"]
         http_ratio = eight.saturation.rps / two.saturation.rps
@@ -787,9 +848,26 @@ def configurations(tmp: Path, store_url: str) -> list[Config]:
             transport="http",
         ),
     ]
-    # 5 runs right after 3, so that a change in the machine's load between them (it is
-    # shared) weighs as little as possible on the 5/3 ratio; the report sorts by number.
+    # 5 runs right after 3, and 3n right after 3c, so that a change in the machine's load
+    # between them (it is shared) weighs as little as possible on the 5/3 and 3n/3c ratios;
+    # the report sorts by key.
     configs[3], configs[4] = configs[4], configs[3]
+    configs[4:4] = [
+        Config(
+            "3c",
+            "mcp-authz, Redis store, the mix without its tools/list requests",
+            [authz, "serve", "--policy", str(ref), *redis_store],
+            lists=False,
+        ),
+        Config(
+            "3n",
+            "as 3c, Envoy without the list filter (no ext_proc filter, no routes for the "
+            "requests ext_authz marks, no route cache clearing)",
+            [authz, "serve", "--policy", str(ref), *redis_store],
+            lists=False,
+            list_filter=False,
+        ),
+    ]
     for n in sorted({1, 2, cores}):
         configs.append(
             Config(
@@ -892,11 +970,13 @@ def main() -> int:
     }
     with tempfile.TemporaryDirectory(prefix="mcp-authz-bench-") as name:
         tmp = Path(name)
-        inputs = tmp / "mix.bin"
-        mix.write_wrk_input(reqs, inputs)
+        inputs = {True: tmp / "mix.bin", False: tmp / "mix-without-lists.bin"}
+        mix.write_wrk_input(reqs, inputs[True])
+        mix.write_wrk_input([r for r in reqs if r.method != "tools/list"], inputs[False])
         with running_redis(tmp) as store:
             if args.profile:
-                profile(tmp, inputs, args.seconds, store, ROOT / ".run" / "profile-stacks.txt")
+                stacks = ROOT / ".run" / "profile-stacks.txt"
+                profile(tmp, inputs[True], args.seconds, store, stacks)
                 return 0
             configs = configurations(tmp, store.url)
             if args.only:
@@ -905,7 +985,8 @@ def main() -> int:
             results = []
             for config in configs:
                 print(f"bench: configuration {config.key}: {config.title}", flush=True)
-                result = run_config(config, tmp, inputs, args.seconds, args.rate, store)
+                mix_file = inputs[config.lists]
+                result = run_config(config, tmp, mix_file, args.seconds, args.rate, store)
                 print(
                     f"  {result.saturation.rps:,.0f} req/s; p99 "
                     f"{_ms(result.paced.latency_us['p99'])} ms at {result.paced.rps:,.0f}/s; "
@@ -916,20 +997,26 @@ def main() -> int:
                     flush=True,
                 )
                 results.append(result)
-            # The targets compare 3 with 2 and 5 with 3, and 3's p99 with 1's: these run
+            # The targets compare 3 with 2, 5 with 3 and 3n with 3c, and 3's p99 with 1's:
+            # these run
             # again in the reverse order and the better run counts, so that a passing burst
             # of load from elsewhere on the machine hurts neither side of a ratio alone.
             for n, result in reversed(list(enumerate(results))):
                 if result.config.key in REPEATED:
                     print(f"bench: configuration {result.config.key} again", flush=True)
+                    mix_file = inputs[result.config.lists]
                     results[n] = run_config(
-                        result.config, tmp, inputs, args.seconds, args.rate, store, result
+                        result.config, tmp, mix_file, args.seconds, args.rate, store, result
                     )
                     print(
                         f"  {results[n].saturation.rps:,.0f} req/s, p99 "
                         f"{_ms(results[n].paced.latency_us['p99'])} ms (best)",
                         flush=True,
                     )
+            by = {r.config.key: r for r in results}
+            if "3c" in by and "3n" in by:
+                ratio = by["3c"].saturation.rps / by["3n"].saturation.rps
+                print(f"bench: 3c/3n throughput {ratio:.3f}", flush=True)
             print("bench: Redis round trips per check", flush=True)
             reference = next(c for c in configurations(tmp, store.url) if c.key == "3")
             trips = round_trips(reference, tmp, store, reqs)

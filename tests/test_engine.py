@@ -15,7 +15,9 @@ import pytest
 from msgspec.structs import replace
 
 from authz import envoy, records
-from authz.engine import Decision, Engine, Reason, counter_key
+from authz.decision import Decision, Reason
+from authz.engine import Engine
+from authz.plan import counter_key
 from authz.mcp import HttpRequest
 from authz.pb import external_auth_pb2
 from authz.policy import PolicyError, compile_policy

@@ -20,7 +20,9 @@ import yaml
 
 from authz import envoy, tooling
 from authz.approvals import Binding
-from authz.engine import CheckResult, Engine, Reason, counter_key
+from authz.decision import CheckResult, Reason
+from authz.engine import Engine
+from authz.plan import counter_key
 from authz.mcp import HttpRequest
 from authz.metrics import Metrics, server_label
 from authz.pb import external_auth_pb2

@@ -71,7 +71,6 @@ def _task_event(result: CheckResult) -> str | None:
     return None
 
 
-
 class Engine:
     """Decides requests. ``policy`` may be replaced at any time (hot reload, through
     :meth:`swap`): a check reads it once at its start and finishes on that policy."""

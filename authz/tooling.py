@@ -27,8 +27,8 @@ import jsonschema
 from authz import mcp
 from authz.decision import CheckResult, Decision, Reason, Step
 from authz.engine import Engine
-from authz.plan import caller_of, server_policy
 from authz.grants import JWT_NAMESPACE, GrantSource, Source, grant_of
+from authz.plan import caller_of, server_policy
 from authz.policy import (
     Action,
     Policy,

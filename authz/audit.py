@@ -35,7 +35,7 @@ import orjson
 
 from authz import denials
 from authz.approvals import Approval
-from authz.engine import CheckResult
+from authz.decision import CheckResult
 from authz.listing import ListFiltered
 from authz.policy import Policy
 

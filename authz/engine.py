@@ -1,23 +1,17 @@
-"""The decision for one HTTP request under the current policy, with counters from a store.
+"""The engine: decides requests under the policy in force, with counters from a store.
 
-The order of the steps is the order of trust: transport checks, strict parsing, header and
-body agreement, identity, the rule of every message (action, arguments, costs), and only
-when every message passes, one all-or-nothing spend against the counters (a denied call
-consumes no budget).
-
-:func:`plan` does everything but the spend and is pure, so ``mcp-authz explain`` shows
-what a request would touch without consuming anything; :meth:`Engine.check` spends.
+It plans a request (:func:`authz.plan.plan`, pure), then, when every message passes, gates
+approvals and makes one all-or-nothing spend against the counters (a denied call consumes no
+budget).
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 import msgspec
 from msgspec.structs import replace
@@ -25,550 +19,23 @@ from msgspec.structs import replace
 from authz import mcp, records
 from authz.approvals import Approval, ApprovalBook, Binding, Verdict
 from authz.catalogue import Annotations, Catalogue
+from authz.decision import CheckResult, CounterState, Decision, Reason, Spend, Step
 from authz.grants import BEARER, GrantSource, Source, claims_of, grant_of
 from authz.listing import LIST_METHODS
-from authz.policy import Action, Limit, Policy, PolicyError, Rule, Scope
+from authz.plan import (
+    MAX_ECHOED_NAME,
+    NO_CATALOGUE,
+    Plan,
+    caller_of,
+    plan,
+    server_policy,
+    subject_of,
+)
+from authz.policy import Policy, PolicyError, Rule, Scope
 from authz.policy.callers import NOBODY, Caller, identity_of, recognise
 from authz.store import Charge, CounterStore, Outcome, StoreUnavailable
 
 log = logging.getLogger("mcp_authz")
-
-# Lifecycle and listing methods pass under any policy: an agent must be able to connect
-# and discover what exists; the calls that act are what the policy governs. Unsubscribing
-# only stops notifications.
-UNGOVERNED = frozenset(
-    {
-        "initialize",
-        "ping",
-        "tools/list",
-        "resources/list",
-        "resources/templates/list",
-        "resources/unsubscribe",
-        "prompts/list",
-        "server/discover",
-        # Lists only the caller's own tasks (filtered from the response, authz.records).
-        mcp.TASK_LIST,
-    }
-)
-
-# Methods that carry no body and only open or close a stream or session.
-BODYLESS_METHODS = frozenset({"GET", "DELETE", "HEAD", "OPTIONS"})
-
-PARTIAL_BODY_HEADER = "x-envoy-auth-partial-body"
-
-# Before anything is learnt: every tool counts as the specification's defaults say.
-NO_CATALOGUE = Catalogue()
-
-
-class Reason(enum.Enum):
-    """The fixed set of reason codes (metrics labels, logs, the reply's ``data.reason``).
-
-    Each carries the HTTP status and the JSON-RPC error code of its reply. The codes
-    -32051..-32053 are in JSON-RPC's server-error range and unused by the MCP spec
-    (which assigns -32002 and -32042); protocol refusals use JSON-RPC's -32600, except
-    those MCP 2026-07-28 gives a code of its own (HeaderMismatch -32020,
-    UnsupportedProtocolVersion -32022).
-    """
-
-    ALLOWED = ("allowed", 200, 0)
-    DENIED_BY_RULE = ("denied_by_rule", 403, -32051)
-    DENIED_BY_DEFAULT = ("denied_by_default", 403, -32051)
-    ARGUMENTS_INVALID = ("invalid_arguments", 403, -32051)
-    APPROVAL_REQUIRED = ("approval_required", 403, -32051)
-    APPROVAL_REJECTED = ("approval_rejected", 403, -32051)
-    CALLER_NOT_PERMITTED = ("caller_not_permitted", 403, -32051)
-    UNKNOWN_TOOL = ("unknown_tool", 403, -32051)
-    NO_GRANT = ("no_grant_identity", 403, -32051)
-    UNKNOWN_SERVER = ("unknown_server", 403, -32051)
-    RATE_LIMITED = ("rate_limited", 429, -32052)
-    STORE_UNAVAILABLE = ("store_unavailable", 503, -32053)
-    INTERNAL_ERROR = ("internal_error", 503, -32053)
-    MALFORMED = ("malformed_request", 400, -32600)
-    HEADER_MISMATCH = ("header_mismatch", 400, -32020)
-    UNSUPPORTED_MEDIA = ("unsupported_media_type", 415, -32600)
-    PARTIAL_BODY = ("partial_body", 413, -32600)
-    METHOD_NOT_ALLOWED = ("method_not_allowed", 405, -32600)
-    UNSUPPORTED_VERSION = ("unsupported_protocol_version", 400, -32022)
-    TASK_NOT_OWNED = ("task_not_owned", 403, -32051)
-
-    def __init__(self, code: str, status: int, rpc_code: int) -> None:
-        self.code = code
-        self.status = status
-        self.rpc_code = rpc_code
-
-
-# Denials a rule in dry-run mode turns into "would deny". Identity and protocol refusals
-# stay enforced: they say nothing about the policy being tried out.
-DRY_RUNNABLE = frozenset(
-    {
-        Reason.DENIED_BY_RULE,
-        Reason.DENIED_BY_DEFAULT,
-        Reason.CALLER_NOT_PERMITTED,
-        Reason.UNKNOWN_TOOL,
-        Reason.ARGUMENTS_INVALID,
-        Reason.APPROVAL_REQUIRED,
-        Reason.RATE_LIMITED,
-        Reason.STORE_UNAVAILABLE,
-    }
-)
-
-_PROBLEM_REASON = {
-    mcp.Problem.MALFORMED: Reason.MALFORMED,
-    mcp.Problem.HEADER_MISMATCH: Reason.HEADER_MISMATCH,
-    mcp.Problem.UNSUPPORTED_MEDIA: Reason.UNSUPPORTED_MEDIA,
-    mcp.Problem.PARTIAL_BODY: Reason.PARTIAL_BODY,
-    mcp.Problem.METHOD_NOT_ALLOWED: Reason.METHOD_NOT_ALLOWED,
-    mcp.Problem.UNSUPPORTED_VERSION: Reason.UNSUPPORTED_VERSION,
-}
-
-# Longest MCP-Protocol-Version value an unsupported-version refusal echoes.
-MAX_ECHOED_VERSION = 64
-
-
-# Frozen msgspec Structs for the same reason as in authz.mcp: a check builds several.
-class CounterState(msgspec.Struct, frozen=True):
-    """A counter a decision touched, and the budget left in its window afterwards."""
-
-    counter: str
-    remaining: int
-    max: int
-
-
-class Decision(msgspec.Struct, frozen=True):
-    """Allow, or deny with everything the reply and the audit line need.
-
-    ``message`` is the agent-readable text; on a denial it starts with "policy violation:".
-    ``fail_open`` marks a call allowed only because the store failed under ``--fail-open``.
-    ``log_arguments``: the matched rule lets the audit line carry the call's arguments.
-    ``dry_run``: a rule in dry-run mode governed the request. ``would_deny``: such a rule
-    would have denied it (``message``, ``rule`` and ``counter`` then describe that denial),
-    and it was allowed. ``caller``: the caller set the caller was recognised as (the one its
-    rule's variant matched, else its first set), ``None`` for none or a policy without
-    caller sets. ``challenge``: the ``WWW-Authenticate`` value of a step-up denial (the
-    token lacks the scopes a caller set requires). ``requested_version``: the protocol
-    version an ``unsupported_protocol_version`` refusal did not know.
-    """
-
-    reason: Reason
-    message: str = ""
-    grant: str | None = None
-    method: str | None = None
-    tool: str | None = None
-    arguments_sha256: str | None = None
-    rule: str | None = None
-    counter: str | None = None
-    retry_after_s: int | None = None
-    element: int | None = None
-    ids: tuple[str | int | None, ...] = ()
-    batch: bool = False
-    fail_open: bool = False
-    log_arguments: bool = False
-    dry_run: bool = False
-    would_deny: Reason | None = None
-    approval_id: str | None = None
-    # The list methods the request asks for, in order: Envoy routes the response of an
-    # allowed one through the list filter (authz.listing).
-    lists: tuple[str, ...] = ()
-    caller: str | None = None
-    # On an allowed list request: every caller set the caller belongs to, for the list
-    # filter to show it what those sets may use (the filter does not derive them again).
-    caller_sets: tuple[str, ...] = ()
-    challenge: str | None = None
-    requested_version: str | None = None
-    # On an allowed request whose response issues or ends a session: "open" (an
-    # initialize) or "close" (a DELETE of a session). Envoy routes its response headers
-    # through ext_proc, which records the session id the upstream issued to the grant, or
-    # drops it (authz.records).
-    session_event: str | None = None
-    # On an allowed request whose response lists or creates tasks: "create" (a
-    # task-augmented tools/call) or "list" (tasks/list). Envoy routes its response through
-    # ext_proc, which records the task ids it creates for the grant, or removes from the
-    # list the tasks of other grants (authz.records).
-    task_event: str | None = None
-    # Under a policy with servers: the server the check was for ("" when the gateway named
-    # none); ``None`` under a policy without servers. The list filter of an allowed list
-    # request filters with that server's policy.
-    server: str | None = None
-
-    @property
-    def allowed(self) -> bool:
-        return self.reason is Reason.ALLOWED
-
-    @property
-    def labels(self) -> tuple[str, str]:
-        """(decision, reason) as the audit line and the metrics name them: ``allow`` or
-        ``deny`` with the reason code; ``dry_run_deny`` with the reason a rule in dry-run
-        mode would have denied for (the call was allowed)."""
-        if self.would_deny is not None and self.reason is Reason.ALLOWED:
-            return "dry_run_deny", self.would_deny.code
-        return ("allow" if self.reason is Reason.ALLOWED else "deny"), self.reason.code
-
-    def data(self) -> dict[str, Any]:
-        """The machine-readable ``error.data`` of the reply."""
-        data: dict[str, Any] = {"reason": self.reason.code}
-        if self.tool is not None:
-            data["tool"] = self.tool
-        if self.counter is not None:
-            data["counter"] = self.counter
-        if self.retry_after_s is not None:
-            data["retryAfter"] = self.retry_after_s
-        if self.element is not None:
-            data["element"] = self.element
-        if self.approval_id is not None:
-            data["approvalId"] = self.approval_id
-        if self.requested_version is not None:
-            # MCP's UnsupportedProtocolVersionError: what to retry with, what was asked for.
-            data["supported"] = list(mcp.PROTOCOL_VERSIONS)
-            data["requested"] = self.requested_version
-        return data
-
-    def reply_body(self) -> bytes:
-        return mcp.error_reply(
-            self.ids, self.batch, self.reason.rpc_code, self.message, self.data()
-        )
-
-
-def counter_key(limit: Limit, grant: str, session: str | None = None) -> str:
-    """The store key of a limit.
-
-    Every key of one grant shares the ``{g:...}`` hash tag, so a request's grant-scoped
-    and session-scoped counters (and the session records they depend on) live in one
-    Redis Cluster slot. A session key hashes the grant and the client-supplied session id
-    together (bounded, and no session can touch another grant's); a request without a
-    session spends its grant's counter instead, and so does one whose session the
-    upstream never issued to its grant (see :class:`authz.store.Charge`).
-
-    Under a policy with servers, a server's counter is named ``server:<name>:<counter>``
-    (and a global one is tagged ``{global:<name>}``, a slot per server), so the same
-    counter name on two servers never shares a budget; a budget is ``budget:<name>``,
-    shared by every server on purpose. The grant tag stays the grant's alone, so a call's
-    grant-scoped counters and budgets are still one slot, one round trip. (These names
-    start with ``server:`` or ``budget:``, never with a record's ``session:`` or
-    ``task:``.)
-    """
-    name = limit.counter
-    if limit.budget:
-        name = f"budget:{name}"
-    elif limit.server:
-        name = f"server:{limit.server}:{name}"
-    if limit.scope is Scope.GLOBAL:
-        tag = f"global:{limit.server}" if limit.server else "global"
-        return f"mcpauthz:{{{tag}}}:{name}"
-    if limit.scope is Scope.SESSION and session is not None:
-        return records.session_counter(grant, session, name)
-    return f"{records.grant_prefix(grant)}{name}"
-
-
-# Longest name a denial echoes (MCP tool names have at most 128 characters); a longer one
-# is cut, so a 1 MiB name does not come back in the reply.
-MAX_ECHOED_NAME = 128
-
-
-def _subject(msg: mcp.Message) -> str:
-    """How a denial names its target. Resource URIs are not echoed: they may identify a
-    patient; the rule that matched is in the audit line."""
-    name = msg.name or ""
-    if len(name) > MAX_ECHOED_NAME:
-        name = name[:MAX_ECHOED_NAME] + "..."
-    if msg.method == "tools/call":
-        return f"tool '{name}'"
-    if msg.method == "prompts/get":
-        return f"prompt '{name}'"
-    return f"method '{msg.method}'"
-
-
-class Spend(msgspec.Struct, frozen=True):
-    """A limit a message spends against: ``cost`` units under store key ``key``; for a
-    session-scoped limit, under ``fallback`` (its grant's counter) instead when the
-    ``session`` record is missing: the upstream never issued that session id to the
-    grant."""
-
-    msg: mcp.Message
-    rule: Rule
-    limit: Limit
-    key: str
-    cost: int
-    session: str | None = None
-    fallback: str | None = None
-
-
-class Step(msgspec.Struct, frozen=True):
-    """What the policy says about one message: the rule that governs it (``None`` for
-    lifecycle, listing, notifications and responses), why it is denied if it is, and
-    otherwise the limits it spends against. ``arguments`` is what the rule's argument
-    schema found: ``None`` when it was not checked, ``""`` when they satisfy it, else the
-    problems. ``caller``: the caller set the rule's variant matched by; ``challenge``: the
-    step-up ``WWW-Authenticate`` value of a ``caller_not_permitted`` denial."""
-
-    msg: mcp.Message
-    rule: Rule | None
-    denial: Reason | None = None
-    text: str = ""
-    spends: tuple[Spend, ...] = ()
-    arguments: str | None = None
-    caller: str | None = None
-    challenge: str | None = None
-
-    @property
-    def dry_run(self) -> bool:
-        """The denial is only a "would deny": the rule is in dry-run mode."""
-        return self.rule is not None and self.rule.dry_run and self.denial in DRY_RUNNABLE
-
-
-class Plan(msgspec.Struct, frozen=True):
-    """A request's decision up to the spend, under ``policy``. ``refusal`` is set when it
-    was refused before any rule (transport, parsing); ``body`` is ``None`` for a bodyless
-    stream request. ``caller``: the caller set the decision names (see
-    :attr:`Decision.caller`)."""
-
-    policy: Policy
-    grant: str | None
-    refusal: Decision | None = None
-    body: mcp.Body | None = None
-    steps: tuple[Step, ...] = ()
-    caller: str | None = None
-
-
-class CheckResult(msgspec.Struct, frozen=True):
-    """What one check came to, and what it was decided from: the ``decision``, the
-    ``policy`` it was decided under (a reload may have replaced the engine's since), the
-    parsed messages with the rule each matched (``steps``; empty when the request was
-    refused before any rule or carried no body), and the ``counters`` it touched with the
-    budget left (on a rate-limited denial, the counter that refused). The audit line, the
-    metrics, the Envoy reply and the policy tools all read this one value."""
-
-    decision: Decision
-    policy: Policy
-    steps: tuple[Step, ...] = ()
-    counters: tuple[CounterState, ...] = ()
-
-    def logged_call(self) -> mcp.Message | None:
-        """The call whose arguments a ``log_arguments`` rule puts in the audit line: the
-        decision's tool, in the batch element it names, if any."""
-        decision = self.decision
-        for step in self.steps:
-            msg = step.msg
-            if (
-                msg.method == "tools/call"
-                and msg.name == decision.tool
-                and (decision.element is None or msg.index == decision.element)
-            ):
-                return msg
-        return None
-
-
-def rule_for(policy: Policy, msg: mcp.Message, catalogue: Catalogue = NO_CATALOGUE) -> Rule:
-    """The rule governing a governed message (see :data:`UNGOVERNED`); a tool's risk
-    class comes from ``catalogue``."""
-    if msg.method == "tools/call":
-        name = msg.name or ""
-        return policy.rule_for_tool(name, catalogue.hints(name))
-    if msg.method in ("resources/read", "resources/subscribe", mcp.LISTEN):
-        return policy.rule_for_resource(msg.name or "")
-    if msg.method == "prompts/get":
-        return policy.rule_for_prompt(msg.name or "")
-    return policy.default
-
-
-def server_policy(policy: Policy, request: mcp.HttpRequest) -> tuple[Policy | None, str | None]:
-    """The policy that decides ``request``, and the server it is for: ``policy`` itself
-    and ``None`` under a policy without servers; under one with servers, the policy of
-    the server the gateway names (see :meth:`Policy.server_name`), or ``None`` when the
-    policy defines no such server."""
-    if policy.servers is None:
-        return policy, None
-    name = policy.server_name(request.server, request.destination_principal, request.host)
-    return policy.servers.get(name), name
-
-
-def caller_of(
-    policy: Policy, request: mcp.HttpRequest, source: GrantSource, grant: str | None
-) -> Caller:
-    """The caller sets of ``policy`` a request's caller, known by ``grant``, belongs to
-    (derived only when the policy names any)."""
-    if not policy.callers:
-        return NOBODY
-    return recognise(policy.callers, identity_of(request, claims_of(request, source), grant))
-
-
-def plan(
-    policy: Policy,
-    request: mcp.HttpRequest,
-    grant: str | None,
-    caller: Caller = NOBODY,
-    catalogue: Catalogue = NO_CATALOGUE,
-) -> Plan:
-    """Everything about a request's decision except spending: pure, consumes nothing.
-    ``catalogue``: the upstream's tools as known (their risk classes, and which names it
-    lists)."""
-    try:
-        body = _parse(request, policy.max_json_members)
-    except mcp.Malformed as exc:
-        requested = None
-        if exc.problem is mcp.Problem.UNSUPPORTED_VERSION:
-            requested = request.headers.get("mcp-protocol-version", "")[:MAX_ECHOED_VERSION]
-        refusal = Decision(
-            reason=_PROBLEM_REASON[exc.problem],
-            message=f"policy violation: malformed request: {exc.detail}",
-            grant=grant,
-            ids=exc.ids,
-            caller=caller.first,
-            requested_version=requested,
-        )
-        return Plan(policy, grant, refusal=refusal, caller=caller.first)
-    if body is None:
-        return Plan(policy, grant, caller=caller.first)
-    steps = tuple(
-        _step(policy, target, grant, request.headers, caller, catalogue)
-        for msg in body.messages
-        for target in _targets(msg)
-    )
-    named = caller.first
-    if policy.callers:
-        named = next((s.caller for s in steps if s.caller is not None), named)
-    return Plan(policy, grant, body=body, steps=steps, caller=named)
-
-
-def _targets(msg: mcp.Message) -> tuple[mcp.Message, ...]:
-    """What the policy judges of a message: the message, or for a subscriptions/listen
-    that subscribes to resources, each of them as its target (governed as
-    resources/subscribe is; without any, the stream is lifecycle)."""
-    if not msg.subscriptions:
-        return (msg,)
-    return tuple(replace(msg, name=uri, subscriptions=()) for uri in msg.subscriptions)
-
-
-def _step_up(policy: Policy, entry: Rule, caller: Caller, chosen: Rule | None) -> str | None:
-    """The ``WWW-Authenticate`` challenge for a caller refused by an entry with variants
-    (none matched, or ``chosen`` denies) when a token with more scopes would put it in a
-    caller set of an earlier variant; ``None`` when no scope would help."""
-    for variant in entry.variants:
-        if variant is chosen:
-            return None
-        for name in variant.callers:
-            needed = caller.short.get(name)
-            if needed:
-                challenge = f'Bearer error="insufficient_scope", scope="{" ".join(needed)}"'
-                if policy.resource_metadata:
-                    challenge += f', resource_metadata="{policy.resource_metadata}"'
-                return challenge
-    return None
-
-
-def _step(
-    policy: Policy,
-    msg: mcp.Message,
-    grant: str | None,
-    headers: Mapping[str, str],
-    caller: Caller,
-    catalogue: Catalogue = NO_CATALOGUE,
-) -> Step:
-    if msg.kind is mcp.Kind.RESPONSE or msg.method is None:
-        return Step(msg, None)
-    if (
-        msg.method in UNGOVERNED
-        or msg.method in mcp.NOTIFICATIONS
-        or (msg.method == mcp.LISTEN and msg.name is None)
-    ):
-        return Step(msg, None)
-    if msg.method in mcp.TASK_METHODS:
-        # No rule: the call that created the task was governed. Whose task it is, the
-        # check asks the store (Engine.decide).
-        if grant is None:
-            return Step(msg, None, Reason.NO_GRANT, f"{_subject(msg)}: no grant identity")
-        return Step(msg, None)
-    rule = rule_for(policy, msg, catalogue)
-    subject = _subject(msg)
-    if msg.method == "tools/call" and grant is None:
-        return Step(msg, rule, Reason.NO_GRANT, f"{subject}: no grant identity")
-    if msg.method == "tools/call" and policy.deny_unlisted:
-        unlisted = _unlisted(msg.name or "", catalogue)
-        if unlisted is not None:
-            return Step(msg, rule, Reason.UNKNOWN_TOOL, f"{subject}: {unlisted}")
-    matched = None
-    if rule.variants:
-        entry, chosen = rule, rule.variant_for(caller.sets)
-        if chosen is None:
-            text = f"{subject} is not permitted for this caller"
-            challenge = _step_up(policy, entry, caller, None)
-            return Step(msg, rule, Reason.CALLER_NOT_PERMITTED, text, challenge=challenge)
-        rule, matched = chosen
-        if rule.action is Action.DENY:
-            text = f"{subject} denied: {rule.reason or 'denied by policy'}"
-            challenge = _step_up(policy, entry, caller, rule)
-            return Step(msg, rule, Reason.DENIED_BY_RULE, text, caller=matched, challenge=challenge)
-    if rule.param_headers and msg.method == "tools/call":
-        try:
-            mcp.check_param_headers(headers, rule.param_headers, msg.arguments)
-        except mcp.Malformed as exc:
-            return Step(
-                msg, rule, Reason.HEADER_MISMATCH, f"{subject}: {exc.detail}", caller=matched
-            )
-    if rule.action is Action.DENY:
-        if rule.where == "default":
-            text = f"{subject} is not allowed by this policy (default deny)"
-            return Step(msg, rule, Reason.DENIED_BY_DEFAULT, text)
-        text = f"{subject} denied: {rule.reason or 'denied by policy'}"
-        return Step(msg, rule, Reason.DENIED_BY_RULE, text)
-    limits = rule.limits
-    if policy.callers:  # a limit may apply to some caller sets only
-        limits = tuple(lim for lim in limits if _applies(lim.callers, caller.sets))
-    checked = rule.argument_problems(msg.arguments) if rule.arguments is not None else None
-    costs = [limit.cost_of(msg.arguments) for limit in limits]
-    problems = checked
-    if problems is None and limits:
-        problems = next((c for c in costs if isinstance(c, str)), None)
-    arguments = None if rule.arguments is None else checked or ""
-    if problems is not None:
-        text = f"{subject}: invalid arguments: {problems}"
-        return Step(msg, rule, Reason.ARGUMENTS_INVALID, text, arguments=arguments, caller=matched)
-    spends = []
-    for limit, cost in zip(limits, costs, strict=True):
-        assert isinstance(cost, int)  # problems above returned otherwise
-        if limit.scope is not Scope.GLOBAL and grant is None:
-            text = f"{subject}: no grant identity"
-            return Step(msg, rule, Reason.NO_GRANT, text, arguments=arguments, caller=matched)
-        session = None
-        if limit.scope is Scope.SESSION:
-            try:
-                session = mcp.session_id(headers)
-            except mcp.Malformed as exc:
-                text = f"{subject}: {exc.detail}"
-                return Step(msg, rule, Reason.MALFORMED, text, arguments=arguments, caller=matched)
-        key = counter_key(limit, grant or "", session)
-        spend = Spend(msg=msg, rule=rule, limit=limit, key=key, cost=cost)
-        if session is not None and grant is not None:
-            spend = replace(
-                spend,
-                session=records.session_record(grant, session),
-                fallback=counter_key(limit, grant),
-            )
-        spends.append(spend)
-    if rule.action is Action.REQUIRE_APPROVAL:
-        # The spends stay on the step: an approved call still spends against its limits.
-        text = f"{subject}: approval required" + (f" ({rule.reason})" if rule.reason else "")
-        return Step(
-            msg,
-            rule,
-            Reason.APPROVAL_REQUIRED,
-            text,
-            spends=tuple(spends),
-            arguments=arguments,
-            caller=matched,
-        )
-    return Step(msg, rule, spends=tuple(spends), arguments=arguments, caller=matched)
-
-
-def _unlisted(name: str, catalogue: Catalogue) -> str | None:
-    """Why a call to ``name`` is refused under ``unlisted_tools: deny``, or ``None``. Until
-    the upstream's list is known, a call is refused only when mcp-authz fetches the list
-    itself (fail closed: it will be known shortly); otherwise the rules alone judge it, as
-    there is no list to judge by until a client lists the tools."""
-    if catalogue.known:
-        return None if name in catalogue.tools else "not a tool the upstream lists"
-    if catalogue.awaited:
-        return "the upstream's tool list is not known yet"
-    return None
 
 
 def _session_event(request: mcp.HttpRequest, result: CheckResult) -> str | None:
@@ -602,11 +69,6 @@ def _task_event(result: CheckResult) -> str | None:
     ):
         return "create"
     return None
-
-
-def _applies(sets: tuple[str, ...], caller_sets: frozenset[str]) -> bool:
-    """A limit listing ``sets`` applies to a caller in ``caller_sets``."""
-    return not sets or any(name in caller_sets for name in sets)
 
 
 class Engine:
@@ -790,7 +252,7 @@ class Engine:
             return replace(
                 _about(tasks[0], None, body, grant, caller),
                 reason=Reason.STORE_UNAVAILABLE,
-                message=f"policy violation: {_subject(tasks[0])}: task store unavailable",
+                message=f"policy violation: {subject_of(tasks[0])}: task store unavailable",
             )
         for msg, own in zip(tasks, owned, strict=True):
             if not own:
@@ -799,7 +261,7 @@ class Engine:
                     _about(msg, None, body, grant, caller),
                     reason=Reason.TASK_NOT_OWNED,
                     message=(
-                        f"policy violation: {where}{_subject(msg)}: the task was not created "
+                        f"policy violation: {where}{subject_of(msg)}: the task was not created "
                         "by this caller, or has expired"
                     ),
                     element=msg.index if body.batch else None,
@@ -813,7 +275,7 @@ class Engine:
         saying the request is pending (opened now or earlier) or was rejected."""
         msg, rule = step.msg, step.rule
         assert rule is not None and rule.approval is not None and denial.grant is not None
-        subject = _subject(msg)
+        subject = subject_of(msg)
         if denial.batch:
             return replace(
                 denial, message=f"{denial.message}: send a call that needs approval on its own"
@@ -883,7 +345,8 @@ class Engine:
                     _about(spends[0].msg, spends[0].rule, body, grant, caller),
                     reason=Reason.STORE_UNAVAILABLE,
                     message=(
-                        f"policy violation: {_subject(spends[0].msg)}: rate-limit store unavailable"
+                        f"policy violation: {subject_of(spends[0].msg)}: "
+                        "rate-limit store unavailable"
                     ),
                 )
                 if all(s.rule.dry_run for s in spends):
@@ -965,7 +428,7 @@ def _rate_limited(
         _about(spend.msg, spend.rule, body, grant, caller),
         reason=Reason.RATE_LIMITED,
         message=(
-            f"policy violation: {where}{_subject(spend.msg)}: rate limit exceeded "
+            f"policy violation: {where}{subject_of(spend.msg)}: rate limit exceeded "
             f"({kind} '{lim.counter}' allows {allows}{scope}); retry after {retry} s"
         ),
         rule=spend.rule.where,
@@ -1038,29 +501,3 @@ def _about(
             if m.method in LIST_METHODS and m.kind is mcp.Kind.REQUEST
         ),
     )
-
-
-def _parse(request: mcp.HttpRequest, max_json_members: int) -> mcp.Body | None:
-    """Transport checks and parsing; ``None`` for a bodyless stream/session request."""
-    method = request.method.upper()
-    if method in BODYLESS_METHODS:
-        if request.body:
-            raise mcp.Malformed(mcp.Problem.MALFORMED, f"{method} request with a body")
-        mcp.protocol_version(request.headers)
-        return None
-    if method != "POST":
-        raise mcp.Malformed(mcp.Problem.METHOD_NOT_ALLOWED, f"HTTP method {method} not allowed")
-    if request.headers.get(PARTIAL_BODY_HEADER, "").strip().lower() == "true":
-        raise mcp.Malformed(mcp.Problem.PARTIAL_BODY, "body too large to inspect")
-    mcp.check_media(request.headers)
-    body = mcp.parse_body(request.body, max_members=max_json_members)
-    mcp.check_headers(request.headers, body)
-    if body.batch and any(
-        m.task or m.method in mcp.TASK_METHODS or m.method == mcp.TASK_LIST for m in body.messages
-    ):
-        # Tasks (MCP 2025-11-25) came after batches were dropped (2025-06-18); a batch
-        # would also take its response past the task filter (another's list route).
-        raise mcp.Malformed(
-            mcp.Problem.MALFORMED, "task requests cannot be sent in a batch", body.ids
-        )
-    return body

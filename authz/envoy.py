@@ -2,7 +2,7 @@
 
 ``http_request`` turns a CheckRequest into the plain :class:`authz.mcp.HttpRequest`;
 ``encode`` turns the :class:`authz.reply.Reply` of a decision into a CheckResponse
-(``check_response`` does both steps from a :class:`authz.engine.Decision`). The list
+(``check_response`` does both steps from a :class:`authz.decision.Decision`). The list
 filter's ext_proc stream has its own wire module, ``extproc.py``.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from authz import reply
-from authz.engine import Decision
+from authz.decision import Decision
 from authz.mcp import HttpRequest
 from authz.pb import core_pb2, external_auth_pb2
 

@@ -2,7 +2,7 @@
 
 Every label value comes from a small, fixed set so a scrape stays small however much
 traffic passes: ``decision`` and ``reason`` are the codes of
-:attr:`authz.engine.Decision.labels`; ``tool`` is a tool the policy names, ``other`` for
+:attr:`authz.decision.Decision.labels`; ``tool`` is a tool the policy names, ``other`` for
 any other tool, or empty for a request that calls no tool (listing, lifecycle, malformed);
 ``caller`` is a caller set the policy names, or ``other`` for a caller in none (and under
 a policy without caller sets); ``counter`` is a counter the policy defines; ``server`` is a
@@ -33,7 +33,7 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from authz.engine import CheckResult, Reason
+from authz.decision import CheckResult, Reason
 from authz.listing import KINDS
 from authz.policy import Policy
 from authz.policy.callers import OTHER

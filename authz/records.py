@@ -49,7 +49,7 @@ def grant_prefix(grant: str) -> str:
 def session_record(grant: str, session: str) -> str:
     """The key recording that the upstream issued ``session`` to ``grant``. Counter names
     hold no ``:`` (the names a policy with servers adds start with ``server:`` or
-    ``budget:``; see authz.engine.counter_key), so no counter key can be a record's."""
+    ``budget:``; see authz.plan.counter_key), so no counter key can be a record's."""
     return f"{grant_prefix(grant)}session:{_digest(grant, session)}"
 
 

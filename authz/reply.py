@@ -1,6 +1,6 @@
 """What Envoy is told about one decision, as plain values: one reply, two encodings.
 
-:func:`of` turns a :class:`authz.engine.Decision` into a :class:`Reply`; ``envoy.py`` encodes
+:func:`of` turns a :class:`authz.decision.Decision` into a :class:`Reply`; ``envoy.py`` encodes
 it as a gRPC CheckResponse and ``authz_http.py`` as the HTTP answer of Envoy's HTTP
 ext_authz mode, so both transports tell the client, the upstream, the list filter and the
 access log the same.
@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import msgspec
 
-from authz.engine import Decision, Reason
+from authz.decision import Decision, Reason
 
 HEADER_PREFIX = "x-mcp-authz-"
 GRANT_HEADER = "x-mcp-authz-grant"

@@ -1,7 +1,7 @@
 """Tools for policy authors: ``check-policy``, ``explain`` and ``test``.
 
 They decide through the very code the service runs (:meth:`authz.engine.Engine.decide_for`:
-the server's policy, :func:`authz.engine.plan`, :meth:`authz.engine.Engine.decide`), so what
+the server's policy, :func:`authz.plan.plan`, :meth:`authz.engine.Engine.decide`), so what
 they print is what the gateway would do.
 ``explain`` consumes no budget; ``test`` gives every case fresh in-memory counters and a
 fixed clock, so a policy's unit tests give the same result on every run and in CI.
@@ -25,8 +25,10 @@ from typing import Any, TextIO
 import jsonschema
 
 from authz import mcp
-from authz.engine import CheckResult, Decision, Engine, Reason, Step, caller_of, server_policy
+from authz.decision import CheckResult, Decision, Reason, Step
+from authz.engine import Engine
 from authz.grants import JWT_NAMESPACE, GrantSource, Source, grant_of
+from authz.plan import caller_of, server_policy
 from authz.policy import (
     Action,
     Policy,

@@ -20,7 +20,8 @@ from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 from authz import envoy, reply
-from authz.engine import Decision, Engine, Reason
+from authz.decision import Decision, Reason
+from authz.engine import Engine
 from authz.pb import external_auth_pb2
 from authz.policy import compile_policy
 from authz.store.memory import MemoryStore

@@ -16,7 +16,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from authz.admin import admin_app, operator_of, parse_tokens
 from authz.approvals import ApprovalBook, Binding, NotPending, State, Verdict
-from authz.engine import Engine, Reason
+from authz.decision import Reason
+from authz.engine import Engine
 from authz.mcp import HttpRequest
 from authz.policy import compile_policy
 from authz.store import StoreUnavailable, open_store

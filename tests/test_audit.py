@@ -14,7 +14,8 @@ import pytest
 from prometheus_client import generate_latest
 
 from authz import audit
-from authz.engine import Engine, Reason
+from authz.decision import Reason
+from authz.engine import Engine
 from authz.mcp import HttpRequest
 from authz.metrics import Metrics
 from authz.policy import compile_policy

@@ -27,7 +27,8 @@ import yaml
 
 from authz import authz_http, envoy, reply, settings, tls
 from authz.cli import main
-from authz.engine import Decision, Engine, Reason
+from authz.decision import Decision, Reason
+from authz.engine import Engine
 from authz.metrics import Metrics
 from authz.policy import compile_policy
 from authz.store import open_store

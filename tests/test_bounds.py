@@ -31,7 +31,8 @@ from typing import Any
 import pytest
 
 from authz import mcp
-from authz.engine import Decision, Engine, Reason
+from authz.decision import Decision, Reason
+from authz.engine import Engine
 from authz.jsondoc import MAX_ARRAY_ELEMENTS, MAX_DEPTH, MAX_MEMBERS
 from authz.policy import PolicyError, compile_policy
 from authz.store.memory import MemoryStore

@@ -19,7 +19,8 @@ import pytest
 from prometheus_client import generate_latest
 
 from authz import audit, envoy
-from authz.engine import Engine, Reason
+from authz.decision import Reason
+from authz.engine import Engine
 from authz.grants import JWT_NAMESPACE
 from authz.mcp import HttpRequest
 from authz.metrics import Metrics

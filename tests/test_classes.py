@@ -14,7 +14,8 @@ import pytest
 
 from authz import extproc, listing
 from authz.catalogue import MAX_TOOLS, Annotations, Catalogue, annotations_of, ranked_classes
-from authz.engine import Engine, Reason
+from authz.decision import Reason
+from authz.engine import Engine
 from authz.mcp import HttpRequest
 from authz.metrics import Metrics
 from authz.pb import external_processor_pb2 as pb

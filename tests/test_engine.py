@@ -15,9 +15,11 @@ import pytest
 from msgspec.structs import replace
 
 from authz import envoy, records
-from authz.engine import Decision, Engine, Reason, counter_key
+from authz.decision import Decision, Reason
+from authz.engine import Engine
 from authz.mcp import HttpRequest
 from authz.pb import external_auth_pb2
+from authz.plan import counter_key
 from authz.policy import PolicyError, compile_policy
 from authz.store import Charge, Outcome, StoreUnavailable, open_store
 

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from authz import mcp
-from authz.engine import Reason
+from authz.decision import Reason
 from authz.metrics import Metrics
 from authz.server import AuthorizationService
 from devstack.checks import check_request

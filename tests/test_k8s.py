@@ -959,7 +959,8 @@ def test_istio_central_topology_with_two_mcp_servers() -> None:
 
     # The rendered policy: each server matches its workload's identity (the URI SAN form
     # the check carries) and decides under its own rules; any other identity is refused.
-    from authz.engine import Engine, Reason
+    from authz.decision import Reason
+    from authz.engine import Engine
     from authz.mcp import HttpRequest
     from authz.policy import policy_from_bytes
     from authz.store.memory import MemoryStore

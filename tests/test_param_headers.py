@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from authz import mcp
-from authz.engine import Engine, Reason
+from authz.decision import Reason
+from authz.engine import Engine
 from authz.mcp import HttpRequest, Malformed, ParamHeader, Problem
 from authz.policy import PolicyError, compile_policy
 from authz.store import open_store

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from authz.engine import Decision, Engine, Reason
+from authz.decision import Decision, Reason
+from authz.engine import Engine
 from authz.mcp import HttpRequest
 from authz.policy import Policy, load_policy
 from authz.reload import FAILURE, SUCCESS, watch_policy

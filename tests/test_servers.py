@@ -20,10 +20,12 @@ import yaml
 
 from authz import envoy, tooling
 from authz.approvals import Binding
-from authz.engine import CheckResult, Engine, Reason, counter_key
+from authz.decision import CheckResult, Reason
+from authz.engine import Engine
 from authz.mcp import HttpRequest
 from authz.metrics import Metrics, server_label
 from authz.pb import external_auth_pb2
+from authz.plan import counter_key
 from authz.policy import Limit, Policy, PolicyError, Scope, compile_policy, load_policy
 from authz.reload import FAILURE, SUCCESS, watch_policy
 from authz.reply import GRANT_HEADER, LIST_HEADER, SERVER_HEADER

@@ -10,7 +10,8 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from redis.crc import key_slot
 
-from authz.engine import Engine, Reason
+from authz.decision import Reason
+from authz.engine import Engine
 from authz.mcp import HttpRequest
 from authz.policy import compile_policy
 from authz.store import open_store

@@ -54,7 +54,7 @@ class Limit:
     cost: int = 1
     cost_pointer: str | None = None
     callers: tuple[str, ...] = ()
-    # Namespaces (see authz.engine.counter_key): a counter of one server of a policy with
+    # Namespaces (see authz.plan.counter_key): a counter of one server of a policy with
     # servers is that server's alone; a budget (``counter`` is its name) is the estate's.
     server: str = ""
     budget: bool = False

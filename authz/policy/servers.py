@@ -4,7 +4,7 @@ Each entry of ``servers`` is a whole policy body (``default``, ``callers``, ``to
 ``resources``, ``prompts``, ``mode``, ``resource_metadata``, ...) compiled by the very
 function a policy without servers is compiled by,
 :func:`authz.policy.compile.compile_policy`, as that server: its counters are its own (see
-:func:`authz.engine.counter_key`), its caller sets (checked against the estate's
+:func:`authz.plan.counter_key`), its caller sets (checked against the estate's
 ``grants``) and rule variants are its own, and a rule of one server never applies to
 another. An entry may instead be ``{file: PATH}``, a policy file of its own (relative to
 the main file), so each team owns its server's file; the loader reads it

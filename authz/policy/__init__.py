@@ -16,7 +16,6 @@ Modules: ``model`` (the compiled policy a check reads), ``load`` (files and text
 server, estate-wide budgets).
 """
 
-from authz.policy.compile import compile_policy
 from authz.policy.load import load_policy, parse_policy_text, policy_from_bytes, syntax_of
 from authz.policy.model import (
     Action,
@@ -28,6 +27,7 @@ from authz.policy.model import (
     RuleTable,
     Scope,
 )
+from authz.policy.servers import compile_policy
 
 __all__ = [
     "Action",

@@ -25,7 +25,6 @@ from authz.policy.model import (
     Rule,
     RuleTable,
     Scope,
-    ServerFile,
 )
 from authz.policy.params import param_headers
 from authz.policy.schemas import argument_validator
@@ -259,33 +258,22 @@ def grants_of(raw: Mapping[str, Any] | None, errors: list[str]) -> GrantSource |
     )
 
 
-def compile_policy(
+def compile_body(
     doc: object,
     digest: str = "",
     *,
-    files: Mapping[str, ServerFile] | None = None,
-    previous: Policy | None = None,
     server: str = "",
     budgets: Mapping[str, Limit] | None = None,
     estate_grants: GrantSource | None = None,
 ) -> Policy:
-    """Validate a parsed policy document and compile it, or raise :class:`PolicyError`.
+    """Validate one policy body and compile it, or raise :class:`PolicyError`.
 
     Rules the schema accepts are compiled even when others are broken, so one run
     reports the schema errors and the errors only compiling finds (ties, conflicting
-    counters, unresolvable references) together.
-
-    A document with ``servers`` is compiled by :func:`authz.policy.servers.compile_servers`
-    (with the server ``files`` the loader read, and the ``previous`` policy whose servers a
-    broken file keeps), which compiles each server's body here, as ``server`` with the
-    estate's ``budgets`` and ``estate_grants`` (what the body's caller sets are checked
-    against).
+    counters, unresolvable references) together. A server's body is compiled here too
+    (:mod:`authz.policy.servers`), as ``server`` with the estate's ``budgets`` and
+    ``estate_grants`` (what the body's caller sets are checked against).
     """
-    if isinstance(doc, dict) and "servers" in doc and not server:
-        # Imported here: that module compiles every server body with this function.
-        from authz.policy.servers import compile_servers
-
-        return compile_servers(doc, digest, files or {}, previous)
     found = schema_errors(doc)
     errors = [text for _, text in found]
     if not isinstance(doc, dict):

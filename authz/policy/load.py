@@ -9,9 +9,8 @@ from typing import Any
 
 import yaml
 
-from authz.policy.compile import compile_policy
 from authz.policy.model import Policy, PolicyError, ServerFile
-from authz.policy.servers import server_file_paths
+from authz.policy.servers import compile_policy, server_file_paths
 
 
 def _duplicate_free(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from typing import Any
 
 from authz.grants import GrantSource, Source
 from authz.jsondoc import MAX_MEMBERS
-from authz.policy.compile import budgets_of, compile_policy, grants_of
+from authz.policy.compile import budgets_of, compile_body, grants_of
 from authz.policy.model import Action, Limit, Policy, PolicyError, Rule, RuleTable, ServerFile
 from authz.policy.validate import schema_errors
 
@@ -122,7 +122,7 @@ def _file_server(
         if "max_json_members" in top and "max_json_members" not in doc:
             doc = {**doc, "max_json_members": top["max_json_members"]}
     try:
-        policy = compile_policy(
+        policy = compile_body(
             doc,
             _digest(name, source.digest, budgets_raw),
             server=name,
@@ -198,7 +198,7 @@ def compile_servers(
         where = f"servers.{name}"
         errors += _nested(body, where)
         try:
-            servers[name] = compile_policy(
+            servers[name] = compile_body(
                 {**top, **body},
                 _digest(name, body, budgets_raw),
                 server=name,
@@ -233,3 +233,18 @@ def compile_servers(
         files=tuple(read),
         kept=tuple(kept),
     )
+
+
+def compile_policy(
+    doc: object,
+    digest: str = "",
+    *,
+    files: Mapping[str, ServerFile] | None = None,
+    previous: Policy | None = None,
+) -> Policy:
+    """Validate a parsed policy document and compile it, or raise :class:`PolicyError`:
+    one body, or a policy with ``servers`` (with the server ``files`` the loader read, and
+    the ``previous`` policy whose servers a broken file keeps)."""
+    if isinstance(doc, dict) and "servers" in doc:
+        return compile_servers(doc, digest, files or {}, previous)
+    return compile_body(doc, digest)

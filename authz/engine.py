@@ -129,14 +129,14 @@ class Engine:
         policy = self.policy
         try:
             source = self.grant_source(policy)
-            deciding, _ = server_policy(policy, request)
+            deciding, server = server_policy(policy, request)
             if deciding is not None and deciding.callers:  # the caller's identity, derived once
                 claims = claims_of(request, source)
                 grant = grant_of(request, source, claims)
                 caller = recognise(deciding.callers, identity_of(request, claims, grant))
             else:
                 grant, caller = grant_of(request, source), NOBODY
-            result = await self.decide_for(policy, request, grant, caller)
+            result = await self._decide_under(policy, deciding, server, request, grant, caller)
             event = _session_event(request, result)
             if event is not None:
                 result = replace(result, decision=replace(result.decision, session_event=event))
@@ -164,17 +164,32 @@ class Engine:
         ``unknown_server`` when it defines no such server. ``caller``: the caller sets of the
         deciding policy the caller is in (derived from ``grant`` when not given)."""
         deciding, server = server_policy(policy, request)
+        if caller is None:
+            caller = NOBODY
+            if deciding is not None:
+                caller = caller_of(deciding, request, self.grant_source(policy), grant)
+        return await self._decide_under(policy, deciding, server, request, grant, caller)
+
+    async def _decide_under(
+        self,
+        policy: Policy,
+        deciding: Policy | None,
+        server: str | None,
+        request: mcp.HttpRequest,
+        grant: str | None,
+        caller: Caller,
+    ) -> CheckResult:
+        """Decide ``request`` under ``deciding``, the policy :func:`server_policy` picked
+        from ``policy`` for ``server`` (``None``: no such server)."""
         if deciding is None:
             return CheckResult(_unknown_server(server or "", grant), policy)
-        if caller is None:
-            caller = caller_of(deciding, request, self.grant_source(policy), grant)
         result = await self.decide(plan(deciding, request, grant, caller, self.catalogue))
         decision = result.decision
         if caller.sets and decision.lists and decision.allowed:
             decision = replace(decision, caller_sets=tuple(sorted(caller.sets)))
         if server is not None:
             decision = replace(decision, server=server)
-        return replace(result, decision=decision)
+        return result if decision is result.decision else replace(result, decision=decision)
 
     async def decide(self, planned: Plan) -> CheckResult:
         """Deny on the first enforced denial; otherwise spend, all or nothing. The decision

@@ -28,6 +28,10 @@ LIST_SHARE = 0.04
 NOTIFICATION_SHARE = 0.04
 # The schema's largest max: limits that count every call but never deny in a 10 s run.
 NEVER_DENYING_MAX = 1_000_000
+# The id of every tools/list request: Envoy answers them all with one response
+# (:func:`list_response`, bench/run.py), which is then the response to each, so the list
+# filter reads and filters it as it would an MCP server's.
+LIST_ID = 1
 BIG_POLICY_TOOLS = 1_000
 BIG_POLICY_PATTERNS = 50
 
@@ -119,7 +123,7 @@ def _arguments(rng: random.Random, tool: str, target: int, envelope: int) -> dic
 
 def _body(rng: random.Random, kind: str, request_id: int, tool: str) -> dict[str, Any]:
     if kind == "list":
-        return {"jsonrpc": "2.0", "id": request_id, "method": "tools/list", "params": {}}
+        return {"jsonrpc": "2.0", "id": LIST_ID, "method": "tools/list", "params": {}}
     if kind == "notification":
         method = rng.choice(["notifications/initialized", "notifications/cancelled"])
         params = {"requestId": request_id - 1} if method.endswith("cancelled") else {}
@@ -179,6 +183,17 @@ def write_wrk_input(reqs: list[Request], path: Path) -> None:
         for req in reqs:
             out.write(b"%d\n" % len(req.raw))
             out.write(req.raw)
+
+
+def list_response() -> bytes:
+    """The answer to the mix's ``tools/list``: every tool of the reference policy, so the
+    list filter keeps the allowed ones and removes the two it denies."""
+    tools = [
+        {"name": name, "description": f"{name} (benchmark)", "inputSchema": {"type": "object"}}
+        for name in json.loads(REFERENCE_POLICY.read_text())["tools"]
+    ]
+    doc = {"jsonrpc": "2.0", "id": LIST_ID, "result": {"tools": tools}}
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def reference_policy() -> dict[str, Any]:

@@ -19,7 +19,10 @@ differs between configurations:
 
 For each: requests per second at saturation, latency percentiles at a fixed moderate rate,
 the authorization processes' CPU time per check (``/proc/<pid>/stat``), and Redis commands
-per check (``INFO commandstats``). Checks are counted by Envoy (its ext_authz stats), not
+per check (``INFO commandstats``); for 2, 3, 7 and 8 also the CPU time per check at a low
+fixed rate (issue #16), where every check wakes an idle process. Envoy answers the list
+requests with a list of the policy's tools, so the list filter reads and filters a real
+list. Checks are counted by Envoy (its ext_authz stats), not
 assumed from the generator. On a machine with 2 or more cores, configurations 1-5 pin the
 authorization process to the last core and Envoy, wrk and Redis to the others, so the
 Python process never competes with the load side; configuration 6 is not pinned, since it
@@ -78,9 +81,18 @@ TARGET_PER_CORE = 0.85
 # Targets of issue #16 (the HTTP transport).
 TARGET_HTTP_OVER_GRPC_FLOOR = 1.0
 TARGET_HTTP_ADDED_P99_MS = 1.0
+# Issue #16's low fixed rate: CPU per check when each check wakes an idle process, for the
+# two floors and mcp-authz over each transport.
+LOW_RATE = 50.0
+LOW_RATE_S = 20
+LOW_RATE_CONFIGS = ("2", "3", "7", "8")
+TARGET_HTTP_LOW_RATE_CPU_US = 400
 # Target of issue #15 (the list filter): 3n/3c throughput, a non-list request's cost.
 TARGET_LIST_FILTER_RATIO = 0.95
 
+
+# What Envoy answers every request but the lists with (the list filter reads only lists).
+_CALL_RESPONSE = b'{"jsonrpc":"2.0","id":1,"result":{}}'
 
 _SCRIPT_COMMANDS = ("evalsha", "eval", "evalsha_ro", "eval_ro", "fcall", "fcall_ro")
 
@@ -153,6 +165,7 @@ class Result:
     paced: Measure
     per_process_cpu_s: list[tuple[str, float]] = field(default_factory=list)
     rounds: int = 1  # saturation runs, the best kept
+    low: Measure | None = None  # at LOW_RATE (LOW_RATE_CONFIGS only)
 
 
 # --- the pieces ---------------------------------------------------------------------------
@@ -184,11 +197,16 @@ def envoy_config(
         _without_list_filter(hcm)
     for route in hcm["route_config"]["virtual_hosts"][0]["routes"]:
         if route["match"].get("path") == "/mcp":
+            marks = {h["name"] for h in route["match"].get("headers", ())}
+            body = mix.list_response() if "x-mcp-authz-list" in marks else _CALL_RESPONSE
             route.pop("route")
-            route["direct_response"] = {
-                "status": 200,
-                "body": {"inline_string": '{"jsonrpc":"2.0","id":1,"result":{}}'},
-            }
+            route["direct_response"] = {"status": 200, "body": {"inline_string": body.decode()}}
+            route["response_headers_to_add"] = [
+                {
+                    "header": {"key": "content-type", "value": "application/json"},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+            ]
     ports = {"mcp_authz": authz}
     if transport == "http":
         ports = {"mcp_authz_http": authz, "mcp_authz": list_filter}
@@ -472,14 +490,19 @@ def run_config(
             for p, t in zip(up.pids, ticks_before, strict=True)
         ]
         paced = measure(up, inputs, seconds, PACED_CONNECTIONS, client, rate)
+        low = None
+        if config.key in LOW_RATE_CONFIGS:
+            low = measure(up, inputs, LOW_RATE_S, PACED_CONNECTIONS, client, LOW_RATE)
     client.close()
     if earlier is None:
-        return Result(config, sat, paced, per_process)
+        return Result(config, sat, paced, per_process, low=low)
     if earlier.paced.latency_us["p99"] < paced.latency_us["p99"]:
         paced = earlier.paced
+    if earlier.low is not None and low is not None:
+        low = min(earlier.low, low, key=lambda m: m.cpu_us_per_check or float("inf"))
     if sat.rps > earlier.saturation.rps:
-        return Result(config, sat, paced, per_process, rounds=2)
-    return Result(config, earlier.saturation, paced, earlier.per_process_cpu_s, rounds=2)
+        return Result(config, sat, paced, per_process, rounds=2, low=low)
+    return Result(config, earlier.saturation, paced, earlier.per_process_cpu_s, rounds=2, low=low)
 
 
 def client_commands(store: RedisServer, action: Callable[[], None]) -> list[str]:
@@ -587,12 +610,44 @@ def calibration_ms() -> float:
     return best * 1000
 
 
+def wake_cost_us() -> tuple[float, float]:
+    """CPU time of a small fixed Python workload run back to back, and each time after
+    20 ms asleep (median of 200 runs each). The second is what a service pays per request
+    at a low rate, when every request wakes it: on a VM the caches it left are cold by
+    then, so the same instructions take longer."""
+
+    def work() -> int:
+        table: dict[str, str] = {}
+        for i in range(10):
+            table[str(i)] = json.dumps({"a": i, "b": [1, 2, 3]})
+        return len(table)
+
+    out = []
+    for gap in (0.0, 0.02):
+        runs = []
+        for _ in range(200):
+            if gap:
+                time.sleep(gap)
+            started = time.thread_time_ns()
+            work()
+            runs.append(time.thread_time_ns() - started)
+        out.append(statistics.median(runs) / 1000)
+    return out[0], out[1]
+
+
 def _ms(us: float) -> str:
     return f"{us / 1000:.2f}"
 
 
 def _opt(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
+
+
+def _low_summary(result: Result) -> str:
+    low = result.low
+    if low is None:
+        return ""
+    return f"; at {LOW_RATE:g}/s CPU {_opt(low.cpu_us_per_check, '.0f')} µs/check"
 
 
 def _verdict(ok: bool) -> str:
@@ -748,6 +803,14 @@ def render(
             f"{_opt(eight.paced.cpu_us_per_check, '.0f')} µs / "
             f"{_opt(three.paced.cpu_us_per_check, '.0f')} µs | - |",
         ]
+        if eight.low is not None and three.low is not None:
+            low_cpu = eight.low.cpu_us_per_check
+            lines.append(
+                f"| CPU per check at {LOW_RATE:g}/s, HTTP (8) ≤ {TARGET_HTTP_LOW_RATE_CPU_US} "
+                f"µs, beside gRPC (3) | {_opt(low_cpu, '.0f')} µs / "
+                f"{_opt(three.low.cpu_us_per_check, '.0f')} µs | "
+                f"{_verdict(low_cpu is not None and low_cpu <= TARGET_HTTP_LOW_RATE_CPU_US)} |"
+            )
     if len(workers) >= 2:
         low, high = workers[0], workers[-1]
         speedup = high.saturation.rps / low.saturation.rps
@@ -770,6 +833,29 @@ def render(
             "the workers keep their per-core throughput, which is what carries over to a "
             "larger machine.",
         ]
+    lows = [r for r in sorted(results, key=lambda r: r.config.key) if r.low is not None]
+    if lows:
+        lines += [
+            "",
+            f"## CPU per check at a low rate ({LOW_RATE:g} requests/s)",
+            "",
+            f"The same mix at a fixed {LOW_RATE:g} requests/s for {LOW_RATE_S} s, right after "
+            f"the {rate:g}/s run (of two rounds, the one with less CPU per check): every "
+            "check now wakes an idle process. Compare the no-op floors (2, 7) with their "
+            "saturation figure above, and the Machine section's workload run back to back "
+            "and after a sleep.",
+            "",
+            "| # | configuration | checks | authz CPU µs/check | p50 / p99 ms |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for r in lows:
+            assert r.low is not None
+            lat = r.low.latency_us
+            lines.append(
+                f"| {r.config.key} | {r.config.title} | {r.low.checks:,} | "
+                f"{_opt(r.low.cpu_us_per_check, '.0f')} | {_ms(lat['p50'])} / "
+                f"{_ms(lat['p99'])} |"
+            )
     lines += [
         "",
         "## Micro-benchmark: the in-process decision path",
@@ -993,7 +1079,8 @@ def main() -> int:
                     f"CPU {_opt(result.saturation.cpu_us_per_check, '.0f')} µs/check; "
                     f"Redis {_opt(result.saturation.scripts_per_check, '.2f')} scripts, "
                     f"{_opt(result.saturation.redis_per_check, '.2f')} commands/check; errors "
-                    f"{result.saturation.problems or 'none'} {result.paced.problems or 'none'}",
+                    f"{result.saturation.problems or 'none'} {result.paced.problems or 'none'}"
+                    + _low_summary(result),
                     flush=True,
                 )
                 results.append(result)
@@ -1010,7 +1097,8 @@ def main() -> int:
                     )
                     print(
                         f"  {results[n].saturation.rps:,.0f} req/s, p99 "
-                        f"{_ms(results[n].paced.latency_us['p99'])} ms (best)",
+                        f"{_ms(results[n].paced.latency_us['p99'])} ms (best)"
+                        + _low_summary(results[n]),
                         flush=True,
                     )
             by = {r.config.key: r for r in results}
@@ -1032,6 +1120,11 @@ def main() -> int:
     host[
         "calibration: a fixed Python workload, ms of CPU at the start / the end (lower is faster)"
     ] = f"{calibration_before:.1f} / {calibration_ms():.1f}"
+    hot, woken = wake_cost_us()
+    host[
+        "a small fixed Python workload, µs of CPU run back to back / each after 20 ms asleep "
+        "(the cost of waking: see CPU per check at a low rate)"
+    ] = f"{hot:.0f} / {woken:.0f}"
     report = render(
         started,
         elapsed,

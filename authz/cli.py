@@ -218,12 +218,23 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _load(config: Settings) -> Policy | None:
     try:
-        return load_policy(config.policy_path)
+        policy = load_policy(config.policy_path)
     except PolicyError as exc:
         print(f"{config.policy_path}: invalid policy, refusing to start", file=sys.stderr)
         for error in exc.errors:
             print(f"  {error}", file=sys.stderr)
         return None
+    if config.upstream_url and policy.servers is not None:
+        # One URL cannot stand for several servers' lists; each server's catalogue is
+        # learnt from its own list responses instead.
+        print(
+            f"{config.policy_path}: a policy with servers learns each server's tools from "
+            "its own lists; --upstream-url (MCP_AUTHZ_UPSTREAM_URL) names one upstream, "
+            "remove it",
+            file=sys.stderr,
+        )
+        return None
+    return policy
 
 
 def _serve_process(config: Settings) -> int:

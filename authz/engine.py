@@ -88,8 +88,12 @@ class Engine:
         catalogue: Catalogue = NO_CATALOGUE,
     ) -> None:
         self.store = store
-        # The upstream's tools as learnt from its lists; replaced whole (see learn_tools).
+        # The upstream's tools as learnt from its lists (or fetched), under a policy without
+        # servers; under one with servers, each server's tools are learnt from its own
+        # lists, so one server's list never vouches for a name on another. Replaced whole,
+        # never changed in place (see learn_tools).
         self.catalogue = catalogue
+        self.server_catalogues: dict[str, Catalogue] = {}
         # Without a book, require_approval denies with "approval required".
         self.approvals = approvals
         # Told "requested" when a request opens and "consumed" when an approved call passes.
@@ -114,11 +118,22 @@ class Engine:
             )
         self.policy = policy
 
-    def learn_tools(self, tools: list[tuple[str, Annotations]], complete: bool) -> None:
-        """Add one page of the upstream's ``tools/list`` to the catalogue (``complete``:
-        its last page). A replaced catalogue, never one changed in place: a check reads
-        one consistent catalogue."""
-        self.catalogue = self.catalogue.learnt(tools, complete)
+    def catalogue_of(self, server: str | None) -> Catalogue:
+        """The tools ``server`` lists (``None``: the upstream of a policy without servers)."""
+        if server is None:
+            return self.catalogue
+        return self.server_catalogues.get(server, NO_CATALOGUE)
+
+    def learn_tools(
+        self, tools: list[tuple[str, Annotations]], complete: bool, server: str | None = None
+    ) -> None:
+        """Add one page of ``server``'s ``tools/list`` to its catalogue (``complete``: its
+        last page). A replaced catalogue, never one changed in place: a check reads one
+        consistent catalogue."""
+        if server is None:
+            self.catalogue = self.catalogue.learnt(tools, complete)
+        else:
+            self.server_catalogues[server] = self.catalogue_of(server).learnt(tools, complete)
 
     def grant_source(self, policy: Policy) -> GrantSource:
         return policy.grants or self._flag_source
@@ -183,7 +198,8 @@ class Engine:
         from ``policy`` for ``server`` (``None``: no such server)."""
         if deciding is None:
             return CheckResult(_unknown_server(server or "", grant), policy)
-        result = await self.decide(plan(deciding, request, grant, caller, self.catalogue))
+        catalogue = self.catalogue_of(server)
+        result = await self.decide(plan(deciding, request, grant, caller, catalogue))
         decision = result.decision
         if caller.sets and decision.lists and decision.allowed:
             decision = replace(decision, caller_sets=tuple(sorted(caller.sets)))

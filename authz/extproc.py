@@ -211,7 +211,7 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
                 exchange.content_type,
                 body.body,
                 protocol_version=exchange.headers.get("mcp-protocol-version", ""),
-                catalogue=self.engine.catalogue,
+                catalogue=self.engine.catalogue_of(exchange.server or None),
             )
         except listing.Unfilterable as exc:
             return self._unfilterable(exchange, str(exc))
@@ -234,7 +234,7 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
         except listing.Unfilterable:
             return
         for tools, complete in pages:
-            self.engine.learn_tools(tools, complete)
+            self.engine.learn_tools(tools, complete, exchange.server or None)
 
     def _unfilterable(
         self, exchange: _Exchange, why: str

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from msgspec.structs import replace
 
 from authz import extproc, listing
 from authz.catalogue import MAX_TOOLS, Annotations, Catalogue, annotations_of, ranked_classes
@@ -112,7 +114,9 @@ def test_the_catalogue_is_bounded_and_replaced_not_changed() -> None:
     assert len(huge.learnt([("more", Annotations())], True).tools) == MAX_TOOLS
 
 
-def response_stream(payload: dict[str, Any], content_type: str) -> list[pb.ProcessingRequest]:
+def response_stream(
+    payload: dict[str, Any], content_type: str, server: str | None = None
+) -> list[pb.ProcessingRequest]:
     def headers(kind: str, values: dict[str, str]) -> pb.ProcessingRequest:
         message = pb.ProcessingRequest()
         part = getattr(message, kind)
@@ -131,6 +135,8 @@ def response_stream(payload: dict[str, Any], content_type: str) -> list[pb.Proce
     if content_type == "text/event-stream":
         raw = b"event: message\ndata: " + raw + b"\n\n"
     marked = {"x-mcp-authz-list": "tools/list", "x-mcp-authz-grant": "g-1"}
+    if server is not None:  # ext_authz names the server whose policy allowed the list
+        marked["x-mcp-authz-server"] = server
     request = {"jsonrpc": "2.0", "id": 7, "method": "tools/list"}
     return [
         headers("request_headers", marked),
@@ -222,6 +228,53 @@ async def test_a_tool_the_upstream_does_not_list_is_refused() -> None:
     assert (await engine.check(call("containerize_app"))).decision.allowed
     denied = (await engine.check(call("delete_app"))).decision
     assert denied.reason is Reason.DENIED_BY_RULE
+
+
+async def test_each_server_has_its_own_catalogue() -> None:
+    """Under a policy with servers, a name one server lists is still unlisted on another:
+    each server's list response teaches only that server's catalogue."""
+    policy = compile_policy({"version": "1", "servers": {"ecs": UNLISTED, "imaging": UNLISTED}})
+    engine = Engine(policy, open_store("memory://"))
+
+    def on(server: str, name: str) -> HttpRequest:
+        return replace(call(name), server=server)
+
+    ecs_list = {"jsonrpc": "2.0", "id": 7, "result": {"tools": [{"name": "containerize_app"}]}}
+    await process(engine, response_stream(ecs_list, "application/json", server="ecs"))
+    imaging_list = {"jsonrpc": "2.0", "id": 7, "result": {"tools": [{"name": "list_datastores"}]}}
+    await process(engine, response_stream(imaging_list, "application/json", server="imaging"))
+    assert (await engine.check(on("ecs", "containerize_app"))).decision.allowed
+    assert (await engine.check(on("imaging", "list_datastores"))).decision.allowed
+    crossed = (await engine.check(on("imaging", "containerize_app"))).decision
+    assert crossed.reason is Reason.UNKNOWN_TOOL and crossed.server == "imaging"
+    assert (await engine.check(on("ecs", "list_datastores"))).decision.reason is Reason.UNKNOWN_TOOL
+    assert not engine.catalogue.known  # the policy without servers' catalogue is untouched
+
+
+def test_upstream_url_is_refused_with_a_policy_of_servers(tmp_path: Path) -> None:
+    """One fetched list cannot stand for several servers: the service refuses to start."""
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"version": "1", "servers": {"ecs": UNLISTED}}))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "authz.cli",
+            "serve",
+            "--policy",
+            str(policy),
+            "--store",
+            "memory",
+            "--upstream-url",
+            "http://127.0.0.1:9/mcp",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "--upstream-url" in done.stderr and "servers" in done.stderr
 
 
 async def test_unlisted_tools_fail_closed_while_the_fetched_list_is_awaited() -> None:

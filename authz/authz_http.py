@@ -27,6 +27,7 @@ the answers before it are written, in order.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from http import HTTPStatus
@@ -58,6 +59,11 @@ UNAVAILABLE_WIRE_STATUS = 424
 # The reply's metadata fields as headers, which Envoy turns into dynamic metadata
 # (dynamic_metadata_from_headers) under the same name: "x-mcp-authz-log-decision" ...
 METADATA_HEADER_PREFIX = "x-mcp-authz-log-"
+
+# Every status line, made once: HTTPStatus(status) is an enum lookup in Python.
+_STATUS_LINES = {
+    status.value: b"HTTP/1.1 %d %s" % (status, status.phrase.encode()) for status in HTTPStatus
+}
 
 _REFUSALS = {
     400: b"malformed HTTP request\n",
@@ -165,7 +171,7 @@ def encode(answer: reply.Reply, *, head: bool = False, close: bool = False) -> b
         # status_on_error with no body: a 503 denial travels as 424, which the shipped
         # config's local_reply_config turns back into 503, body and headers kept.
         status = UNAVAILABLE_WIRE_STATUS
-    lines = [b"HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase.encode())]
+    lines = [_STATUS_LINES[status]]
     if answer.allowed:
         # One header serves both ways: the dry-run and fail-open markers are in both lists,
         # and Envoy's allowed_upstream_headers and allowed_client_headers_on_success pick
@@ -200,12 +206,9 @@ Decide = Callable[[HttpRequest], Awaitable[reply.Reply]]
 
 
 def checks(engine: Engine, metrics: Metrics) -> Decide:
-    """The service's checks: :func:`authz.check.answer` on this engine and metrics."""
-
-    async def decide(http: HttpRequest) -> reply.Reply:
-        return await check.answer(engine, metrics, http)
-
-    return decide
+    """The service's checks: :func:`authz.check.answer` on this engine and metrics (a
+    partial, not a wrapping coroutine: one frame less on every check)."""
+    return functools.partial(check.answer, engine, metrics)
 
 
 class _Refused(Exception):
@@ -219,6 +222,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
         self.parser = httptools.HttpRequestParser(self)
+        self.loop = asyncio.get_running_loop()  # the protocol is made by the serving loop
         self.transport: asyncio.Transport | None = None
         self.last: asyncio.Task[None] | None = None  # the latest answer, written last
         self.waiting = 0  # requests parsed whose answers are not written yet
@@ -293,13 +297,15 @@ class _Connection(asyncio.Protocol):
         if self.done:  # pipelined after a request that closes the connection
             return
         headers = self.headers
+        # Most requests carry neither header (no mTLS, no JWT): nothing to read then.
+        cert, payload = headers.get(CLIENT_CERT_HEADER), headers.get(JWT_PAYLOAD_HEADER)
         http = HttpRequest(
             method=self.parser.get_method().decode("latin-1"),
             headers=headers,
             body=b"".join(self.body),
             request_id=headers.get("x-request-id", ""),
-            peer_principal=xfcc_principal(headers.get(CLIENT_CERT_HEADER, "")),
-            metadata=jwt_metadata(headers.get(JWT_PAYLOAD_HEADER, "")),
+            peer_principal=xfcc_principal(cert) if cert else "",
+            metadata=jwt_metadata(payload) if payload else {},
         )
         keep_alive = self.parser.should_keep_alive()
         if not keep_alive:
@@ -308,7 +314,7 @@ class _Connection(asyncio.Protocol):
         if self.waiting >= MAX_PIPELINED and self.transport is not None and not self.paused:
             self.paused = True
             self.transport.pause_reading()
-        self.last = asyncio.get_running_loop().create_task(
+        self.last = self.loop.create_task(
             self._answer(http, self.last, head=http.method == "HEAD", close=not keep_alive)
         )
 
@@ -342,7 +348,7 @@ class _Connection(asyncio.Protocol):
                 await previous
             self._write(data, close=close)
 
-        self.last = asyncio.get_running_loop().create_task(write())
+        self.last = self.loop.create_task(write())
 
     def _write(self, data: bytes, *, close: bool) -> None:
         transport = self.transport

@@ -29,7 +29,7 @@ import grpc
 
 from authz import audit, listing, mcp, records
 from authz.engine import Engine
-from authz.metrics import Metrics
+from authz.metrics import Metrics, list_server_label
 from authz.pb import (
     core_pb2,
     external_processor_pb2,
@@ -215,8 +215,9 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
             )
         except listing.Unfilterable as exc:
             return self._unfilterable(exchange, str(exc))
+        server = list_server_label(self.engine.policy, exchange.server)
         for listed in filtered.lists:
-            self.metrics.record_list(listed.kind, "filtered", listed.hidden)
+            self.metrics.record_list(listed.kind, "filtered", server, listed.hidden)
             audit.record_list(request_id, grant, listed, policy)
         reply = external_processor_pb2.ProcessingResponse()
         reply.response_body.response.body_mutation.body = filtered.body
@@ -240,9 +241,13 @@ class ListFilterService(external_processor_pb2_grpc.ExternalProcessorServicer): 
         self, exchange: _Exchange, why: str
     ) -> external_processor_pb2.ProcessingResponse:
         """The JSON-RPC error that replaces a list response (fail closed)."""
-        for method in exchange.requests.values():
-            self.metrics.record_list(listing.LISTS[method][2], "failed")
+        server = list_server_label(self.engine.policy, exchange.server)
         methods = tuple(exchange.requests.values())
+        if not methods:  # refused before the request body was read: ext_authz's mark
+            marked = exchange.headers.get(LIST_HEADER, "").split(",")
+            methods = tuple(method for method in marked if method in listing.LISTS)
+        for method in methods:
+            self.metrics.record_list(listing.LISTS[method][2], "failed", server)
         audit.record_list_failure(exchange.request_id, exchange.grant, methods, why)
         body = exchange.body
         message = f"list response could not be filtered for this caller: {why}"

@@ -75,6 +75,14 @@ def tool_label(tool: str | None, policy: Policy) -> str:
     return tool if tool in policy.tools else "other"
 
 
+def list_server_label(policy: Policy, server: str) -> str:
+    """The server of a list as a label, under ``policy`` (the policy in force): a server it
+    defines, ``other`` for any other name, empty under a policy without servers."""
+    if policy.servers is None:
+        return ""
+    return server if server in policy.servers else OTHER
+
+
 def server_label(result: CheckResult) -> str:
     """The server as a label: a server the policy defines (the check was decided by its
     policy), ``other`` for one it does not, empty under a policy without servers."""
@@ -178,23 +186,26 @@ class Metrics:
         list_responses = Counter(
             "mcp_authz_list_responses_total",
             "List results through the list filter (ext_proc), by kind (tools, prompts, "
-            "resources, resource_templates) and result (filtered; failed: replaced by a "
-            "JSON-RPC error because it could not be filtered).",
-            ["kind", "result"],
+            "resources, resource_templates), result (filtered; failed: replaced by a "
+            "JSON-RPC error because it could not be filtered) and server (as for checks).",
+            ["kind", "result", "server"],
             registry=reg,
         )
         list_hidden = Counter(
             "mcp_authz_list_entries_hidden_total",
-            "Entries removed from list results because the caller may not use them, by kind.",
-            ["kind"],
+            "Entries removed from list results because the caller may not use them, by kind "
+            "and server.",
+            ["kind", "server"],
             registry=reg,
         )
-        self.list_responses = {
-            (kind, result): list_responses.labels(kind, result)
-            for kind in KINDS
-            for result in LIST_RESULTS
-        }
-        self.list_hidden = {kind: list_hidden.labels(kind) for kind in KINDS}
+        self.list_responses = list_responses
+        self.list_hidden = list_hidden
+        # Under a policy without servers the server label is empty: those series exist
+        # from the start, at zero, as they did before the label.
+        for kind in KINDS:
+            for result in LIST_RESULTS:
+                list_responses.labels(kind, result, "")
+            list_hidden.labels(kind, "")
         self._decision_children: dict[tuple[str, str, str, str, str], Counter] = {}
         self._near_children: dict[tuple[str, str], Counter] = {}
         self._exceeded_children: dict[tuple[str, str], Counter] = {}
@@ -232,11 +243,12 @@ class Metrics:
             child = children[labels] = parent.labels(*labels)
         return child
 
-    def record_list(self, kind: str, result: str, hidden: int = 0) -> None:
-        """Count one list result the list filter handled, and the entries it hid."""
-        self.list_responses[kind, result].inc()
+    def record_list(self, kind: str, result: str, server: str, hidden: int = 0) -> None:
+        """Count one list result the list filter handled, and the entries it hid.
+        ``server``: :func:`list_server_label`."""
+        self.list_responses.labels(kind, result, server).inc()
         if hidden:
-            self.list_hidden[kind].inc(hidden)
+            self.list_hidden.labels(kind, server).inc(hidden)
 
     def policy_loaded(self, policy: Policy) -> None:
         """The policy in force changed (at start, or a reload succeeded)."""

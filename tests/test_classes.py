@@ -151,8 +151,10 @@ class Context:
         raise AssertionError(f"aborted: {code} {details}")
 
 
-async def process(engine: Engine, messages: list[pb.ProcessingRequest]) -> bytes:
-    service = extproc.ListFilterService(engine, Metrics())
+async def process(
+    engine: Engine, messages: list[pb.ProcessingRequest], metrics: Metrics | None = None
+) -> bytes:
+    service = extproc.ListFilterService(engine, metrics or Metrics())
 
     async def stream() -> AsyncIterator[pb.ProcessingRequest]:
         for message in messages:
@@ -249,6 +251,29 @@ async def test_each_server_has_its_own_catalogue() -> None:
     assert crossed.reason is Reason.UNKNOWN_TOOL and crossed.server == "imaging"
     assert (await engine.check(on("ecs", "list_datastores"))).decision.reason is Reason.UNKNOWN_TOOL
     assert not engine.catalogue.known  # the policy without servers' catalogue is untouched
+
+
+async def test_list_metrics_name_the_server() -> None:
+    """Under a policy with servers the list metrics say whose list it was; a list naming
+    no server of the policy fails closed and counts under ``other``."""
+    engine = Engine(
+        compile_policy({"version": "1", "servers": {"ecs": UNLISTED}}), open_store("memory://")
+    )
+    metrics = Metrics()
+    tools = [{"name": "delete_app"}, {"name": "containerize_app"}]
+    page = {"jsonrpc": "2.0", "id": 7, "result": {"tools": tools}}
+    kept = await process(engine, response_stream(page, "application/json", "ecs"), metrics)
+    assert b"containerize_app" in kept and b"delete_app" not in kept
+    await process(engine, response_stream(page, "application/json", "elsewhere"), metrics)
+
+    def value(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    responses = "mcp_authz_list_responses_total"
+    assert value(responses, kind="tools", result="filtered", server="ecs") == 1
+    assert value("mcp_authz_list_entries_hidden_total", kind="tools", server="ecs") == 1
+    assert value(responses, kind="tools", result="failed", server="other") == 1
+    assert value(responses, kind="tools", result="filtered", server="") == 0
 
 
 def test_upstream_url_is_refused_with_a_policy_of_servers(tmp_path: Path) -> None:

@@ -380,13 +380,13 @@ def test_filter_metrics_count_lists_and_hidden_entries(
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 
-    filtered = sample("mcp_authz_list_responses_total", kind="prompts", result="filtered")
-    hidden = sample("mcp_authz_list_entries_hidden_total", kind="prompts")
+    # server="": the policy has no servers
+    labels = {"kind": "prompts", "result": "filtered", "server": ""}
+    filtered = sample("mcp_authz_list_responses_total", **labels)
+    hidden = sample("mcp_authz_list_entries_hidden_total", kind="prompts", server="")
     post(stack.url, rpc("prompts/list"), bearer())
-    assert sample("mcp_authz_list_responses_total", kind="prompts", result="filtered") == (
-        filtered + 1
-    )
-    assert sample("mcp_authz_list_entries_hidden_total", kind="prompts") == hidden + 1
+    assert sample("mcp_authz_list_responses_total", **labels) == filtered + 1
+    assert sample("mcp_authz_list_entries_hidden_total", kind="prompts", server="") == hidden + 1
     audit = [json.loads(line) for line in stack.authz.output().splitlines() if '"list_' in line]
     listed = [
         a for a in audit if a["decision"] == "list_filtered" and a["method"] == "prompts/list"

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from authz import admin_client, notify, settings, tooling
+from authz import admin_client, notify, settings
 from authz.audit import configure_logging
 from authz.catalogue import Catalogue
 from authz.engine import Engine
@@ -28,6 +28,7 @@ from authz.server import serve
 from authz.settings import ENV_PREFIX, Settings
 from authz.store import open_store
 from authz.store.instrumented import InstrumentedStore
+from authz.tooling import cases, explain, report
 from authz.workers import supervise
 
 
@@ -270,10 +271,10 @@ def _serve_process(config: Settings) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-policy":
-        return tooling.check_policy(args.path, args.against, dict(args.header))
+        return report.check_policy(args.path, args.against, dict(args.header))
     if args.command == "explain":
         body = sys.stdin.buffer.read() if args.body == "-" else args.body.encode()
-        return tooling.explain(
+        return explain.explain(
             args.policy,
             body,
             args.grant,
@@ -283,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             server=args.server,
         )
     if args.command == "test":
-        return tooling.run_cases(args.policy, args.cases)
+        return cases.run_cases(args.policy, args.cases)
     if args.command == "approvals":
         return _approvals(args)
     return _serve(args)

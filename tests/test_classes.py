@@ -353,7 +353,7 @@ def test_the_example_policy_resolves_the_demo_upstreams_tools() -> None:
 def test_the_risk_report_names_each_caller_sets_rule_and_warns() -> None:
     import io
 
-    from authz import tooling
+    from authz.tooling import report
 
     policy = compile_policy(
         {
@@ -369,7 +369,7 @@ def test_the_risk_report_names_each_caller_sets_rule_and_warns() -> None:
         }
     )
     out = io.StringIO()
-    tooling._print_risk(
+    report._print_risk(
         policy,
         [("reader", READER), ("dropper", None), ("adder", ADDER)],
         out,

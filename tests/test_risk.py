@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from authz import tooling
 from authz.policy import compile_policy
 from authz.risk import Annotations, annotations_of, classes, risk_report
+from authz.tooling.report import check_policy
 from devstack.stack import ROOT, Proc, free_port, running
 
 
@@ -92,7 +92,7 @@ def test_risk_report_against_the_real_ecs_server(tmp_path: Path) -> None:
     )
     out, err = io.StringIO(), io.StringIO()
     with running(server, port):
-        code = tooling.check_policy(
+        code = check_policy(
             str(ROOT / "examples/policy.json"),
             against=f"http://127.0.0.1:{port}/mcp",
             out=out,

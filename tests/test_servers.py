@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from authz import envoy, tooling
+from authz import envoy
 from authz.approvals import Binding
 from authz.decision import CheckResult, Reason
 from authz.engine import Engine
@@ -30,6 +30,9 @@ from authz.policy import Limit, Policy, PolicyError, Scope, compile_policy, load
 from authz.reload import FAILURE, SUCCESS, watch_policy
 from authz.reply import GRANT_HEADER, LIST_HEADER, SERVER_HEADER
 from authz.store.memory import MemoryStore
+from authz.tooling.cases import run_cases
+from authz.tooling.explain import explain
+from authz.tooling.report import check_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "servers.policy.yaml"
@@ -456,7 +459,7 @@ def test_a_server_file_loads_relative_to_the_main_file(tmp_path: Path) -> None:
     assert policy.servers["healthimaging"].tools["probe"].reason == "v1"
     assert [f.path for f in policy.files] == [str(tmp_path / "teams" / "hi.yaml")]
     out = io.StringIO()
-    assert tooling.check_policy(str(main), out=out) == 0
+    assert check_policy(str(main), out=out) == 0
     assert f"server healthimaging from {tmp_path / 'teams' / 'hi.yaml'}" in out.getvalue()
 
 
@@ -546,28 +549,28 @@ def test_explain_takes_a_server() -> None:
         {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "delete_app"}}
     ).encode()
     out = io.StringIO()
-    assert tooling.explain(str(EXAMPLE), body, "g", out=out, server="ecs") == 0
+    assert explain(str(EXAMPLE), body, "g", out=out, server="ecs") == 0
     text = out.getvalue()
     assert "server: ecs" in text
     assert "budget 'writes': 50 per day per grant (key mcpauthz:{g:g}:budget:writes)" in text
     out = io.StringIO()
-    assert tooling.explain(str(EXAMPLE), body, "g", out=out, server="healthimaging") == 1
+    assert explain(str(EXAMPLE), body, "g", out=out, server="healthimaging") == 1
     assert "denied_by_default" in out.getvalue()
     out = io.StringIO()
-    assert tooling.explain(str(EXAMPLE), body, "g", out=out) == 1
+    assert explain(str(EXAMPLE), body, "g", out=out) == 1
     assert "unknown_server" in out.getvalue()
 
 
 def test_the_example_cases_pass() -> None:
     out = io.StringIO()
     cases = ROOT / "examples" / "servers.cases.yaml"
-    assert tooling.run_cases(str(EXAMPLE), str(cases), out=out) == 0, out.getvalue()
+    assert run_cases(str(EXAMPLE), str(cases), out=out) == 0, out.getvalue()
     assert "7 passed, 0 failed" in out.getvalue()
 
 
 def test_check_policy_describes_every_server_and_budget() -> None:
     out = io.StringIO()
-    assert tooling.check_policy(str(EXAMPLE), out=out) == 0
+    assert check_policy(str(EXAMPLE), out=out) == 0
     text = out.getvalue()
     assert "2 servers" in text
     assert "budget 'writes': 50 per day per grant" in text
@@ -577,9 +580,7 @@ def test_check_policy_describes_every_server_and_budget() -> None:
 
 def test_check_policy_against_needs_a_name_per_server() -> None:
     err = io.StringIO()
-    code = tooling.check_policy(
-        str(EXAMPLE), ["http://127.0.0.1:1/mcp"], out=io.StringIO(), err=err
-    )
+    code = check_policy(str(EXAMPLE), ["http://127.0.0.1:1/mcp"], out=io.StringIO(), err=err)
     assert code == 2
     assert "expected NAME=URL, NAME one of healthimaging, ecs" in err.getvalue()
 
@@ -798,7 +799,7 @@ def test_explain_and_check_policy_show_a_server_s_callers(tmp_path: Path) -> Non
         {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": EXPORT_TOOL}}
     ).encode()
     claims = {"sub": "alice", "role": "exporter"}
-    code = tooling.explain(
+    code = explain(
         str(path), body, out=out, err=io.StringIO(), claims=claims, server="healthimaging"
     )
     text = out.getvalue()
@@ -806,7 +807,7 @@ def test_explain_and_check_policy_show_a_server_s_callers(tmp_path: Path) -> Non
     assert "server: healthimaging\ncaller: exporters (in: exporters)" in text
     assert "budget 'writes': 2 per day per grant, only for exporters" in text
     out = io.StringIO()
-    assert tooling.check_policy(str(path), out=out, err=io.StringIO()) == 0
+    assert check_policy(str(path), out=out, err=io.StringIO()) == 0
     text = out.getvalue()
     assert "    callers exporters: claims role=exporter" in text
     rows = [line.split("  ") for line in text.splitlines()]

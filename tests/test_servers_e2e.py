@@ -25,7 +25,7 @@ import httpx
 import pytest
 import yaml
 
-from authz import tooling
+from authz.tooling.report import check_policy
 from devstack.redis_server import RedisServer, running_redis
 from devstack.stack import (
     BIN,
@@ -387,7 +387,7 @@ def test_metrics_audit_and_envoy_s_log_name_the_server(estate: Estate) -> None:
 def test_check_policy_prints_the_estate_from_both_real_servers(estate: Estate) -> None:
     out, err = io.StringIO(), io.StringIO()
     against = [f"{name}={url}" for name, url in estate.upstreams.items()]
-    assert tooling.check_policy(str(POLICY), against, out=out, err=err) == 0, err.getvalue()
+    assert check_policy(str(POLICY), against, out=out, err=err) == 0, err.getvalue()
     text = out.getvalue()
     assert "estate: 2 servers, 46 tools" in text
     assert f"server ecs: {estate.upstreams['ecs']}: 7 tools" in text
@@ -401,7 +401,7 @@ def test_check_policy_prints_the_estate_from_both_real_servers(estate: Estate) -
     # A server left out is said to be left out, not silently skipped.
     out = io.StringIO()
     ecs_only = [f"ecs={estate.upstreams['ecs']}"]
-    assert tooling.check_policy(str(POLICY), ecs_only, out=out, err=io.StringIO()) == 0
+    assert check_policy(str(POLICY), ecs_only, out=out, err=io.StringIO()) == 0
     assert "server healthimaging: not listed (give --against healthimaging=URL)" in out.getvalue()
 
 

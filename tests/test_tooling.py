@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
-from authz import tooling
+from authz.tooling.cases import run_cases
+from authz.tooling.explain import explain
+from authz.tooling.report import check_policy
 from devstack.stack import free_port, running, upstream_proc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +79,7 @@ def call(name: str, **arguments: Any) -> str:
 
 
 def test_check_policy_lists_rules_in_precedence_order(policy_file: Path) -> None:
-    code, out, _ = run(tooling.check_policy, str(policy_file))
+    code, out, _ = run(check_policy, str(policy_file))
     assert code == 0
     lines = out.splitlines()
     assert lines[0].startswith(f"{policy_file}: ok (version 1, digest ")
@@ -106,12 +108,12 @@ def test_check_policy_lists_rules_in_precedence_order(policy_file: Path) -> None
 def test_check_policy_shows_warnings_and_errors(tmp_path: Path) -> None:
     warned = tmp_path / "warned.yaml"
     warned.write_text('version: "1"\ndefault: deny\nresources:\n  clusters/*: {}\n')
-    code, out, _ = run(tooling.check_policy, str(warned))
+    code, out, _ = run(check_policy, str(warned))
     assert code == 0
     assert "  warning: resources.clusters/*: not a URI" in out
     broken = tmp_path / "broken.json"
     broken.write_text('{"version": "1", "default": "deny", "tools": {"a*": {}, "a*b": {}}}')
-    code, _, err = run(tooling.check_policy, str(broken))
+    code, _, err = run(check_policy, str(broken))
     assert code == 1
     assert err.splitlines() == [
         f"{broken}: invalid policy",
@@ -130,7 +132,7 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def test_check_policy_against_a_live_server(policy_file: Path, live_server: str) -> None:
     code, out, err = run(
-        tooling.check_policy,
+        check_policy,
         str(policy_file),
         against=live_server,
         headers={"Authorization": "Bearer tok"},
@@ -181,7 +183,7 @@ def test_check_policy_against_a_live_server(policy_file: Path, live_server: str)
 
 def test_check_policy_against_an_unreachable_server(policy_file: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}/mcp"
-    code, _, err = run(tooling.check_policy, str(policy_file), against=url)
+    code, _, err = run(check_policy, str(policy_file), against=url)
     assert code == 2
     assert err.startswith(f"{url}: cannot list tools: ")
 
@@ -192,7 +194,7 @@ def test_check_policy_against_an_unreachable_server(policy_file: Path) -> None:
 def test_explain_shows_rule_arguments_and_limits_and_spends_nothing(policy_file: Path) -> None:
     body = call("start_dicom_export_job", outputS3Uri="s3://ok/x", studyCount=7).encode()
     for _ in range(3):  # the limit allows 1 a minute: explain must not spend it
-        code, out, _ = run(tooling.explain, str(policy_file), body, grant="alice")
+        code, out, _ = run(explain, str(policy_file), body, grant="alice")
         assert code == 0
     assert out.splitlines() == [
         "grant: alice",
@@ -211,7 +213,7 @@ def test_explain_shows_rule_arguments_and_limits_and_spends_nothing(policy_file:
 
 def test_explain_denials(policy_file: Path) -> None:
     body = call("start_dicom_export_job", outputS3Uri="s3://elsewhere/patient-7").encode()
-    code, out, _ = run(tooling.explain, str(policy_file), body, grant="alice")
+    code, out, _ = run(explain, str(policy_file), body, grant="alice")
     assert code == 1
     assert (
         "  arguments: arguments.outputS3Uri: does not match the required pattern '^s3://ok/'" in out
@@ -222,11 +224,11 @@ def test_explain_denials(policy_file: Path) -> None:
         "'^s3://ok/'"
     )
     assert "patient-7" not in out
-    code, out, _ = run(tooling.explain, str(policy_file), call("containerize_app").encode())
+    code, out, _ = run(explain, str(policy_file), call("containerize_app").encode())
     assert code == 1
     assert out.splitlines()[0] == "grant: (none)"
     assert out.splitlines()[-1].startswith("decision: deny 403 no_grant_identity:")
-    code, out, _ = run(tooling.explain, str(policy_file), b"{not json")
+    code, out, _ = run(explain, str(policy_file), b"{not json")
     assert code == 1
     assert out.splitlines()[-1] == (
         "decision: deny 400 malformed_request: policy violation: malformed request: invalid JSON"
@@ -235,7 +237,7 @@ def test_explain_denials(policy_file: Path) -> None:
 
 def test_explain_dry_run_sessions_and_headers(policy_file: Path) -> None:
     code, out, _ = run(
-        tooling.explain,
+        explain,
         str(policy_file),
         call("list_datastores").encode(),
         headers={"Authorization": "Bearer tok-1"},
@@ -248,7 +250,7 @@ def test_explain_dry_run_sessions_and_headers(policy_file: Path) -> None:
         "'list_datastores' denied: rehearsal"
     )
     code, out, _ = run(
-        tooling.explain,
+        explain,
         str(policy_file),
         call("session_tool").encode(),
         grant="g",
@@ -319,7 +321,7 @@ def test_failing_cases_fail_the_run(policy_file: Path, tmp_path: Path) -> None:
         "    headers: {authorization: Bearer x}\n"
         "    expect: allow\n"
     )
-    code, out, _ = run(tooling.run_cases, str(policy_file), str(cases))
+    code, out, _ = run(run_cases, str(policy_file), str(cases))
     assert code == 1
     assert out.splitlines() == [
         "PASS  allowed",
@@ -337,14 +339,14 @@ def test_failing_cases_fail_the_run(policy_file: Path, tmp_path: Path) -> None:
 def test_invalid_cases_files(policy_file: Path, tmp_path: Path) -> None:
     cases = tmp_path / "cases.json"
     cases.write_text(json.dumps({"cases": [{"name": "x", "tool": "a", "expect": "maybe"}, {}]}))
-    code, _, err = run(tooling.run_cases, str(policy_file), str(cases))
+    code, _, err = run(run_cases, str(policy_file), str(cases))
     assert code == 2
     assert err.splitlines()[0] == f"{cases}: invalid cases"
     assert "  cases.0.expect: 'maybe' is not one of ['allow', 'deny', 'would_deny']" in err
     assert "  cases.1: 'name' is a required property" in err
     dup = tmp_path / "dup.yaml"
     dup.write_text("cases: []\ncases: []\n")
-    code, _, err = run(tooling.run_cases, str(policy_file), str(dup))
+    code, _, err = run(run_cases, str(policy_file), str(dup))
     assert code == 2 and "duplicate key 'cases'" in err
 
 
@@ -391,7 +393,7 @@ def callers_file(tmp_path: Path) -> Path:
 
 
 def test_check_policy_prints_who_may_call_what(callers_file: Path) -> None:
-    code, out, _ = run(tooling.check_policy, str(callers_file))
+    code, out, _ = run(check_policy, str(callers_file))
     assert code == 0
     lines = out.splitlines()
     assert lines[2:5] == [
@@ -450,7 +452,7 @@ def test_check_policy_prints_who_may_call_what(callers_file: Path) -> None:
 
 
 def test_check_policy_matrix_over_a_live_server(callers_file: Path, live_server: str) -> None:
-    code, out, err = run(tooling.check_policy, str(callers_file), against=live_server)
+    code, out, err = run(check_policy, str(callers_file), against=live_server)
     assert code == 0, err
     report = out.split(f"{live_server}: ", 1)[1].splitlines()
     matrix = report[
@@ -496,7 +498,7 @@ def test_explain_as_a_caller(callers_file: Path) -> None:
         'resource_metadata="https://mcp.example.com/.well-known/oauth-protected-resource/mcp"',
     ]
     code, out, _ = run(
-        tooling.explain,
+        explain,
         str(callers_file),
         call("start_dicom_export_job").encode(),
         claims={"sub": "svc-nightly-export", "groups": ["radiology-export"]},
@@ -528,6 +530,6 @@ def test_cases_decide_as_their_caller(callers_file: Path, tmp_path: Path) -> Non
         "  - {name: nobody, tool: delete_app, claims: {scope: ecs:read}, expect: deny,"
         " reason: caller_not_permitted}\n"
     )
-    code, out, err = run(tooling.run_cases, str(callers_file), str(cases))
+    code, out, err = run(run_cases, str(callers_file), str(cases))
     assert code == 0, out + err
     assert out.splitlines()[-1] == "6 passed, 0 failed"

@@ -615,4 +615,8 @@ def error_reply(
             "id": ids[0] if ids else None,
             "error": {"code": code, "message": message, "data": data},
         }
-    return json.dumps(replies, ensure_ascii=False, separators=(",", ":")).encode()
+    try:
+        # orjson writes the same bytes as the compact, non-ASCII-escaping json.dumps below.
+        return orjson.dumps(replies)
+    except TypeError:  # integers beyond 64 bits, lone surrogates: json decides, as before
+        return json.dumps(replies, ensure_ascii=False, separators=(",", ":")).encode()

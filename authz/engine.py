@@ -61,14 +61,14 @@ def _task_event(result: CheckResult) -> str | None:
     ``tools/call``) or lists them (``tasks/list``): only then is it read."""
     if not result.decision.allowed:
         return None
-    requests = [s.msg for s in result.steps if s.msg.kind is mcp.Kind.REQUEST]
-    if any(m.method == mcp.TASK_LIST for m in requests):
-        return "list"
-    if result.decision.grant is not None and any(
-        m.method == "tools/call" and m.task for m in requests
-    ):
-        return "create"
-    return None
+    creates = False
+    for step in result.steps:
+        msg = step.msg
+        if msg.kind is mcp.Kind.REQUEST:
+            if msg.method == mcp.TASK_LIST:
+                return "list"
+            creates = creates or (msg.method == "tools/call" and msg.task)
+    return "create" if creates and result.decision.grant is not None else None
 
 
 class Engine:

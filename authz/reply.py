@@ -131,7 +131,7 @@ def of(decision: Decision, request_headers: Mapping[str, str]) -> Reply:
             upstream += ((CALLERS_HEADER, ",".join(decision.caller_sets)),)
         if decision.lists and decision.server:
             upstream += ((SERVER_HEADER, decision.server),)
-        unmarked = _MARKS  # most requests carry no mark: every mark is removed
+        unmarked: tuple[str, ...] = _MARKS  # most requests carry no mark: all are removed
         if decision.lists or decision.session_event or decision.task_event:
             marks = (
                 ",".join(decision.lists),

@@ -50,10 +50,10 @@ def _session_event(request: mcp.HttpRequest, result: CheckResult) -> str | None:
             return "close" if mcp.session_id(request.headers) is not None else None
         except mcp.Malformed:
             return None
-    initializes = any(
-        s.msg.method == "initialize" and s.msg.kind is mcp.Kind.REQUEST for s in result.steps
-    )
-    return "open" if initializes else None
+    for step in result.steps:
+        if step.msg.method == "initialize" and step.msg.kind is mcp.Kind.REQUEST:
+            return "open"
+    return None
 
 
 def _task_event(result: CheckResult) -> str | None:

@@ -54,7 +54,15 @@ def http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
         # The protobuf map itself (lower-case names, a C mapping): a check looks up a
         # handful of headers, which costs less there than copying every header first.
         headers = http.headers
+    # Only what filters before ext_authz put there (jwt_authn's verified payload); most
+    # checks carry none, and then no comprehension runs.
     filter_metadata = attrs.metadata_context.filter_metadata
+    metadata: dict[str, dict[str, Any]] = {}
+    if filter_metadata:
+        metadata = {
+            namespace: json_format.MessageToDict(filter_metadata[namespace])
+            for namespace in filter_metadata
+        }
     return HttpRequest(
         method=http.method,
         headers=headers,
@@ -64,11 +72,7 @@ def http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
         server=attrs.context_extensions.get(SERVER_EXTENSION, ""),
         destination_principal=attrs.destination.principal,
         host=http.host,
-        # Only what filters before ext_authz put there (jwt_authn's verified payload).
-        metadata={
-            namespace: json_format.MessageToDict(filter_metadata[namespace])
-            for namespace in filter_metadata
-        },
+        metadata=metadata,
     )
 
 

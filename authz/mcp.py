@@ -184,15 +184,13 @@ class Message(msgspec.Struct, frozen=True):
 
 
 class Body(msgspec.Struct, frozen=True):
-    """A POST body: one message, or a batch (MCP 2025-03-26) of several."""
+    """A POST body: one message, or a batch (MCP 2025-03-26) of several. ``ids``: the ids
+    of its requests, in order, what a JSON-RPC error reply must echo (found once, when the
+    body is parsed, as several steps of a check read them)."""
 
     messages: tuple[Message, ...]
     batch: bool
-
-    @property
-    def ids(self) -> tuple[str | int | None, ...]:
-        """Ids of the requests, in order: what a JSON-RPC error reply must echo."""
-        return tuple(m.id for m in self.messages if m.kind is Kind.REQUEST)
+    ids: tuple[str | int | None, ...]
 
 
 class HttpRequest(msgspec.Struct, frozen=True):
@@ -371,8 +369,11 @@ def parse_body(body: bytes, max_members: int = MAX_MEMBERS) -> Body:
     if isinstance(doc, list):
         if not doc:
             raise Malformed(Problem.MALFORMED, "empty batch")
-        return Body(messages=tuple(_message(i, m) for i, m in enumerate(doc)), batch=True)
-    return Body(messages=(_message(-1, doc),), batch=False)
+        messages = tuple(_message(i, m) for i, m in enumerate(doc))
+    else:
+        messages = (_message(-1, doc),)
+    ids = tuple(m.id for m in messages if m.kind is Kind.REQUEST)
+    return Body(messages=messages, batch=isinstance(doc, list), ids=ids)
 
 
 def decode_header_value(value: str, ids: tuple[str | int | None, ...] = ()) -> str:

@@ -63,11 +63,14 @@ def http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
             namespace: json_format.MessageToDict(filter_metadata[namespace])
             for namespace in filter_metadata
         }
+    request_id = headers.get("x-request-id")
+    if request_id is None:  # Envoy's own id, read only when the header is missing
+        request_id = http.id
     return HttpRequest(
         method=http.method,
         headers=headers,
         body=http.raw_body or http.body.encode(),
-        request_id=headers.get("x-request-id", http.id),
+        request_id=request_id,
         peer_principal=attrs.source.principal,
         server=attrs.context_extensions.get(SERVER_EXTENSION, ""),
         destination_principal=attrs.destination.principal,

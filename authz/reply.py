@@ -133,15 +133,13 @@ def of(decision: Decision, request_headers: Mapping[str, str]) -> Reply:
             upstream += ((SERVER_HEADER, decision.server),)
         unmarked: tuple[str, ...] = _MARKS  # most requests carry no mark: all are removed
         if decision.lists or decision.session_event or decision.task_event:
-            marks = (
-                ",".join(decision.lists),
-                decision.session_event or "",
-                decision.task_event or "",
-            )
-            upstream += tuple(
-                (name, value) for name, value in zip(_MARKS, marks, strict=True) if value
-            )
-            unmarked = tuple(name for name, value in zip(_MARKS, marks, strict=True) if not value)
+            unmarked = ()
+            marks = (",".join(decision.lists), decision.session_event, decision.task_event)
+            for name, value in zip(_MARKS, marks, strict=True):
+                if value:
+                    upstream += ((name, value),)
+                else:
+                    unmarked += (name,)
         remove = unmarked + _spoofed(request_headers, decision)
         return Reply(
             allowed=True,

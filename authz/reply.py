@@ -134,8 +134,12 @@ def of(decision: Decision, request_headers: Mapping[str, str]) -> Reply:
         unmarked: tuple[str, ...] = _MARKS  # most requests carry no mark: all are removed
         if decision.lists or decision.session_event or decision.task_event:
             unmarked = ()
-            marks = (",".join(decision.lists), decision.session_event, decision.task_event)
-            for name, value in zip(_MARKS, marks, strict=True):
+            marks = (
+                (LIST_HEADER, ",".join(decision.lists)),
+                (SESSION_HEADER, decision.session_event),
+                (TASKS_HEADER, decision.task_event),
+            )
+            for name, value in marks:
                 if value:
                     upstream += ((name, value),)
                 else:

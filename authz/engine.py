@@ -203,7 +203,13 @@ class Engine:
         would: Decision | None = None
         spends: list[Spend] = []
         approved: list[Approval] = []
+        tasks: list[mcp.Message] = []  # the messages naming a task
+        dry_run = False  # a rule in dry-run mode governs a message
         for step in steps:
+            if step.msg.task_id is not None:
+                tasks.append(step.msg)
+            if step.rule is not None and step.rule.dry_run:
+                dry_run = True
             if step.denial is None:
                 spends.extend(step.spends)
                 continue
@@ -218,7 +224,6 @@ class Engine:
             if not step.dry_run:
                 return CheckResult(denial, policy, steps)
             would = would or denial
-        tasks = [s.msg for s in steps if s.msg.task_id is not None]
         if tasks and grant is not None:
             foreign = await self._foreign_task(tasks, body, grant, caller)
             if foreign is not None:
@@ -240,7 +245,7 @@ class Engine:
             body,
             grant,
             caller,
-            dry_run=any(s.rule is not None and s.rule.dry_run for s in steps),
+            dry_run=dry_run,
             fail_open=spent.fail_open,
         )
         if would is not None:

@@ -43,7 +43,9 @@ def http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
     attrs = check.attributes
     http = attrs.request.http
     headers: Mapping[str, str]
-    if http.header_map.headers:  # Envoy's encode_raw_headers mode
+    # Envoy's encode_raw_headers mode (asked with HasField first: reading an unset
+    # sub-message makes an empty one to read from).
+    if http.HasField("header_map") and http.header_map.headers:
         joined: dict[str, str] = {}
         for h in http.header_map.headers:
             value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value

@@ -258,7 +258,7 @@ def _message(index: int, raw: object) -> Message:
 def _request(
     index: int, where: str, raw: dict[str, Any], ids: tuple[str | int | None, ...]
 ) -> Message:
-    if raw.keys() - _REQUEST_MEMBERS:
+    if not _REQUEST_MEMBERS.issuperset(raw):
         raise Malformed(Problem.MALFORMED, f"{where}unexpected member(s) in a request", ids)
     method = raw["method"]
     if not isinstance(method, str):

@@ -43,16 +43,17 @@ def _session_event(request: mcp.HttpRequest, result: CheckResult) -> str | None:
     ends one (a ``DELETE`` naming it), on a revision with sessions, for a known grant:
     only then is a session recorded or dropped."""
     decision = result.decision
-    if not decision.allowed or decision.grant is None or mcp.stateless(request.headers):
+    if not decision.allowed or decision.grant is None:
         return None
     if request.method.upper() == "DELETE":
         try:
+            # None on a revision without sessions too (see mcp.session_id).
             return "close" if mcp.session_id(request.headers) is not None else None
         except mcp.Malformed:
             return None
     for step in result.steps:
         if step.msg.method == "initialize" and step.msg.kind is mcp.Kind.REQUEST:
-            return "open"
+            return None if mcp.stateless(request.headers) else "open"
     return None
 
 

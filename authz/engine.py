@@ -421,15 +421,15 @@ def _charges(spends: list[Spend]) -> tuple[list[Charge], dict[str, Spend]]:
         first.setdefault(spend.key, spend)
     charges = [
         Charge(
-            key=k,
-            window_ms=first[k].limit.window_ms,
-            max=first[k].limit.max,
-            cost=c,
-            session=first[k].session,
-            fallback=first[k].fallback,
+            key=key,
+            window_ms=spend.limit.window_ms,
+            max=spend.limit.max,
+            cost=costs[key],
+            session=spend.session,
+            fallback=spend.fallback,
         )
-        for k, c in costs.items()
-        if c > 0
+        for key, spend in first.items()
+        if costs[key] > 0
     ]
     return charges, first
 

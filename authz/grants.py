@@ -146,6 +146,11 @@ def grant_of(
     """The grant id of a request, or ``None`` when it carries no usable identity.
     ``claims``: the request's verified claims when the caller already has them (see
     :func:`claims_of`), so a payload header is decoded once per check."""
+    if source.source is Source.BEARER:  # the default: asked first
+        authorization = request.headers.get("authorization", "")
+        if len(authorization) > MAX_CACHED_AUTHORIZATION:
+            return _bearer_grant.__wrapped__(authorization)
+        return _bearer_grant(authorization)
     if source.source is Source.HEADER:
         value = request.headers.get(source.header, "").strip()
         return value if _SAFE_GRANT.fullmatch(value) else None
@@ -156,12 +161,8 @@ def grant_of(
         if isinstance(claim, bool) or not isinstance(claim, str | int) or claim == "":
             return None
         return _safe_or_hashed(str(claim))
-    if source.source is Source.MTLS:
-        return _safe_or_hashed(request.peer_principal) if request.peer_principal else None
-    authorization = request.headers.get("authorization", "")
-    if len(authorization) > MAX_CACHED_AUTHORIZATION:
-        return _bearer_grant.__wrapped__(authorization)
-    return _bearer_grant(authorization)
+    # Source.MTLS
+    return _safe_or_hashed(request.peer_principal) if request.peer_principal else None
 
 
 @functools.lru_cache(maxsize=1024)

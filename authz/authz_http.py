@@ -58,6 +58,12 @@ UNAVAILABLE_WIRE_STATUS = 424
 # The reply's metadata fields as headers, which Envoy turns into dynamic metadata
 # (dynamic_metadata_from_headers) under the same name: "x-mcp-authz-log-decision" ...
 METADATA_HEADER_PREFIX = "x-mcp-authz-log-"
+_METADATA_PREFIX = METADATA_HEADER_PREFIX.encode()
+# Every status line an answer can start with, formatted once.
+_STATUS_LINES = {
+    status.value: b"HTTP/1.1 %d %s" % (status.value, status.phrase.encode())
+    for status in HTTPStatus
+}
 
 _REFUSALS = {
     400: b"malformed HTTP request\n",
@@ -88,8 +94,9 @@ class _VerifiedPayload(Mapping[str, Any]):
 
 
 def jwt_metadata(header: str) -> dict[str, Mapping[str, Any]]:
-    """The metadata a forwarded JWT payload stands for; empty when it does not decode."""
-    payload = grants.decoded_payload(header)
+    """The metadata a forwarded JWT payload stands for; empty when it does not decode
+    (or when there is none: no header)."""
+    payload = grants.decoded_payload(header) if header else {}
     return {grants.JWT_NAMESPACE: _VerifiedPayload(payload)} if payload else {}
 
 
@@ -139,7 +146,7 @@ def xfcc_principal(value: str) -> str:
     The last element is the one this Envoy added (any earlier ones come from proxies in
     front of it); its ``By`` field names Envoy's own certificate, never the client.
     """
-    elements = _xfcc_elements(value)
+    elements = _xfcc_elements(value) if value else []  # no header (no client certificate)
     if not elements:
         return ""
     fields = elements[-1]
@@ -165,7 +172,7 @@ def encode(answer: reply.Reply, *, head: bool = False, close: bool = False) -> b
         # status_on_error with no body: a 503 denial travels as 424, which the shipped
         # config's local_reply_config turns back into 503, body and headers kept.
         status = UNAVAILABLE_WIRE_STATUS
-    lines = [b"HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase.encode())]
+    lines = [_STATUS_LINES[status]]
     if answer.allowed:
         # One header serves both ways: the dry-run and fail-open markers are in both lists,
         # and Envoy's allowed_upstream_headers and allowed_client_headers_on_success pick
@@ -177,7 +184,7 @@ def encode(answer: reply.Reply, *, head: bool = False, close: bool = False) -> b
         headers = dict(answer.client_headers)
     lines.extend(b"%s: %s" % (name.encode(), _value(value)) for name, value in headers.items())
     lines.extend(
-        b"%s%s: %s" % (METADATA_HEADER_PREFIX.encode(), name.encode(), _value(value))
+        b"%s%s: %s" % (_METADATA_PREFIX, name.encode(), _value(value))
         for name, value in answer.metadata
     )
     body = b"" if answer.allowed else answer.body

@@ -268,7 +268,7 @@ def _request(
     ):
         raise Malformed(Problem.MALFORMED, f"{where}method name is not an exact MCP method", ids)
     if "id" in raw:
-        if not _valid_id(raw["id"]):
+        if not ids:  # ids holds the id only when it is a string or an integer
             raise Malformed(Problem.MALFORMED, f"{where}id must be a string or an integer")
         if method.startswith(NOTIFICATION_PREFIX):
             # The server answers it, so it is a request; passing it as a notification would

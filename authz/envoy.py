@@ -43,8 +43,8 @@ def http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
     attrs = check.attributes
     http = attrs.request.http
     headers: Mapping[str, str]
-    # Envoy's encode_raw_headers mode (asked with HasField first: reading an unset
-    # sub-message makes an empty one to read from).
+    # Envoy's encode_raw_headers mode (HasField first: most checks come without it, and
+    # reading an unset sub-message builds an empty one to read from).
     if http.HasField("header_map") and http.header_map.headers:
         joined: dict[str, str] = {}
         for h in http.header_map.headers:

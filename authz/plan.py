@@ -243,22 +243,23 @@ def _step(
             return Step(msg, None, Reason.NO_GRANT, f"{subject_of(msg)}: no grant identity")
         return Step(msg, None)
     rule = rule_for(policy, msg, catalogue)
+    subject = subject_of(msg)
     if msg.method == "tools/call" and grant is None:
-        return Step(msg, rule, Reason.NO_GRANT, f"{subject_of(msg)}: no grant identity")
+        return Step(msg, rule, Reason.NO_GRANT, f"{subject}: no grant identity")
     if msg.method == "tools/call" and policy.deny_unlisted:
         unlisted = _unlisted(msg.name or "", catalogue)
         if unlisted is not None:
-            return Step(msg, rule, Reason.UNKNOWN_TOOL, f"{subject_of(msg)}: {unlisted}")
+            return Step(msg, rule, Reason.UNKNOWN_TOOL, f"{subject}: {unlisted}")
     matched = None
     if rule.variants:
         entry, chosen = rule, rule.variant_for(caller.sets)
         if chosen is None:
-            text = f"{subject_of(msg)} is not permitted for this caller"
+            text = f"{subject} is not permitted for this caller"
             challenge = _step_up(policy, entry, caller, None)
             return Step(msg, rule, Reason.CALLER_NOT_PERMITTED, text, challenge=challenge)
         rule, matched = chosen
         if rule.action is Action.DENY:
-            text = f"{subject_of(msg)} denied: {rule.reason or 'denied by policy'}"
+            text = f"{subject} denied: {rule.reason or 'denied by policy'}"
             challenge = _step_up(policy, entry, caller, rule)
             return Step(msg, rule, Reason.DENIED_BY_RULE, text, caller=matched, challenge=challenge)
     if rule.param_headers and msg.method == "tools/call":
@@ -266,17 +267,13 @@ def _step(
             mcp.check_param_headers(headers, rule.param_headers, msg.arguments)
         except mcp.Malformed as exc:
             return Step(
-                msg,
-                rule,
-                Reason.HEADER_MISMATCH,
-                f"{subject_of(msg)}: {exc.detail}",
-                caller=matched,
+                msg, rule, Reason.HEADER_MISMATCH, f"{subject}: {exc.detail}", caller=matched
             )
     if rule.action is Action.DENY:
         if rule.where == "default":
-            text = f"{subject_of(msg)} is not allowed by this policy (default deny)"
+            text = f"{subject} is not allowed by this policy (default deny)"
             return Step(msg, rule, Reason.DENIED_BY_DEFAULT, text)
-        text = f"{subject_of(msg)} denied: {rule.reason or 'denied by policy'}"
+        text = f"{subject} denied: {rule.reason or 'denied by policy'}"
         return Step(msg, rule, Reason.DENIED_BY_RULE, text)
     limits = rule.limits
     if policy.callers:  # a limit may apply to some caller sets only
@@ -288,20 +285,20 @@ def _step(
         problems = next((cost for _, cost in priced if isinstance(cost, str)), None)
     arguments = None if rule.arguments is None else checked or ""
     if problems is not None:
-        text = f"{subject_of(msg)}: invalid arguments: {problems}"
+        text = f"{subject}: invalid arguments: {problems}"
         return Step(msg, rule, Reason.ARGUMENTS_INVALID, text, arguments=arguments, caller=matched)
     spends = []
     for limit, cost in priced:
         assert isinstance(cost, int)  # problems above returned otherwise
         if limit.scope is not Scope.GLOBAL and grant is None:
-            text = f"{subject_of(msg)}: no grant identity"
+            text = f"{subject}: no grant identity"
             return Step(msg, rule, Reason.NO_GRANT, text, arguments=arguments, caller=matched)
         session = None
         if limit.scope is Scope.SESSION:
             try:
                 session = mcp.session_id(headers)
             except mcp.Malformed as exc:
-                text = f"{subject_of(msg)}: {exc.detail}"
+                text = f"{subject}: {exc.detail}"
                 return Step(msg, rule, Reason.MALFORMED, text, arguments=arguments, caller=matched)
         key = counter_key(limit, grant or "", session)
         spend = Spend(msg=msg, rule=rule, limit=limit, key=key, cost=cost)
@@ -314,9 +311,7 @@ def _step(
         spends.append(spend)
     if rule.action is Action.REQUIRE_APPROVAL:
         # The spends stay on the step: an approved call still spends against its limits.
-        text = f"{subject_of(msg)}: approval required" + (
-            f" ({rule.reason})" if rule.reason else ""
-        )
+        text = f"{subject}: approval required" + (f" ({rule.reason})" if rule.reason else "")
         return Step(
             msg,
             rule,

@@ -27,6 +27,7 @@ the answers before it are written, in order.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from http import HTTPStatus
@@ -208,11 +209,7 @@ Decide = Callable[[HttpRequest], Awaitable[reply.Reply]]
 
 def checks(engine: Engine, metrics: Metrics) -> Decide:
     """The service's checks: :func:`authz.check.answer` on this engine and metrics."""
-
-    async def decide(http: HttpRequest) -> reply.Reply:
-        return await check.answer(engine, metrics, http)
-
-    return decide
+    return functools.partial(check.answer, engine, metrics)
 
 
 class _Refused(Exception):

@@ -69,8 +69,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, separators=(",", ":"))
 
 
+# ".000Z" to ".999Z": a timestamp's milliseconds, formatted once rather than once a line.
+_MILLISECONDS = tuple(f".{ms:03d}Z" for ms in range(1000))
+
+
 def _iso_time(seconds: float) -> str:
-    return f"{_whole_second(int(seconds))}.{int(seconds * 1000) % 1000:03d}Z"
+    return _whole_second(int(seconds)) + _MILLISECONDS[int(seconds * 1000) % 1000]
 
 
 @functools.lru_cache(maxsize=2)

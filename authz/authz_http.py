@@ -59,10 +59,11 @@ UNAVAILABLE_WIRE_STATUS = 424
 # The reply's metadata fields as headers, which Envoy turns into dynamic metadata
 # (dynamic_metadata_from_headers) under the same name: "x-mcp-authz-log-decision" ...
 METADATA_HEADER_PREFIX = "x-mcp-authz-log-"
-
-# Every status line, made once: HTTPStatus(status) is an enum lookup in Python.
+_METADATA_PREFIX = METADATA_HEADER_PREFIX.encode()
+# Every status line an answer can start with, formatted once.
 _STATUS_LINES = {
-    status.value: b"HTTP/1.1 %d %s" % (status, status.phrase.encode()) for status in HTTPStatus
+    status.value: b"HTTP/1.1 %d %s" % (status.value, status.phrase.encode())
+    for status in HTTPStatus
 }
 
 _REFUSALS = {
@@ -94,8 +95,9 @@ class _VerifiedPayload(Mapping[str, Any]):
 
 
 def jwt_metadata(header: str) -> dict[str, Mapping[str, Any]]:
-    """The metadata a forwarded JWT payload stands for; empty when it does not decode."""
-    payload = grants.decoded_payload(header)
+    """The metadata a forwarded JWT payload stands for; empty when it does not decode
+    (or when there is none: no header)."""
+    payload = grants.decoded_payload(header) if header else {}
     return {grants.JWT_NAMESPACE: _VerifiedPayload(payload)} if payload else {}
 
 
@@ -145,7 +147,7 @@ def xfcc_principal(value: str) -> str:
     The last element is the one this Envoy added (any earlier ones come from proxies in
     front of it); its ``By`` field names Envoy's own certificate, never the client.
     """
-    elements = _xfcc_elements(value)
+    elements = _xfcc_elements(value) if value else []  # no header (no client certificate)
     if not elements:
         return ""
     fields = elements[-1]
@@ -183,7 +185,7 @@ def encode(answer: reply.Reply, *, head: bool = False, close: bool = False) -> b
         headers = dict(answer.client_headers)
     lines.extend(b"%s: %s" % (name.encode(), _value(value)) for name, value in headers.items())
     lines.extend(
-        b"%s%s: %s" % (METADATA_HEADER_PREFIX.encode(), name.encode(), _value(value))
+        b"%s%s: %s" % (_METADATA_PREFIX, name.encode(), _value(value))
         for name, value in answer.metadata
     )
     body = b"" if answer.allowed else answer.body
@@ -297,15 +299,13 @@ class _Connection(asyncio.Protocol):
         if self.done:  # pipelined after a request that closes the connection
             return
         headers = self.headers
-        # Most requests carry neither header (no mTLS, no JWT): nothing to read then.
-        cert, payload = headers.get(CLIENT_CERT_HEADER), headers.get(JWT_PAYLOAD_HEADER)
         http = HttpRequest(
             method=self.parser.get_method().decode("latin-1"),
             headers=headers,
             body=b"".join(self.body),
             request_id=headers.get("x-request-id", ""),
-            peer_principal=xfcc_principal(cert) if cert else "",
-            metadata=jwt_metadata(payload) if payload else {},
+            peer_principal=xfcc_principal(headers.get(CLIENT_CERT_HEADER, "")),
+            metadata=jwt_metadata(headers.get(JWT_PAYLOAD_HEADER, "")),
         )
         keep_alive = self.parser.should_keep_alive()
         if not keep_alive:

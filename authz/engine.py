@@ -43,17 +43,18 @@ def _session_event(request: mcp.HttpRequest, result: CheckResult) -> str | None:
     ends one (a ``DELETE`` naming it), on a revision with sessions, for a known grant:
     only then is a session recorded or dropped."""
     decision = result.decision
-    if not decision.allowed or decision.grant is None or mcp.stateless(request.headers):
+    if not decision.allowed or decision.grant is None:
         return None
     if request.method.upper() == "DELETE":
         try:
+            # None on a revision without sessions too (see mcp.session_id).
             return "close" if mcp.session_id(request.headers) is not None else None
         except mcp.Malformed:
             return None
-    initializes = any(
-        s.msg.method == "initialize" and s.msg.kind is mcp.Kind.REQUEST for s in result.steps
-    )
-    return "open" if initializes else None
+    for step in result.steps:
+        if step.msg.method == "initialize" and step.msg.kind is mcp.Kind.REQUEST:
+            return None if mcp.stateless(request.headers) else "open"
+    return None
 
 
 def _task_event(result: CheckResult) -> str | None:
@@ -61,14 +62,14 @@ def _task_event(result: CheckResult) -> str | None:
     ``tools/call``) or lists them (``tasks/list``): only then is it read."""
     if not result.decision.allowed:
         return None
-    requests = [s.msg for s in result.steps if s.msg.kind is mcp.Kind.REQUEST]
-    if any(m.method == mcp.TASK_LIST for m in requests):
-        return "list"
-    if result.decision.grant is not None and any(
-        m.method == "tools/call" and m.task for m in requests
-    ):
-        return "create"
-    return None
+    creates = False
+    for step in result.steps:
+        msg = step.msg
+        if msg.kind is mcp.Kind.REQUEST:
+            if msg.method == mcp.TASK_LIST:
+                return "list"
+            creates = creates or (msg.method == "tools/call" and msg.task)
+    return "create" if creates and result.decision.grant is not None else None
 
 
 class Engine:
@@ -219,7 +220,13 @@ class Engine:
         would: Decision | None = None
         spends: list[Spend] = []
         approved: list[Approval] = []
+        tasks: list[mcp.Message] = []  # the messages naming a task
+        dry_run = False  # a rule in dry-run mode governs a message
         for step in steps:
+            if step.msg.task_id is not None:
+                tasks.append(step.msg)
+            if step.rule is not None and step.rule.dry_run:
+                dry_run = True
             if step.denial is None:
                 spends.extend(step.spends)
                 continue
@@ -234,7 +241,6 @@ class Engine:
             if not step.dry_run:
                 return CheckResult(denial, policy, steps)
             would = would or denial
-        tasks = [s.msg for s in steps if s.msg.task_id is not None]
         if tasks and grant is not None:
             foreign = await self._foreign_task(tasks, body, grant, caller)
             if foreign is not None:
@@ -256,7 +262,7 @@ class Engine:
             body,
             grant,
             caller,
-            dry_run=any(s.rule is not None and s.rule.dry_run for s in steps),
+            dry_run=dry_run,
             fail_open=spent.fail_open,
         )
         if would is not None:
@@ -431,15 +437,15 @@ def _charges(spends: list[Spend]) -> tuple[list[Charge], dict[str, Spend]]:
         first.setdefault(spend.key, spend)
     charges = [
         Charge(
-            key=k,
-            window_ms=first[k].limit.window_ms,
-            max=first[k].limit.max,
-            cost=c,
-            session=first[k].session,
-            fallback=first[k].fallback,
+            key=key,
+            window_ms=spend.limit.window_ms,
+            max=spend.limit.max,
+            cost=costs[key],
+            session=spend.session,
+            fallback=spend.fallback,
         )
-        for k, c in costs.items()
-        if c > 0
+        for key, spend in first.items()
+        if costs[key] > 0
     ]
     return charges, first
 

@@ -43,7 +43,9 @@ def http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
     attrs = check.attributes
     http = attrs.request.http
     headers: Mapping[str, str]
-    if http.header_map.headers:  # Envoy's encode_raw_headers mode
+    # Envoy's encode_raw_headers mode (HasField first: most checks come without it, and
+    # reading an unset sub-message builds an empty one to read from).
+    if http.HasField("header_map") and http.header_map.headers:
         joined: dict[str, str] = {}
         for h in http.header_map.headers:
             value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
@@ -54,21 +56,28 @@ def http_request(check: external_auth_pb2.CheckRequest) -> HttpRequest:
         # The protobuf map itself (lower-case names, a C mapping): a check looks up a
         # handful of headers, which costs less there than copying every header first.
         headers = http.headers
+    # Only what filters before ext_authz put there (jwt_authn's verified payload); most
+    # checks carry none, and then no comprehension runs.
     filter_metadata = attrs.metadata_context.filter_metadata
+    metadata: dict[str, dict[str, Any]] = {}
+    if filter_metadata:
+        metadata = {
+            namespace: json_format.MessageToDict(filter_metadata[namespace])
+            for namespace in filter_metadata
+        }
+    request_id = headers.get("x-request-id")
+    if request_id is None:  # Envoy's own id, read only when the header is missing
+        request_id = http.id
     return HttpRequest(
         method=http.method,
         headers=headers,
         body=http.raw_body or http.body.encode(),
-        request_id=headers.get("x-request-id", http.id),
+        request_id=request_id,
         peer_principal=attrs.source.principal,
         server=attrs.context_extensions.get(SERVER_EXTENSION, ""),
         destination_principal=attrs.destination.principal,
         host=http.host,
-        # Only what filters before ext_authz put there (jwt_authn's verified payload).
-        metadata={
-            namespace: json_format.MessageToDict(filter_metadata[namespace])
-            for namespace in filter_metadata
-        },
+        metadata=metadata,
     )
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import functools
 import hashlib
 import json
 import re
@@ -43,6 +44,8 @@ _TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 # A grant id becomes part of Redis keys: keep it to a safe alphabet and out of the
 # hash-tag braces.
 _SAFE_GRANT = re.compile(r"[A-Za-z0-9._:@/+=\-]{1,128}")
+# Longest Authorization value whose grant is remembered (a JWT access token is well under).
+MAX_CACHED_AUTHORIZATION = 4096
 # A forwarded payload: base64url (Envoy writes it so, unpadded); the standard alphabet and
 # padding are accepted too, anything else is no payload.
 _BASE64 = re.compile(r"[A-Za-z0-9_\-+/]+={0,2}")
@@ -143,6 +146,11 @@ def grant_of(
     """The grant id of a request, or ``None`` when it carries no usable identity.
     ``claims``: the request's verified claims when the caller already has them (see
     :func:`claims_of`), so a payload header is decoded once per check."""
+    if source.source is Source.BEARER:  # the default: asked first
+        authorization = request.headers.get("authorization", "")
+        if len(authorization) > MAX_CACHED_AUTHORIZATION:
+            return _bearer_grant.__wrapped__(authorization)
+        return _bearer_grant(authorization)
     if source.source is Source.HEADER:
         value = request.headers.get(source.header, "").strip()
         return value if _SAFE_GRANT.fullmatch(value) else None
@@ -153,9 +161,22 @@ def grant_of(
         if isinstance(claim, bool) or not isinstance(claim, str | int) or claim == "":
             return None
         return _safe_or_hashed(str(claim))
-    if source.source is Source.MTLS:
-        return _safe_or_hashed(request.peer_principal) if request.peer_principal else None
-    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+    # Source.MTLS
+    return _safe_or_hashed(request.peer_principal) if request.peer_principal else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _bearer_grant(authorization: str) -> str | None:
+    """The grant of an ``Authorization`` value: ``b-`` and a SHA-256 prefix of its bearer
+    token, or ``None`` when it holds no bearer token.
+
+    Remembered for the most recent values: an agent sends the same token with each call
+    until it expires, and hashing it is most of the cost of finding its grant. The values
+    stay in this process's memory only, as the requests carrying them do; longer values
+    than :data:`MAX_CACHED_AUTHORIZATION` are not remembered, so the cache stays small
+    whatever clients send.
+    """
+    scheme, _, token = authorization.strip().partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not _TOKEN68.fullmatch(token):
         return None

@@ -87,7 +87,10 @@ def _check_size(body: bytes, max_members: int, colons: int, brackets: int) -> No
     holds one element more than it has commas. (Invalid JSON may be refused here for its
     size: it would be refused anyway.)
     """
-    if colons <= max_members and body.count(b",") + brackets <= MAX_ARRAY_ELEMENTS:
+    if colons <= max_members and (
+        # Commas and brackets are bytes of the body: a short body needs no count of them.
+        len(body) <= MAX_ARRAY_ELEMENTS or body.count(b",") + brackets <= MAX_ARRAY_ELEMENTS
+    ):
         return
     outline = _outline(body)
     if b"[" * (MAX_DEPTH + 1) in outline.translate(_OBJECTS_AS_ARRAYS):

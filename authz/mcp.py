@@ -184,15 +184,13 @@ class Message(msgspec.Struct, frozen=True):
 
 
 class Body(msgspec.Struct, frozen=True):
-    """A POST body: one message, or a batch (MCP 2025-03-26) of several."""
+    """A POST body: one message, or a batch (MCP 2025-03-26) of several. ``ids``: the ids
+    of its requests, in order, what a JSON-RPC error reply must echo (found once, when the
+    body is parsed, as several steps of a check read them)."""
 
     messages: tuple[Message, ...]
     batch: bool
-
-    @property
-    def ids(self) -> tuple[str | int | None, ...]:
-        """Ids of the requests, in order: what a JSON-RPC error reply must echo."""
-        return tuple(m.id for m in self.messages if m.kind is Kind.REQUEST)
+    ids: tuple[str | int | None, ...]
 
 
 class HttpRequest(msgspec.Struct, frozen=True):
@@ -260,7 +258,7 @@ def _message(index: int, raw: object) -> Message:
 def _request(
     index: int, where: str, raw: dict[str, Any], ids: tuple[str | int | None, ...]
 ) -> Message:
-    if raw.keys() - _REQUEST_MEMBERS:
+    if not _REQUEST_MEMBERS.issuperset(raw):
         raise Malformed(Problem.MALFORMED, f"{where}unexpected member(s) in a request", ids)
     method = raw["method"]
     if not isinstance(method, str):
@@ -270,7 +268,7 @@ def _request(
     ):
         raise Malformed(Problem.MALFORMED, f"{where}method name is not an exact MCP method", ids)
     if "id" in raw:
-        if not _valid_id(raw["id"]):
+        if not ids:  # ids holds the id only when it is a string or an integer
             raise Malformed(Problem.MALFORMED, f"{where}id must be a string or an integer")
         if method.startswith(NOTIFICATION_PREFIX):
             # The server answers it, so it is a request; passing it as a notification would
@@ -371,8 +369,11 @@ def parse_body(body: bytes, max_members: int = MAX_MEMBERS) -> Body:
     if isinstance(doc, list):
         if not doc:
             raise Malformed(Problem.MALFORMED, "empty batch")
-        return Body(messages=tuple(_message(i, m) for i, m in enumerate(doc)), batch=True)
-    return Body(messages=(_message(-1, doc),), batch=False)
+        messages = tuple(_message(i, m) for i, m in enumerate(doc))
+    else:
+        messages = (_message(-1, doc),)
+    ids = tuple(m.id for m in messages if m.kind is Kind.REQUEST)
+    return Body(messages=messages, batch=isinstance(doc, list), ids=ids)
 
 
 def decode_header_value(value: str, ids: tuple[str | int | None, ...] = ()) -> str:
@@ -615,4 +616,8 @@ def error_reply(
             "id": ids[0] if ids else None,
             "error": {"code": code, "message": message, "data": data},
         }
-    return json.dumps(replies, ensure_ascii=False, separators=(",", ":")).encode()
+    try:
+        # orjson writes the same bytes as the compact, non-ASCII-escaping json.dumps below.
+        return orjson.dumps(replies)
+    except TypeError:  # integers beyond 64 bits, lone surrogates: json decides, as before
+        return json.dumps(replies, ensure_ascii=False, separators=(",", ":")).encode()

@@ -279,16 +279,16 @@ def _step(
     if policy.callers:  # a limit may apply to some caller sets only
         limits = tuple(lim for lim in limits if _applies(lim.callers, caller.sets))
     checked = rule.argument_problems(msg.arguments) if rule.arguments is not None else None
-    costs = [limit.cost_of(msg.arguments) for limit in limits]
+    priced = [(limit, limit.cost_of(msg.arguments)) for limit in limits] if limits else []
     problems = checked
     if problems is None and limits:
-        problems = next((c for c in costs if isinstance(c, str)), None)
+        problems = next((cost for _, cost in priced if isinstance(cost, str)), None)
     arguments = None if rule.arguments is None else checked or ""
     if problems is not None:
         text = f"{subject}: invalid arguments: {problems}"
         return Step(msg, rule, Reason.ARGUMENTS_INVALID, text, arguments=arguments, caller=matched)
     spends = []
-    for limit, cost in zip(limits, costs, strict=True):
+    for limit, cost in priced:
         assert isinstance(cost, int)  # problems above returned otherwise
         if limit.scope is not Scope.GLOBAL and grant is None:
             text = f"{subject}: no grant identity"

@@ -72,8 +72,16 @@ class Reply(msgspec.Struct, frozen=True):
 
 
 def header_text(text: str) -> str:
-    """Printable ASCII only, bounded: header values must not carry controls or raw UTF-8."""
-    return "".join(ch if " " <= ch <= "~" else "?" for ch in text[:_MAX_HEADER_TEXT])
+    """Printable ASCII only, bounded: header values must not carry controls or raw UTF-8.
+
+    Most texts already are (a denial's message names the tool and the rule), and two C
+    checks tell so without a Python loop over the characters: for ASCII text,
+    ``isprintable`` is exactly "every character in space..tilde".
+    """
+    text = text[:_MAX_HEADER_TEXT]
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(ch if " " <= ch <= "~" else "?" for ch in text)
 
 
 def _spoofed(request_headers: Mapping[str, str], decision: Decision) -> tuple[str, ...]:
@@ -123,13 +131,19 @@ def of(decision: Decision, request_headers: Mapping[str, str]) -> Reply:
             upstream += ((CALLERS_HEADER, ",".join(decision.caller_sets)),)
         if decision.lists and decision.server:
             upstream += ((SERVER_HEADER, decision.server),)
-        marks = (
-            ",".join(decision.lists),
-            decision.session_event or "",
-            decision.task_event or "",
-        )
-        upstream += tuple((name, value) for name, value in zip(_MARKS, marks, strict=True) if value)
-        unmarked = tuple(name for name, value in zip(_MARKS, marks, strict=True) if not value)
+        unmarked: tuple[str, ...] = _MARKS  # most requests carry no mark: all are removed
+        if decision.lists or decision.session_event or decision.task_event:
+            unmarked = ()
+            marks = (
+                (LIST_HEADER, ",".join(decision.lists)),
+                (SESSION_HEADER, decision.session_event),
+                (TASKS_HEADER, decision.task_event),
+            )
+            for name, value in marks:
+                if value:
+                    upstream += ((name, value),)
+                else:
+                    unmarked += (name,)
         remove = unmarked + _spoofed(request_headers, decision)
         return Reply(
             allowed=True,

@@ -9,6 +9,12 @@ metrics and the audit line, written to /dev/null), per request shape, without gR
 without the kernel (system calls are not user-space instructions), and split by the
 shared object the instructions ran in: the interpreter, protobuf, orjson and so on.
 
+The rows "over HTTP" count the same checks through Envoy's HTTP ext_authz mode instead:
+``authz_http``'s protocol fed the request as Envoy sends it (httptools parsing, the
+``HttpRequest``, the same ``check.answer``, the HTTP encoding of the reply and the task
+that writes it), on an in-process connection whose writes go nowhere, on uvloop as
+``mcp-authz serve`` runs.
+
     .venv/bin/python -m bench.instructions            # needs valgrind (make bench installs it)
 
 The measured process toggles callgrind's instrumentation around each shape's loop with
@@ -29,8 +35,11 @@ import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
-from authz import audit
+import uvloop
+
+from authz import audit, authz_http
 from authz.metrics import Metrics
 from authz.pb import external_auth_pb2
 from authz.server import AuthorizationService
@@ -48,6 +57,9 @@ _GROUPS = (
     ("C library", re.compile(r"libc\.so|ld-linux|libm\.so")),
 )
 OTHER = "other (prometheus-client's and the standard library's C modules)"
+# The shapes of bench.micro (by index) also counted over the HTTP transport: an allowed
+# call and a denial.
+HTTP_SHAPES = (0, 5)
 GROUP_NAMES = (*(name for name, _ in _GROUPS), OTHER)
 
 
@@ -58,10 +70,47 @@ class Count:
     by_group: dict[str, float]
 
 
+def _http_check(check: bytes) -> bytes:
+    """A serialized CheckRequest as Envoy's HTTP ext_authz mode sends the same check: the
+    client's request line, its headers (``:authority`` as ``host``) and its body."""
+    http = external_auth_pb2.CheckRequest.FromString(check).attributes.request.http
+    head = [f"{http.method} {http.path} HTTP/1.1", f"host: {http.headers[':authority']}"]
+    head += [f"{name}: {value}" for name, value in http.headers.items() if name[0] != ":"]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + http.raw_body
+
+
+class _Discard:
+    """The transport of an in-process HTTP connection: the answers are dropped."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def _names() -> list[str]:
+    """The table's rows, in the order the measured process counts them."""
+    names = [s.name for s in micro.shapes()]
+    return names + [f"{names[i]}, over HTTP" for i in HTTP_SHAPES]
+
+
 def _measured_process(iterations: int) -> None:
     """Runs inside valgrind: each shape's loop between instrumentation on and a dump."""
     audit.configure_logging("warning", "json", "info")  # the default: an audit line a check
     service = AuthorizationService(micro._engine(mix.reference_policy()), Metrics())
+    listener = authz_http.Listener(authz_http.checks(service.engine, service.metrics))
+    connection = listener.protocol()
+    connection.connection_made(cast(asyncio.BaseTransport, _Discard()))
     pid = str(os.getpid())
 
     def control(*args: str) -> None:
@@ -70,6 +119,12 @@ def _measured_process(iterations: int) -> None:
     async def loop(request: external_auth_pb2.CheckRequest, n: int) -> None:
         for _ in range(n):
             await service.Check(request, None)
+
+    async def over_http(request: bytes, n: int) -> None:
+        for _ in range(n):
+            connection.data_received(request)  # parsed, and its answer is a task
+            assert connection.last is not None
+            await connection.last
 
     async def main() -> None:
         shapes = micro.shapes()
@@ -81,8 +136,17 @@ def _measured_process(iterations: int) -> None:
             await loop(request, n)
             control("--instr=off")
             control("--dump")
+        for i in HTTP_SHAPES:
+            raw = _http_check(shapes[i].check)
+            await over_http(raw, 200)
+            control("--zero")
+            control("--instr=on")
+            await over_http(raw, iterations)
+            control("--instr=off")
+            control("--dump")
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
 
 
 def _self_cost_by_object(dump: Path) -> dict[str, int]:
@@ -118,7 +182,8 @@ def _by_group(costs: dict[str, int]) -> dict[str, int]:
 
 
 def count(iterations: int = ITERATIONS) -> list[Count]:
-    """Instructions per check for each shape of ``bench.micro``."""
+    """Instructions per check for each shape of ``bench.micro``, and for those of
+    :data:`HTTP_SHAPES` over the HTTP transport."""
     with tempfile.TemporaryDirectory(prefix="mcp-authz-callgrind-") as tmp:
         out = Path(tmp) / "callgrind.out"
         subprocess.run(
@@ -140,7 +205,7 @@ def count(iterations: int = ITERATIONS) -> list[Count]:
         )
         dumps = sorted(Path(tmp).glob("callgrind.out.*"), key=lambda p: int(p.suffix[1:]))
         totals = [_by_group(_self_cost_by_object(d)) for d in dumps]
-    names = [s.name for s in micro.shapes()]
+    names = _names()
     if len(totals) != len(names) + 1:
         raise RuntimeError(f"callgrind wrote {len(totals)} dumps, expected {len(names) + 1}")
     overhead = totals[0]

@@ -888,8 +888,10 @@ def render(
         "`bench/instructions.py`: valgrind's callgrind counts the user-space instructions of "
         f"`AuthorizationService.Check` ({instructions.ITERATIONS} checks per shape, memory "
         "store, metrics and the audit line included, no gRPC and no kernel), split by the "
-        "shared object they ran in. The host's speed does not move a count: a change to the "
-        "code shows here even when the timings above are too noisy to tell.",
+        "shared object they ran in; the rows over HTTP count the same checks through the HTTP "
+        "transport's protocol code (`authz_http`) instead. The host's speed does not move a "
+        "count: a change to the code shows here even when the timings above are too noisy to "
+        "tell.",
         "",
         *instructions.table(counts),
         "",

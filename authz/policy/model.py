@@ -217,6 +217,11 @@ class RuleTable(Mapping[str, Rule]):
     def __getitem__(self, key: str) -> Rule:
         return self._rules[key]
 
+    def __contains__(self, key: object) -> bool:
+        # Mapping's own __contains__ goes through __getitem__ and a KeyError; the metrics
+        # ask this of every call's tool.
+        return key in self._rules
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._rules)
 

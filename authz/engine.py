@@ -16,7 +16,7 @@ from collections.abc import Callable
 import msgspec
 from msgspec.structs import replace
 
-from authz import mcp, records
+from authz import mcp, mcp_headers, records
 from authz.approvals import Approval, ApprovalBook, Binding, Verdict
 from authz.catalogue import Annotations, Catalogue
 from authz.decision import CheckResult, CounterState, Decision, Reason, Spend, Step
@@ -47,13 +47,13 @@ def _session_event(request: mcp.HttpRequest, result: CheckResult) -> str | None:
         return None
     if request.method.upper() == "DELETE":
         try:
-            # None on a revision without sessions too (see mcp.session_id).
-            return "close" if mcp.session_id(request.headers) is not None else None
+            # None on a revision without sessions too (see mcp_headers.session_id).
+            return "close" if mcp_headers.session_id(request.headers) is not None else None
         except mcp.Malformed:
             return None
     for step in result.steps:
         if step.msg.method == "initialize" and step.msg.kind is mcp.Kind.REQUEST:
-            return None if mcp.stateless(request.headers) else "open"
+            return None if mcp_headers.stateless(request.headers) else "open"
     return None
 
 

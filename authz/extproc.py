@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from authz import audit, listing, mcp, records
+from authz import audit, listing, mcp, mcp_headers, records
 from authz.engine import Engine
 from authz.metrics import Metrics, list_server_label
 from authz.pb import (
@@ -341,7 +341,7 @@ class _Recording:
         event = self.headers.get(SESSION_HEADER)
         issued = response if event == "open" else self.headers
         try:
-            session = mcp.session_id({"mcp-session-id": issued.get("mcp-session-id", "")})
+            session = mcp_headers.session_id({"mcp-session-id": issued.get("mcp-session-id", "")})
         except mcp.Malformed:
             return  # none issued (a stateless upstream), or none a client could send back
         if grant is None or session is None:

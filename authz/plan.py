@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import msgspec
 from msgspec.structs import replace
 
-from authz import mcp, records
+from authz import mcp, mcp_headers, records
 from authz.catalogue import Catalogue
 from authz.decision import Decision, Reason, Spend, Step
 from authz.grants import GrantSource, claims_of
@@ -264,7 +264,7 @@ def _step(
             return Step(msg, rule, Reason.DENIED_BY_RULE, text, caller=matched, challenge=challenge)
     if rule.param_headers and msg.method == "tools/call":
         try:
-            mcp.check_param_headers(headers, rule.param_headers, msg.arguments)
+            mcp_headers.check_param_headers(headers, rule.param_headers, msg.arguments)
         except mcp.Malformed as exc:
             return Step(
                 msg, rule, Reason.HEADER_MISMATCH, f"{subject}: {exc.detail}", caller=matched
@@ -296,7 +296,7 @@ def _step(
         session = None
         if limit.scope is Scope.SESSION:
             try:
-                session = mcp.session_id(headers)
+                session = mcp_headers.session_id(headers)
             except mcp.Malformed as exc:
                 text = f"{subject}: {exc.detail}"
                 return Step(msg, rule, Reason.MALFORMED, text, arguments=arguments, caller=matched)
@@ -347,15 +347,15 @@ def _parse(request: mcp.HttpRequest, max_json_members: int) -> mcp.Body | None:
     if method in BODYLESS_METHODS:
         if request.body:
             raise mcp.Malformed(mcp.Problem.MALFORMED, f"{method} request with a body")
-        mcp.protocol_version(request.headers)
+        mcp_headers.protocol_version(request.headers)
         return None
     if method != "POST":
         raise mcp.Malformed(mcp.Problem.METHOD_NOT_ALLOWED, f"HTTP method {method} not allowed")
     if request.headers.get(PARTIAL_BODY_HEADER, "").strip().lower() == "true":
         raise mcp.Malformed(mcp.Problem.PARTIAL_BODY, "body too large to inspect")
-    mcp.check_media(request.headers)
+    mcp_headers.check_media(request.headers)
     body = mcp.parse_body(request.body, max_members=max_json_members)
-    mcp.check_headers(request.headers, body)
+    mcp_headers.check_headers(request.headers, body)
     if body.batch and any(
         m.task or m.method in mcp.TASK_METHODS or m.method == mcp.TASK_LIST for m in body.messages
     ):

@@ -9,7 +9,7 @@ import json
 import orjson
 import pytest
 
-from authz import jsondoc, mcp
+from authz import jsondoc, mcp, mcp_headers
 from authz.jsondoc import InvalidJson
 from authz.mcp import Kind, Malformed, Problem
 
@@ -157,8 +157,8 @@ def test_refusal_text_never_quotes_argument_values() -> None:
 
 
 def test_media_checks() -> None:
-    mcp.check_media({"content-type": "application/json; charset=utf-8"})
-    mcp.check_media({"content-type": "Application/JSON", "content-encoding": "identity"})
+    mcp_headers.check_media({"content-type": "application/json; charset=utf-8"})
+    mcp_headers.check_media({"content-type": "Application/JSON", "content-encoding": "identity"})
     for headers in (
         {},
         {"content-type": "text/plain"},
@@ -166,7 +166,7 @@ def test_media_checks() -> None:
         {"content-type": "application/json", "content-encoding": "br"},
     ):
         with pytest.raises(Malformed) as info:
-            mcp.check_media(headers)
+            mcp_headers.check_media(headers)
         assert info.value.problem is Problem.UNSUPPORTED_MEDIA
 
 
@@ -176,9 +176,9 @@ def b64(text: str) -> str:
 
 def test_mcp_headers_must_agree_with_body() -> None:
     parsed = mcp.parse_body(body(call(name="tööl")))
-    mcp.check_headers({"mcp-method": "tools/call", "mcp-name": b64("tööl")}, parsed)
-    mcp.check_headers({"mcp-method": "tools/call"}, parsed)
-    mcp.check_headers({}, parsed)
+    mcp_headers.check_headers({"mcp-method": "tools/call", "mcp-name": b64("tööl")}, parsed)
+    mcp_headers.check_headers({"mcp-method": "tools/call"}, parsed)
+    mcp_headers.check_headers({}, parsed)
     bad = [
         {"mcp-method": "tools/list"},
         {"mcp-method": "tools/call", "mcp-name": "other"},
@@ -188,7 +188,7 @@ def test_mcp_headers_must_agree_with_body() -> None:
     ]
     for headers in bad:
         with pytest.raises(Malformed) as info:
-            mcp.check_headers(headers, parsed)
+            mcp_headers.check_headers(headers, parsed)
         assert info.value.problem is Problem.HEADER_MISMATCH
         assert info.value.ids == (1,), headers
 
@@ -209,7 +209,7 @@ def test_mcp_headers_must_agree_with_body() -> None:
 def test_bad_base64_in_a_header_is_a_mismatch_that_keeps_the_id(value: str) -> None:
     parsed = mcp.parse_body(body(call(name="tool", id_="req-7")))
     with pytest.raises(Malformed) as info:
-        mcp.check_headers({"mcp-name": value}, parsed)
+        mcp_headers.check_headers({"mcp-name": value}, parsed)
     assert info.value.problem is Problem.HEADER_MISMATCH
     assert "base64" in info.value.detail
     assert info.value.ids == ("req-7",)
@@ -220,7 +220,7 @@ def test_mcp_method_is_compared_as_written() -> None:
     Mcp-Method as written must see the method the body names."""
     parsed = mcp.parse_body(body(call(id_=3)))
     with pytest.raises(Malformed) as info:
-        mcp.check_headers({"mcp-method": b64("tools/call")}, parsed)
+        mcp_headers.check_headers({"mcp-method": b64("tools/call")}, parsed)
     assert info.value.problem is Problem.HEADER_MISMATCH
     assert info.value.ids == (3,)
 
@@ -228,11 +228,11 @@ def test_mcp_method_is_compared_as_written() -> None:
 def test_mcp_headers_cannot_describe_a_batch_or_a_nameless_method() -> None:
     batch = mcp.parse_body(body([call()]))
     with pytest.raises(Malformed):
-        mcp.check_headers({"mcp-method": "tools/call"}, batch)
+        mcp_headers.check_headers({"mcp-method": "tools/call"}, batch)
     ping = mcp.parse_body(body({"jsonrpc": "2.0", "id": 1, "method": "ping"}))
-    mcp.check_headers({"mcp-method": "ping"}, ping)
+    mcp_headers.check_headers({"mcp-method": "ping"}, ping)
     with pytest.raises(Malformed):
-        mcp.check_headers({"mcp-method": "ping", "mcp-name": "x"}, ping)
+        mcp_headers.check_headers({"mcp-method": "ping", "mcp-name": "x"}, ping)
 
 
 def test_error_reply_echoes_ids() -> None:
@@ -251,19 +251,19 @@ def test_error_reply_echoes_ids() -> None:
 
 
 def test_session_id() -> None:
-    assert mcp.session_id({}) is None
-    assert mcp.session_id({"mcp-session-id": "0f8a-Z~!"}) == "0f8a-Z~!"
-    assert mcp.session_id({"mcp-session-id": "s" * mcp.MAX_SESSION_ID}) is not None
-    for bad in ("", " x", "a b", "s" * (mcp.MAX_SESSION_ID + 1), "\u00e9", "x\ty"):
+    assert mcp_headers.session_id({}) is None
+    assert mcp_headers.session_id({"mcp-session-id": "0f8a-Z~!"}) == "0f8a-Z~!"
+    assert mcp_headers.session_id({"mcp-session-id": "s" * mcp_headers.MAX_SESSION_ID}) is not None
+    for bad in ("", " x", "a b", "s" * (mcp_headers.MAX_SESSION_ID + 1), "\u00e9", "x\ty"):
         with pytest.raises(Malformed) as info:
-            mcp.session_id({"mcp-session-id": bad})
+            mcp_headers.session_id({"mcp-session-id": bad})
         assert info.value.problem is Problem.MALFORMED
     # MCP 2026-07-28 has no sessions: the header means nothing there.
     for value in ("0f8a", "has space"):
         headers = {"mcp-session-id": value, "mcp-protocol-version": "2026-07-28"}
-        assert mcp.session_id(headers) is None
+        assert mcp_headers.session_id(headers) is None
     legacy = {"mcp-session-id": "0f8a", "mcp-protocol-version": "2025-11-25"}
-    assert mcp.session_id(legacy) == "0f8a"
+    assert mcp_headers.session_id(legacy) == "0f8a"
 
 
 @pytest.mark.parametrize(
@@ -491,22 +491,22 @@ def headers_for(doc: dict[str, object], **extra: str) -> dict[str, str]:
 
 def mismatch(headers: dict[str, str], doc: object) -> Malformed:
     with pytest.raises(Malformed) as info:
-        mcp.check_headers(headers, mcp.parse_body(body(doc)))
+        mcp_headers.check_headers(headers, mcp.parse_body(body(doc)))
     return info.value
 
 
 def test_known_protocol_versions_pass_and_others_are_refused() -> None:
     parsed = mcp.parse_body(body(call(id_=4)))
-    mcp.check_headers({}, parsed)  # no header: 2025-03-26, sessions
+    mcp_headers.check_headers({}, parsed)  # no header: 2025-03-26, sessions
     for version in ("2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"):
-        mcp.check_headers({"mcp-protocol-version": version}, parsed)
+        mcp_headers.check_headers({"mcp-protocol-version": version}, parsed)
     for version in ("", "2026-07-29", "1900-01-01", "2025-11-25 ", "latest", "2026-07-28,x"):
         err = mismatch({"mcp-protocol-version": version}, call(id_=4))
         assert err.problem is Problem.UNSUPPORTED_VERSION, version
         assert err.ids == (4,)
     assert mcp.PROTOCOL_VERSIONS[0] == MODERN
     with pytest.raises(Malformed) as info:
-        mcp.protocol_version({"mcp-protocol-version": "2099-01-01"})
+        mcp_headers.protocol_version({"mcp-protocol-version": "2099-01-01"})
     assert info.value.problem is Problem.UNSUPPORTED_VERSION
 
 
@@ -518,7 +518,7 @@ def test_modern_requests_carry_mcp_method_and_mcp_name() -> None:
         modern("tools/list"),
         modern("server/discover"),
     ):
-        mcp.check_headers(headers_for(doc), mcp.parse_body(body(doc)))
+        mcp_headers.check_headers(headers_for(doc), mcp.parse_body(body(doc)))
         without_method = {k: v for k, v in headers_for(doc).items() if k != "mcp-method"}
         err = mismatch(without_method, doc)
         assert err.problem is Problem.HEADER_MISMATCH and "Mcp-Method" in err.detail
@@ -529,10 +529,10 @@ def test_modern_requests_carry_mcp_method_and_mcp_name() -> None:
             assert err.problem is Problem.HEADER_MISMATCH and "Mcp-Name" in err.detail
     # The same request under a session-based revision needs no headers.
     legacy = call()
-    mcp.check_headers({"mcp-protocol-version": "2025-11-25"}, mcp.parse_body(body(legacy)))
+    mcp_headers.check_headers({"mcp-protocol-version": "2025-11-25"}, mcp.parse_body(body(legacy)))
     # Notifications: this revision defines no header requirement for them.
     note = modern("notifications/cancelled", id_=None, requestId=1)
-    mcp.check_headers({"mcp-protocol-version": MODERN}, mcp.parse_body(body(note)))
+    mcp_headers.check_headers({"mcp-protocol-version": MODERN}, mcp.parse_body(body(note)))
 
 
 def test_a_modern_post_is_one_message() -> None:

@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 
-from authz import mcp
+from authz import mcp_headers
 from authz.decision import Reason
 from authz.engine import Engine
-from authz.mcp import HttpRequest, Malformed, ParamHeader, Problem
+from authz.mcp import HttpRequest, Malformed, Problem
+from authz.mcp_headers import ParamHeader
 from authz.policy import PolicyError, compile_policy
 from authz.store import open_store
 
@@ -140,7 +141,9 @@ GOOD = {
 
 
 def check(headers: dict[str, str], arguments: dict[str, Any], version: str = MODERN) -> None:
-    mcp.check_param_headers({"mcp-protocol-version": version, **headers}, PARAMS, arguments, (5,))
+    mcp_headers.check_param_headers(
+        {"mcp-protocol-version": version, **headers}, PARAMS, arguments, (5,)
+    )
 
 
 def test_matching_headers_pass() -> None:

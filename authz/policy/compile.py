@@ -11,7 +11,7 @@ from typing import Any
 from authz.catalogue import CLASS_ORDER
 from authz.grants import GrantSource, Source
 from authz.jsondoc import MAX_MEMBERS
-from authz.mcp import ParamHeader
+from authz.mcp_headers import ParamHeader
 from authz.policy.callers import compile_caller_set
 from authz.policy.globs import pattern_ties
 from authz.policy.lint import key_never_matching, never_matching

@@ -14,7 +14,7 @@ import jsonschema
 from authz.catalogue import UNSTATED, Annotations, ranked_classes
 from authz.grants import GrantSource
 from authz.jsondoc import MAX_MEMBERS
-from authz.mcp import ParamHeader
+from authz.mcp_headers import ParamHeader
 from authz.policy.callers import CallerSet
 from authz.policy.globs import glob_regex, literal_prefix
 from authz.policy.schemas import first_errors

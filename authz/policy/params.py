@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from authz.mcp import ParamHeader
+from authz.mcp_headers import ParamHeader
 
 KEYWORD = "x-mcp-header"
 

@@ -107,7 +107,9 @@ def test_ext_proc_wire_names_match_envoy() -> None:
     assert (mode.BUFFERED, mode.BUFFERED_PARTIAL, mode.SKIP) == (2, 3, 2)
 
 
-@pytest.mark.parametrize("config", ["envoy.yaml", "envoy-http.yaml"])
+@pytest.mark.parametrize(
+    "config", ["envoy.yaml", "envoy-http.yaml", "envoy-jwt.yaml", "envoy-servers.yaml"]
+)
 def test_envoy_config_validates(config: str) -> None:
     envoy = Path(sys.executable).parent / "envoy"
     run = subprocess.run(
@@ -199,11 +201,18 @@ def test_http_envoy_config_fails_closed_and_passes_every_reply_header() -> None:
     assert (wire, mapper["status_code"]) == (authz_http.UNAVAILABLE_WIRE_STATUS, 503)
 
 
-@pytest.mark.parametrize("name", ["envoy.yaml", "envoy-http.yaml"])
+MARKS = ("x-mcp-authz-list", "x-mcp-authz-session", "x-mcp-authz-tasks")
+
+
+@pytest.mark.parametrize(
+    "name", ["envoy.yaml", "envoy-http.yaml", "envoy-jwt.yaml", "envoy-servers.yaml"]
+)
 def test_envoy_config_filters_only_allowed_list_responses(name: str) -> None:
     """ext_proc runs after ext_authz, fails closed, and is switched off on every route but
-    the one ext_authz sends allowed list requests to (a client's mark is removed first).
-    On either transport the list filter is the gRPC port's."""
+    the ones ext_authz sends the requests it marked to (allowed list requests, initialize
+    and DELETE, task-augmented calls and tasks/list; a client's marks are removed first),
+    each upstream path having all three. On either transport the list filter is the gRPC
+    port's."""
     config = yaml.safe_load((ROOT / "envoy" / name).read_text())
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     chain = hcm["typed_config"]["http_filters"]
@@ -221,6 +230,11 @@ def test_envoy_config_filters_only_allowed_list_responses(name: str) -> None:
     # By default nothing is sent (no stream even where no route applies) ...
     assert set(proc["processing_mode"].values()) <= {"SKIP", "NONE"}
     routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    paths = {r["match"]["path"] for r in routes if "route" in r}
+    marked = {
+        (r["match"]["path"], h["name"]) for r in routes for h in r["match"].get("headers", [])
+    }
+    assert marked == {(path, mark) for path in paths for mark in MARKS}
     for route in routes:
         per_filter = route["typed_per_filter_config"]["envoy.filters.http.ext_proc"]
         if [h["name"] for h in route["match"].get("headers", [])] == ["x-mcp-authz-list"]:
@@ -235,8 +249,10 @@ def test_envoy_config_filters_only_allowed_list_responses(name: str) -> None:
             assert mode["request_header_mode"] == mode["response_header_mode"] == "SEND"
             assert mode["request_body_mode"] == mode["response_body_mode"] == "NONE"
         elif [h["name"] for h in route["match"].get("headers", [])] == ["x-mcp-authz-tasks"]:
-            # ... and on the tasks route (task-augmented calls, tasks/list): the response.
+            # ... and on the tasks route (task-augmented calls, tasks/list): the request
+            # (ids, for an error reply) and the whole response.
             mode = per_filter["overrides"]["processing_mode"]
+            assert mode["request_body_mode"] == "BUFFERED"
             assert mode["response_body_mode"] == "BUFFERED_PARTIAL"
         else:
             assert per_filter == {

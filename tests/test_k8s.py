@@ -1479,103 +1479,164 @@ def test_pod_ops_listener_exposes_only_ready_and_stats(pod: LocalPod) -> None:
 
 # --------------------------------------------------------------------------- Istio list filter
 
-
-def list_filter(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The ext_proc filter the EnvoyFilter inserts (its patch value)."""
-    (patch,) = find(docs, "EnvoyFilter", "mcp-ecs-list-filter")["spec"]["configPatches"]
-    value: dict[str, Any] = patch["patch"]["value"]
-    return value
+# The marks ext_authz sets, in the order of envoy/envoy.yaml's routes for them: a request
+# with two takes the first one's route, and under Istio the first one's filter.
+MARKS = ("x-mcp-authz-list", "x-mcp-authz-session", "x-mcp-authz-tasks")
 
 
-def envoy_list_route_and_filter() -> tuple[dict[str, Any], dict[str, Any]]:
-    """envoy/envoy.yaml's list route's processing mode, and its ext_proc filter."""
+def istio_filters(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The ext_proc filters the EnvoyFilter inserts (its patches' values), by the mark each
+    runs for (the header its last matcher skips it without)."""
+    patches = find(docs, "EnvoyFilter", "mcp-ecs-list-filter")["spec"]["configPatches"]
+    by_mark = {}
+    for patch in patches:
+        value: dict[str, Any] = patch["patch"]["value"]
+        own = value["typed_config"]["xds_matcher"]["matcher_list"]["matchers"][-1]
+        header = own["predicate"]["not_matcher"]["single_predicate"]["input"]["typed_config"]
+        by_mark[header["header_name"]] = value
+    assert len(by_mark) == len(patches), "one filter per mark"
+    return by_mark
+
+
+def envoy_route_modes_and_filter() -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """envoy/envoy.yaml's processing mode on the route of each mark, and its ext_proc
+    filter."""
     envoy = yaml.safe_load((ROOT / "envoy/envoy.yaml").read_text())
     hcm = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     routes = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
-    (listing,) = [
-        r for r in routes if r["match"].get("headers", [{}])[0].get("name") == "x-mcp-authz-list"
-    ]
-    mode = listing["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["overrides"]
+    modes = {
+        r["match"]["headers"][0]["name"]: r["typed_per_filter_config"][
+            "envoy.filters.http.ext_proc"
+        ]["overrides"]["processing_mode"]
+        for r in routes
+        if r["match"].get("headers")
+    }
+    assert tuple(modes) == MARKS, "envoy.yaml's marked routes, in order"
     (ext_proc,) = [
         f["typed_config"]
         for f in hcm["typed_config"]["http_filters"]
         if f["name"] == "envoy.filters.http.ext_proc"
     ]
-    return mode["processing_mode"], ext_proc
+    return modes, ext_proc
 
 
 @needs_kubectl
 @pytest.mark.parametrize(
     ("name", "provider"),
-    [("istio-sidecar", "mcp-authz-local"), ("istio-central", "mcp-authz-central")],
+    [
+        ("istio-sidecar", "mcp-authz-local"),
+        ("istio-central", "mcp-authz-central"),
+        ("istio-central-servers", "mcp-authz-central"),
+    ],
 )
 def test_istio_list_filter(name: str, provider: str) -> None:
-    """Each Istio topology adds the list filter right after ext_authz on the MCP workload's
-    inbound port, sends it to the ext_authz provider's host and port (the same mcp-authz),
-    and processes list requests as envoy/envoy.yaml's list route does."""
+    """Each Istio topology adds, right after ext_authz on every MCP workload's inbound port,
+    one ext_proc filter per mark (lists, sessions, tasks), sent to the ext_authz provider's
+    host and port (the same mcp-authz), each run only for requests whose first mark (in
+    envoy/envoy.yaml's route order) is its own, with the processing mode of envoy.yaml's
+    route for that mark."""
     docs = render(name)
     spec = find(docs, "EnvoyFilter", "mcp-ecs-list-filter")["spec"]
     check_crd(find(docs, "EnvoyFilter", "mcp-ecs-list-filter"))
-    labels = pod_labels(find(docs, "Deployment", "mcp-ecs"))
-    assert spec["workloadSelector"]["labels"].items() <= labels.items()
-    (patch,) = spec["configPatches"]
-    assert patch["applyTo"] == "HTTP_FILTER"
-    assert patch["patch"]["operation"] == "INSERT_AFTER"
-    listener = patch["match"]["listener"]
-    assert patch["match"]["context"] == "SIDECAR_INBOUND"
-    assert listener["filterChain"]["filter"]["subFilter"]["name"] == "envoy.filters.http.ext_authz"
-    (ingress,) = find(docs, "Sidecar", "mcp-ecs")["spec"]["ingress"]
-    assert listener["portNumber"] == ingress["port"]["number"]
+    # The MCP workloads: those whose inbound traffic a Sidecar resource delivers.
+    sidecars = {s["metadata"]["name"] for s in find_all(docs, "Sidecar")}
+    workloads = [d for d in find_all(docs, "Deployment") if d["metadata"]["name"] in sidecars]
+    assert len(workloads) == (2 if name == "istio-central-servers" else 1)
+    for workload in workloads:  # every MCP workload's proxy, not the first one's alone
+        labels = pod_labels(workload)
+        assert spec["workloadSelector"]["labels"].items() <= labels.items()
+        (ingress,) = find(docs, "Sidecar", workload["metadata"]["name"])["spec"]["ingress"]
+        for patch in spec["configPatches"]:
+            assert patch["match"]["listener"]["portNumber"] == ingress["port"]["number"]
+    if name != "istio-sidecar":  # the central mcp-authz's own proxy filters nothing
+        central = pod_labels(find(docs, "Deployment", "mcp-authz"))
+        assert not spec["workloadSelector"]["labels"].items() <= central.items()
+    for patch in spec["configPatches"]:
+        assert patch["applyTo"] == "HTTP_FILTER"
+        assert patch["patch"]["operation"] == "INSERT_AFTER"
+        assert patch["match"]["context"] == "SIDECAR_INBOUND"
+        listener = patch["match"]["listener"]
+        subfilter = listener["filterChain"]["filter"]["subFilter"]["name"]
+        assert subfilter == "envoy.filters.http.ext_authz"
 
-    value = list_filter(docs)
-    assert value["name"] == "envoy.filters.http.ext_proc"
-    inner = value["typed_config"]["extension_config"]["typed_config"]
+    filters = istio_filters(docs)
+    assert set(filters) == set(MARKS)
+    assert len({value["name"] for value in filters.values()}) == len(MARKS)
     upstream = providers()[provider]
     cluster = f"outbound|{upstream['port']}||{upstream['service']}"
-    assert inner["grpc_service"] == {"envoy_grpc": {"cluster_name": cluster}}
-    mode, ext_proc = envoy_list_route_and_filter()
-    assert inner["processing_mode"] == mode
-    for key in ("failure_mode_allow", "message_timeout", "allow_mode_override"):
-        assert inner[key] == ext_proc[key], key
-    # The matcher skips the filter unless the list mark is there.
-    (matcher,) = value["typed_config"]["xds_matcher"]["matcher_list"]["matchers"]
-    single = matcher["predicate"]["not_matcher"]["single_predicate"]
-    assert single["input"]["typed_config"]["header_name"] == "x-mcp-authz-list"
-    assert matcher["on_match"]["action"]["typed_config"]["@type"].endswith(".SkipFilter")
+    modes, ext_proc = envoy_route_modes_and_filter()
+    for mark, value in filters.items():
+        inner = value["typed_config"]["extension_config"]["typed_config"]
+        assert inner["@type"].endswith(".ext_proc.v3.ExternalProcessor")
+        assert inner["grpc_service"] == {"envoy_grpc": {"cluster_name": cluster}}
+        assert inner["processing_mode"] == modes[mark], mark
+        for key in ("failure_mode_allow", "message_timeout", "allow_mode_override"):
+            assert inner[key] == ext_proc[key], key
+        # The matcher skips the filter if an earlier mark is there, or its own is not.
+        matchers = value["typed_config"]["xds_matcher"]["matcher_list"]["matchers"]
+        earlier = MARKS[: MARKS.index(mark)]
+        assert len(matchers) == len(earlier) + 1
+        for matcher, skipped in zip(matchers, [*earlier, mark], strict=True):
+            predicate = matcher["predicate"]
+            if skipped == mark:
+                predicate = predicate["not_matcher"]
+            single = predicate["single_predicate"]
+            assert single["input"]["typed_config"]["header_name"] == skipped
+            assert single["value_match"] == {"safe_regex": {"google_re2": {}, "regex": ".*"}}
+            assert matcher["on_match"]["action"]["typed_config"]["@type"].endswith(".SkipFilter")
 
 
-@pytest.mark.e2e
-def test_istio_list_filter_runs_in_the_real_envoy(tmp_path: Path) -> None:
-    """The EnvoyFilter's ext_proc filter, as Istio inserts it, in the real Envoy: envoy.yaml
-    without its list route and without clear_route_cache (Istio's ext_authz provider has
-    neither), with this filter after ext_authz. A list is filtered for the caller; a tool
-    call opens no ext_proc stream."""
-    import anyio
-
-    from devstack.stack import authz_proc, envoy_config, envoy_proc, upstream_proc, wait_ready
-    from tests.support.clients import sdk_list_tools
-
-    value = copy.deepcopy(list_filter(render("istio-sidecar")))
-    inner = value["typed_config"]["extension_config"]["typed_config"]
-    inner["grpc_service"]["envoy_grpc"]["cluster_name"] = "mcp_authz"
+def istio_like_envoy(tmp_path: Path) -> Path:
+    """envoy/envoy.yaml as an Istio sidecar has it: no marked routes, no
+    clear_route_cache and no header_mutation (Istio's ext_authz provider has none of
+    them: a client's copies of the marks are removed by ext_authz's answer alone), and
+    the EnvoyFilter's ext_proc filters after ext_authz, inserted patch by patch as Istio
+    does (each right after ext_authz), sending to the local mcp-authz cluster."""
     envoy = yaml.safe_load((ROOT / "envoy/envoy.yaml").read_text())
     hcm = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
         "typed_config"
     ]
     vhost = hcm["route_config"]["virtual_hosts"][0]
-    # (the session and task routes go too: Istio has none of them, see k8s/README.md)
     vhost["routes"] = [r for r in vhost["routes"] if not r["match"].get("headers")]
     for route in vhost["routes"]:
         route.pop("typed_per_filter_config", None)
-    filters = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
+    drop = {"envoy.filters.http.ext_proc", "envoy.filters.http.header_mutation"}
+    filters = [f for f in hcm["http_filters"] if f["name"] not in drop]
     for f in filters:
         if f["name"] == "envoy.filters.http.ext_authz":
             f["typed_config"].pop("clear_route_cache")
-    at = next(i for i, f in enumerate(filters) if f["name"] == "envoy.filters.http.ext_authz")
-    hcm["http_filters"] = [*filters[: at + 1], value, *filters[at + 1 :]]
+    patches = find(render("istio-sidecar"), "EnvoyFilter", "mcp-ecs-list-filter")["spec"][
+        "configPatches"
+    ]
+    for patch in patches:
+        value = copy.deepcopy(patch["patch"]["value"])
+        inner = value["typed_config"]["extension_config"]["typed_config"]
+        inner["grpc_service"]["envoy_grpc"]["cluster_name"] = "mcp_authz"
+        at = next(i for i, f in enumerate(filters) if f["name"] == "envoy.filters.http.ext_authz")
+        filters.insert(at + 1, value)
+    hcm["http_filters"] = filters
     source = tmp_path / "istio-like.yaml"
     source.write_text(yaml.safe_dump(envoy))
+    return source
 
+
+def ext_proc_streams(admin: int) -> int:
+    stats = httpx.get(f"http://127.0.0.1:{admin}/stats?filter=ext_proc.streams_started")
+    return sum(int(line.rsplit(":", 1)[1]) for line in stats.text.splitlines() if line)
+
+
+@needs_kubectl
+@pytest.mark.e2e
+def test_istio_list_filter_runs_in_the_real_envoy(tmp_path: Path) -> None:
+    """The EnvoyFilter's ext_proc filters, as Istio inserts them, in the real Envoy
+    (istio_like_envoy). A list is filtered for the caller and opens one stream (not one
+    per filter); a tool call opens none, with or without a client's own marks."""
+    import anyio
+
+    from devstack.stack import authz_proc, envoy_config, envoy_proc, upstream_proc, wait_ready
+    from tests.support.clients import sdk_list_tools
+
+    source = istio_like_envoy(tmp_path)
     listen, admin, grpc_port, http_port, upstream = (free_port() for _ in range(5))
     policy = tmp_path / "policy.json"
     policy.write_text(
@@ -1592,10 +1653,6 @@ def test_istio_list_filter_runs_in_the_real_envoy(tmp_path: Path) -> None:
     )
     authz = authz_proc(tmp_path, policy, grpc_port, http_port, ["--store", "memory"])
 
-    def streams() -> int:
-        stats = httpx.get(f"http://127.0.0.1:{admin}/stats?filter=ext_proc.streams_started")
-        return sum(int(line.rsplit(":", 1)[1]) for line in stats.text.splitlines() if line)
-
     with (
         running(upstream_proc(tmp_path, upstream, tmp_path / "record.jsonl"), upstream),
         running(authz, grpc_port),
@@ -1606,12 +1663,10 @@ def test_istio_list_filter_runs_in_the_real_envoy(tmp_path: Path) -> None:
         headers = {"Authorization": "Bearer tok-istio"}
         listed = anyio.run(lambda: sdk_list_tools(url, headers))
         assert set(listed) == {"containerize_app", "ecs_troubleshooting_tool"}
-        before = streams()
-        assert before >= 1
+        assert ext_proc_streams(admin) >= 1
 
-        def call(extra: dict[str, str]) -> int:
-            body = {"jsonrpc": "2.0", "id": 1, "method": "tools/call"}
-            body["params"] = {"name": "containerize_app", "arguments": {"app_path": "/srv"}}
+        def post(method: str, params: dict[str, Any], extra: dict[str, str]) -> int:
+            body = {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}
             sent = {
                 "content-type": "application/json",
                 "accept": "application/json, text/event-stream",
@@ -1620,7 +1675,111 @@ def test_istio_list_filter_runs_in_the_real_envoy(tmp_path: Path) -> None:
             }
             return httpx.post(url, json=body, headers=sent, timeout=10).status_code
 
+        def call(extra: dict[str, str]) -> int:
+            arguments = {"name": "containerize_app", "arguments": {"app_path": "/srv"}}
+            return post("tools/call", arguments, extra)
+
+        before = ext_proc_streams(admin)
+        assert post("tools/list", {}, {}) != 403
+        assert ext_proc_streams(admin) == before + 1, "a list opens one stream"
+        before = ext_proc_streams(admin)
         assert call({}) != 403  # allowed: it reached the upstream
-        assert streams() == before, "a tool call opens no ext_proc stream"
-        assert call({"x-mcp-authz-list": "tools/list"}) != 403
-        assert streams() == before, "a client's own list mark opens no stream"
+        assert ext_proc_streams(admin) == before, "a tool call opens no ext_proc stream"
+        for mark, value in (
+            ("x-mcp-authz-list", "tools/list"),
+            ("x-mcp-authz-session", "open"),
+            ("x-mcp-authz-tasks", "list"),
+        ):
+            assert call({mark: value}) != 403
+            assert ext_proc_streams(admin) == before, f"a client's own {mark} opens no stream"
+
+
+@needs_kubectl
+@pytest.mark.e2e
+def test_istio_session_and_task_records_run_in_the_real_envoy(tmp_path: Path) -> None:
+    """The same Envoy (istio_like_envoy) in front of the real task-capable MCP server
+    (tests/support/task_upstream.py, which serves any task to anyone who names it), with
+    mcp-authz on a real redis-server: an initialize's session id is recorded for its grant
+    (a session-scoped limit counts per session), a task is recorded for the grant that
+    created it (another grant's tasks/get is refused task_not_owned, the owner's passes)
+    and tasks/list shows a grant only its own tasks. Each of those requests opens one
+    ext_proc stream; allowed tasks/get and plain calls open none. (A denial is Envoy's
+    local reply, which Envoy passes through every encoder filter, these ones included
+    although they never saw the request: see k8s/README.md.)"""
+    from devstack.redis_server import running_redis
+    from devstack.stack import authz_proc, envoy_config, envoy_proc, wait_ready
+    from tests.test_tasks_e2e import Agent, Gateway
+
+    source = istio_like_envoy(tmp_path)
+    listen, admin, grpc_port, http_port, upstream_port = (free_port() for _ in range(5))
+    policy = tmp_path / "policy.json"
+    session_limit = {"counter": "per_session", "window": "hour", "max": 2, "scope": "session"}
+    policy.write_text(
+        json.dumps(
+            {
+                "version": "1",
+                "default": "allow",
+                "tools": {"note_study": {"limits": [session_limit]}},
+            }
+        )
+    )
+    record = tmp_path / "upstream-record.jsonl"
+    upstream = Proc(
+        "task-upstream",
+        [
+            sys.executable,
+            str(ROOT / "tests" / "support" / "task_upstream.py"),
+            "--port",
+            str(upstream_port),
+            "--record",
+            str(record),
+        ],
+        tmp_path / "upstream.log",
+    )
+    config = envoy_config(
+        tmp_path, listen=listen, authz=grpc_port, upstream=upstream_port, admin=admin, source=source
+    )
+    with running_redis(tmp_path) as store:
+        authz = authz_proc(tmp_path, policy, grpc_port, http_port, ["--redis", store.url])
+        with (
+            running(upstream, upstream_port),
+            running(authz, grpc_port),
+            running(envoy_proc(tmp_path, config), listen),
+        ):
+            wait_ready(f"http://127.0.0.1:{admin}/ready")
+            gateway = Gateway(f"http://127.0.0.1:{listen}/mcp", admin, record)
+
+            def note(agent: Agent) -> int:
+                status, _ = agent.rpc("tools/call", name="note_study", arguments={"study": "s"})
+                return status
+
+            def opens(step: Callable[[], Any]) -> tuple[int, Any]:
+                """How many ext_proc streams ``step`` opens, and what it returns."""
+                before = gateway.streams()
+                result = step()
+                return gateway.streams() - before, result
+
+            opened, alice = opens(lambda: Agent(gateway, "tok-istio-alice"))
+            assert opened == 1, "an initialize: one stream"
+            bob = Agent(gateway, "tok-istio-bob")
+            opened, task = opens(lambda: alice.start_export("s-1"))
+            assert opened == 1, "a task-augmented call: one stream"
+            status, reply = bob.rpc("tasks/get", taskId=task)
+            assert status == 403 and reply["error"]["data"] == {"reason": "task_not_owned"}
+            assert task not in gateway.reached("tasks/get")
+            opened, (status, got) = opens(lambda: alice.rpc("tasks/get", taskId=task))
+            assert opened == 0, "tasks/get: none"
+            assert status == 200 and got["result"]["taskId"] == task
+            theirs = bob.start_export("b-1")
+            opened, (status, _) = opens(lambda: bob.rpc("tasks/list"))
+            assert opened == 1 and status == 200, "tasks/list: one stream"
+            assert theirs in bob.listed() and task not in bob.listed()
+            assert task in alice.listed() and theirs not in alice.listed()
+
+            # Sessions: two calls per session the upstream issued, in each of them.
+            opened, notes = opens(lambda: [note(alice) for _ in range(2)])
+            assert opened == 0, "plain calls: none"
+            assert notes == [200, 200]
+            assert note(alice) == 429
+            again = Agent(gateway, "tok-istio-alice")
+            assert [note(again) for _ in range(3)] == [200, 200, 429]

@@ -224,7 +224,6 @@ class _Connection(asyncio.Protocol):
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
         self.parser = httptools.HttpRequestParser(self)
-        self.loop = asyncio.get_running_loop()  # the protocol is made by the serving loop
         self.transport: asyncio.Transport | None = None
         self.last: asyncio.Task[None] | None = None  # the latest answer, written last
         self.waiting = 0  # requests parsed whose answers are not written yet
@@ -314,7 +313,7 @@ class _Connection(asyncio.Protocol):
         if self.waiting >= MAX_PIPELINED and self.transport is not None and not self.paused:
             self.paused = True
             self.transport.pause_reading()
-        self.last = self.loop.create_task(
+        self.last = asyncio.get_running_loop().create_task(
             self._answer(http, self.last, head=http.method == "HEAD", close=not keep_alive)
         )
 
@@ -348,7 +347,7 @@ class _Connection(asyncio.Protocol):
                 await previous
             self._write(data, close=close)
 
-        self.last = self.loop.create_task(write())
+        self.last = asyncio.get_running_loop().create_task(write())
 
     def _write(self, data: bytes, *, close: bool) -> None:
         transport = self.transport

@@ -75,7 +75,7 @@ class _Transport:
         raise AssertionError("the benchmark's connection is kept alive")
 
 
-async def _measure(whole_check: bool) -> tuple[float, float]:
+async def _measure(whole_check: bool, checks: int = RUNS) -> tuple[float, float]:
     from authz import audit, authz_http, reply
     from authz.metrics import Metrics
     from bench import micro
@@ -106,7 +106,7 @@ async def _measure(whole_check: bool) -> tuple[float, float]:
     medians = []
     for asleep in (0.0, ASLEEP_S):
         runs = []
-        for n in range(RUNS):
+        for n in range(checks):
             if asleep:
                 await asyncio.sleep(asleep)  # in epoll, as the service waits
             runs.append(await one(requests[n % len(requests)]))
@@ -151,11 +151,12 @@ def main() -> None:
     parser.add_argument("--floor", action="store_true", help="(child) the no-op decision")
     parser.add_argument("--check", action="store_true", help="(child) the whole check")
     parser.add_argument("--out", type=Path, help="(child) where to write the two medians")
+    parser.add_argument("--runs", type=int, default=RUNS, help="(child) checks per median")
     args = parser.parse_args()
     if args.out is not None:
         import uvloop
 
-        medians = uvloop.run(_measure(whole_check=args.check))
+        medians = uvloop.run(_measure(whole_check=args.check, checks=args.runs))
         args.out.write_text(json.dumps(medians))
         return
     print("\n".join(table(run())))

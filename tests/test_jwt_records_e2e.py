@@ -12,7 +12,6 @@ alone, and a session the upstream issued to it has its own session budget.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,8 +20,6 @@ import yaml
 
 from devstack.redis_server import running_redis
 from devstack.stack import (
-    ROOT,
-    Proc,
     authz_proc,
     envoy_config,
     envoy_proc,
@@ -39,7 +36,7 @@ from tests.test_mcp_authorization import (  # noqa: F401 (keys: a fixture)
     rs256,
     shipped,
 )
-from tests.test_tasks_e2e import Agent, Gateway
+from tests.test_tasks_e2e import Agent, Gateway, task_upstream
 
 pytestmark = pytest.mark.e2e
 
@@ -66,18 +63,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Iterator[Ga
     policy.write_text(json.dumps(POLICY))
     listen, admin, upstream_port, grpc_port, http_port = (free_port() for _ in range(5))
     record = tmp / "upstream-record.jsonl"
-    upstream = Proc(
-        "task-upstream",
-        [
-            sys.executable,
-            str(ROOT / "tests" / "support" / "task_upstream.py"),
-            "--port",
-            str(upstream_port),
-            "--record",
-            str(record),
-        ],
-        tmp / "upstream.log",
-    )
+    upstream = task_upstream(tmp, upstream_port, record)
     config = envoy_config(
         tmp, listen=listen, authz=grpc_port, upstream=upstream_port, admin=admin, source=source
     )

@@ -1708,7 +1708,7 @@ def test_istio_session_and_task_records_run_in_the_real_envoy(tmp_path: Path) ->
     although they never saw the request: see k8s/README.md.)"""
     from devstack.redis_server import running_redis
     from devstack.stack import authz_proc, envoy_config, envoy_proc, wait_ready
-    from tests.test_tasks_e2e import Agent, Gateway
+    from tests.test_tasks_e2e import Agent, Gateway, task_upstream
 
     source = istio_like_envoy(tmp_path)
     listen, admin, grpc_port, http_port, upstream_port = (free_port() for _ in range(5))
@@ -1724,18 +1724,7 @@ def test_istio_session_and_task_records_run_in_the_real_envoy(tmp_path: Path) ->
         )
     )
     record = tmp_path / "upstream-record.jsonl"
-    upstream = Proc(
-        "task-upstream",
-        [
-            sys.executable,
-            str(ROOT / "tests" / "support" / "task_upstream.py"),
-            "--port",
-            str(upstream_port),
-            "--record",
-            str(record),
-        ],
-        tmp_path / "upstream.log",
-    )
+    upstream = task_upstream(tmp_path, upstream_port, record)
     config = envoy_config(
         tmp_path, listen=listen, authz=grpc_port, upstream=upstream_port, admin=admin, source=source
     )

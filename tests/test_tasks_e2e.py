@@ -16,6 +16,7 @@ import json
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -65,6 +66,22 @@ class Gateway:
         return sum(int(line.rsplit(":", 1)[1]) for line in text.text.splitlines() if line.strip())
 
 
+def task_upstream(tmp: Path, port: int, record: Path, *, json_replies: bool = False) -> Proc:
+    """tests/support/task_upstream.py on ``port``, recording the task requests it serves
+    in ``record``; ``json_replies``: it answers in JSON rather than an event stream."""
+    cmd = [
+        sys.executable,
+        str(ROOT / "tests" / "support" / "task_upstream.py"),
+        "--port",
+        str(port),
+        "--record",
+        str(record),
+    ]
+    if json_replies:
+        cmd.append("--json")
+    return Proc("task-upstream", cmd, tmp / "upstream.log")
+
+
 @pytest.fixture(scope="module", params=["sse", "json"])
 def gateway(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -74,17 +91,7 @@ def gateway(
     policy.write_text(json.dumps(POLICY))
     listen, admin, upstream_port, grpc_port, http_port = (free_port() for _ in range(5))
     record = tmp / "upstream-record.jsonl"
-    cmd = [
-        sys.executable,
-        str(ROOT / "tests" / "support" / "task_upstream.py"),
-        "--port",
-        str(upstream_port),
-        "--record",
-        str(record),
-    ]
-    if request.param == "json":
-        cmd.append("--json")
-    upstream = Proc("task-upstream", cmd, tmp / "upstream.log")
+    upstream = task_upstream(tmp, upstream_port, record, json_replies=request.param == "json")
     config = envoy_config(tmp, listen=listen, authz=grpc_port, upstream=upstream_port, admin=admin)
     with running_redis(tmp) as redis:
         authz = authz_proc(tmp, policy, grpc_port, http_port, ["--redis", redis.url])

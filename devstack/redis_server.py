@@ -16,7 +16,6 @@ import ipaddress
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
+
+from devstack.ports import free_port, port_is_free
 
 _START_TIMEOUT_S = 10.0
 
@@ -81,28 +82,11 @@ def tls_supported() -> bool:
     return "Bad directive" not in probe.stdout + probe.stderr
 
 
-def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
 def free_cluster_port() -> int:
     """A free port whose cluster bus port (port + 10000) is free too."""
     for _ in range(100):
         port = free_port()
-        if port + 10_000 <= 65_535 and _port_is_free(port + 10_000):
+        if port + 10_000 <= 65_535 and port_is_free(port + 10_000):
             return port
     raise RuntimeError("no free port pair for a cluster node")
 

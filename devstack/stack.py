@@ -23,6 +23,8 @@ from typing import Any
 import httpx
 import yaml
 
+from devstack.ports import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
@@ -34,12 +36,6 @@ ENVOY_CONFIGS = {"grpc": ENVOY_YAML, "http": ROOT / "envoy" / "envoy-http.yaml"}
 def on_transport(section: str, transport: str) -> str:
     """A RELIABILITY.md section title for a run on ``transport`` (gRPC keeps the plain one)."""
     return section if transport == "grpc" else f"{section} ({transport} ext_authz)"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for_port(
